@@ -1,0 +1,161 @@
+"""Content versions of files: a DAG through `bases`, and block maps.
+
+Invariant: everything here is a function of the *set* of versions held, never
+of the order they arrived in. A version is *complete* when its content lineage
+(`bases[0]`, recursively) is all known; only complete versions take part. The
+*heads* of a file are its complete versions that no complete version of the same
+file names as a base. A *tombstone* is the version a delete makes (its bases are
+the versions the deleting node saw); a version is *dead* if it is a tombstone or
+its content lineage passes through one (writes through a handle still open on a
+deleted file). A file with a live head has content someone wrote that no delete
+saw: rule 4 of the design brings such a file back.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from crdt.clock import Hlc
+from crdt.ops import BLOCK_SIZE
+
+BlockMap = dict[int, bytes]
+
+# Materialised block maps kept for reuse; a new version usually extends a
+# cached one (its base), so a small cache avoids walking long lineages.
+MAP_CACHE_SIZE = 512
+
+
+@dataclass(frozen=True, slots=True)
+class Version:
+    hlc: Hlc
+    entry: bytes
+    bases: tuple[Hlc, ...]
+    size: int
+    blocks: tuple[tuple[int, bytes | None], ...]
+    tombstone: bool
+
+
+def blocks_for(size: int) -> int:
+    """How many blocks a file of `size` bytes spans."""
+    return (size + BLOCK_SIZE - 1) // BLOCK_SIZE
+
+
+class Contents:
+    """All content versions known to a replica."""
+
+    def __init__(self) -> None:
+        self.versions: dict[Hlc, Version] = {}
+        self._by_entry: dict[bytes, set[Hlc]] = {}
+        self._complete: set[Hlc] = set()
+        self._dead: dict[Hlc, bool] = {}
+        self._heads: dict[bytes, tuple[Hlc, ...]] = {}
+        self._maps: OrderedDict[Hlc, BlockMap] = OrderedDict()
+
+    def add(self, version: Version) -> None:
+        if version.hlc in self.versions:
+            return
+        self.versions[version.hlc] = version
+        self._by_entry.setdefault(version.entry, set()).add(version.hlc)
+        self._heads.pop(version.entry, None)
+
+    def entries(self) -> set[bytes]:
+        return set(self._by_entry)
+
+    # -- lineage ---------------------------------------------------------------
+    def complete(self, hlc: Hlc) -> bool:
+        chain: list[Hlc] = []
+        cur: Hlc | None = hlc
+        entry = self.versions[hlc].entry if hlc in self.versions else None
+        while cur is not None and cur not in self._complete:
+            v = self.versions.get(cur)
+            if v is None or v.entry != entry or len(chain) > len(self.versions):
+                return False
+            chain.append(cur)
+            cur = v.bases[0] if v.bases else None
+        self._complete.update(chain)
+        return True
+
+    def dead(self, hlc: Hlc) -> bool:
+        chain: list[Hlc] = []
+        cur: Hlc | None = hlc
+        result = False
+        while cur is not None:
+            known = self._dead.get(cur)
+            if known is not None:
+                result = known
+                break
+            v = self.versions[cur]
+            chain.append(cur)
+            if v.tombstone:
+                result = True
+                break
+            cur = v.bases[0] if v.bases else None
+        for h in chain:
+            self._dead[h] = result
+        return result
+
+    def heads(self, entry: bytes) -> tuple[Hlc, ...]:
+        """Complete versions of `entry` that nothing supersedes, newest first."""
+        cached = self._heads.get(entry)
+        if cached is not None:
+            return cached
+        mine = [h for h in self._by_entry.get(entry, ()) if self.complete(h)]
+        superseded = {b for h in mine for b in self.versions[h].bases}
+        heads = tuple(sorted((h for h in mine if h not in superseded), reverse=True))
+        self._heads[entry] = heads
+        return heads
+
+    def live_heads(self, entry: bytes) -> tuple[Hlc, ...]:
+        return tuple(h for h in self.heads(entry) if not self.dead(h))
+
+    def shown(self, entry: bytes) -> Hlc | None:
+        """The version a file shows: its newest live head, else its newest head."""
+        live = self.live_heads(entry)
+        if live:
+            return live[0]
+        heads = self.heads(entry)
+        return heads[0] if heads else None
+
+    # -- content -----------------------------------------------------------------
+    def size(self, hlc: Hlc) -> int:
+        v = self.versions[hlc]
+        if v.tombstone:
+            return self.size(v.bases[0]) if v.bases and v.bases[0] in self.versions else 0
+        return v.size
+
+    def block_map(self, hlc: Hlc) -> BlockMap:
+        """Block index -> block id for a complete version (holes are absent).
+
+        The returned dict is shared with the cache: callers must not mutate it.
+        """
+        chain: list[Version] = []
+        cur: Hlc | None = hlc
+        base: BlockMap = {}
+        while cur is not None:
+            cached = self._maps.get(cur)
+            if cached is not None:
+                self._maps.move_to_end(cur)
+                base = cached
+                break
+            v = self.versions[cur]
+            chain.append(v)
+            cur = v.bases[0] if v.bases else None
+        result = base
+        for v in reversed(chain):
+            if v.tombstone:
+                continue  # a tombstone shows its first base's content unchanged
+            result = dict(result)
+            for index, block in v.blocks:
+                if block is None:
+                    result.pop(index, None)
+                else:
+                    result[index] = block
+            limit = blocks_for(v.size)
+            if any(i >= limit for i in result):
+                result = {i: b for i, b in result.items() if i < limit}
+        if chain:
+            self._maps[hlc] = result
+            while len(self._maps) > MAP_CACHE_SIZE:
+                self._maps.popitem(last=False)
+        return result

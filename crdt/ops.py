@@ -1,0 +1,250 @@
+"""Operations of the volume log and their canonical CBOR encoding.
+
+Invariant: `decode_op(encode_op(op)) == op` for every valid op, and `decode_op`
+accepts nothing else: any byte string that is not a well-formed operation of a
+known format version raises `MalformedOp`, never another exception. Each
+operation carries its own `Hlc`, which is also its identity (a content version's
+id is the stamp of the `Write` or deleting `Move` that made it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import cbor2
+
+from crdt.clock import Hlc
+
+FORMAT_VERSION = 1
+
+ENTRY_ID_BYTES = 16
+NODE_ID_BYTES = 32
+BLOCK_ID_BYTES = 32
+NAME_MAX = 255
+# A write op may describe at most this many blocks; larger flushes are split.
+MAX_BLOCKS_PER_WRITE = 4096
+MAX_FILE_SIZE = 1 << 50
+# Files are split at fixed offsets into blocks of this size (a protocol constant).
+BLOCK_SIZE = 128 * 1024
+
+ROOT = b"\x00" * ENTRY_ID_BYTES
+TRASH = b"\xff" * ENTRY_ID_BYTES
+
+Kind = Literal["file", "dir", "symlink"]
+KINDS: tuple[Kind, ...] = ("file", "dir", "symlink")
+
+# Attribute keys; "xattr:<name>" carries extended attributes.
+ATTR_KEYS = ("mode", "uid", "gid", "mtime_ns")
+XATTR_PREFIX = "xattr:"
+
+
+class MalformedOp(ValueError):
+    """Bytes that do not encode a valid operation."""
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """A node announces itself (its display name) as a member of the volume."""
+
+    hlc: Hlc
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Create:
+    """A new entry `entry` of `kind` named `name` in directory `parent`."""
+
+    hlc: Hlc
+    entry: bytes
+    parent: bytes
+    name: bytes
+    kind: Kind
+    mode: int
+    uid: int
+    gid: int
+    target: bytes = b""  # symlink target; empty for other kinds
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    """Rename/move `entry` to (`parent`, `name`).
+
+    A delete is a move into TRASH; `seen` then lists the content versions of the
+    file the deleting node had (empty for directories and symlinks).
+    """
+
+    hlc: Hlc
+    entry: bytes
+    parent: bytes
+    name: bytes
+    seen: tuple[Hlc, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SetAttr:
+    """Set attribute `key` of `entry`; `value` None removes it (xattrs only)."""
+
+    hlc: Hlc
+    entry: bytes
+    key: str
+    value: int | bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """A new content version of file `entry`.
+
+    Its block map is the map of `bases[0]` (empty when there is no base) with
+    `blocks` applied (index -> block id, or None for a hole), cut to `size`.
+    Further bases are versions this one supersedes without taking content from
+    them: that is how a conflict is resolved.
+    """
+
+    hlc: Hlc
+    entry: bytes
+    bases: tuple[Hlc, ...]
+    size: int
+    blocks: tuple[tuple[int, bytes | None], ...]
+
+
+Op = Member | Create | Move | SetAttr | Write
+
+_TAGS: dict[type[Any], int] = {Member: 0, Create: 1, Move: 2, SetAttr: 3, Write: 4}
+
+
+def _hlc_out(h: Hlc) -> list[Any]:
+    return [h.wall_ms, h.counter, h.node]
+
+
+def encode_op(op: Op) -> bytes:
+    """Canonical CBOR for `op` (the bytes that are sealed and signed)."""
+    body: list[Any]
+    if isinstance(op, Member):
+        body = [op.name]
+    elif isinstance(op, Create):
+        body = [op.entry, op.parent, op.name, op.kind, op.mode, op.uid, op.gid, op.target]
+    elif isinstance(op, Move):
+        body = [op.entry, op.parent, op.name, [_hlc_out(h) for h in op.seen]]
+    elif isinstance(op, SetAttr):
+        body = [op.entry, op.key, op.value]
+    else:
+        body = [
+            op.entry,
+            [_hlc_out(h) for h in op.bases],
+            op.size,
+            [[i, b] for i, b in op.blocks],
+        ]
+    return cbor2.dumps([FORMAT_VERSION, _TAGS[type(op)], _hlc_out(op.hlc), *body], canonical=True)
+
+
+def _int(v: Any, lo: int = 0, hi: int = (1 << 63) - 1) -> int:
+    if type(v) is not int or not lo <= v <= hi:
+        raise MalformedOp(f"integer out of range: {v!r}")
+    return v
+
+
+def _bytes(v: Any, n: int | None = None, max_len: int = 4096) -> bytes:
+    if type(v) is not bytes or (n is not None and len(v) != n) or len(v) > max_len:
+        raise MalformedOp("bad byte string")
+    return v
+
+
+def _hlc_in(v: Any) -> Hlc:
+    if type(v) is not list or len(v) != 3:
+        raise MalformedOp("bad clock")
+    return Hlc(_int(v[0]), _int(v[1], hi=0xFFFF_FFFF), _bytes(v[2], NODE_ID_BYTES))
+
+
+def _name(v: Any) -> bytes:
+    name = _bytes(v, max_len=NAME_MAX)
+    if not name or b"/" in name or b"\x00" in name or name in (b".", b".."):
+        raise MalformedOp("bad name")
+    return name
+
+
+def _hlcs(v: Any) -> tuple[Hlc, ...]:
+    if type(v) is not list or len(v) > 1024:
+        raise MalformedOp("bad version list")
+    return tuple(_hlc_in(x) for x in v)
+
+
+def decode_op(data: bytes) -> Op:
+    """Parse and validate canonical CBOR; raise MalformedOp on anything else."""
+    try:
+        v = cbor2.loads(data)
+    except Exception as exc:  # cbor2 raises several types on garbage
+        raise MalformedOp(f"not CBOR: {exc}") from None
+    if type(v) is not list or len(v) < 3:
+        raise MalformedOp("not an operation")
+    if v[0] != FORMAT_VERSION:
+        raise MalformedOp(f"unknown operation format {v[0]!r}")
+    tag, hlc, body = v[1], _hlc_in(v[2]), v[3:]
+    op: Op
+    try:
+        if tag == 0 and len(body) == 1:
+            if type(body[0]) is not str or len(body[0]) > 64:
+                raise MalformedOp("bad member name")
+            op = Member(hlc, body[0])
+        elif tag == 1 and len(body) == 8:
+            entry, parent, name, kind, mode, uid, gid, target = body
+            if kind not in KINDS:
+                raise MalformedOp("bad kind")
+            op = Create(
+                hlc,
+                _bytes(entry, ENTRY_ID_BYTES),
+                _bytes(parent, ENTRY_ID_BYTES),
+                _name(name),
+                kind,
+                _int(mode, hi=0o7777),
+                _int(uid, hi=0xFFFF_FFFF),
+                _int(gid, hi=0xFFFF_FFFF),
+                _bytes(target),
+            )
+        elif tag == 2 and len(body) == 4:
+            entry, parent, name, seen = body
+            op = Move(
+                hlc,
+                _bytes(entry, ENTRY_ID_BYTES),
+                _bytes(parent, ENTRY_ID_BYTES),
+                _name(name),
+                _hlcs(seen),
+            )
+        elif tag == 3 and len(body) == 3:
+            entry, key, value = body
+            if type(key) is not str or not (key in ATTR_KEYS or key.startswith(XATTR_PREFIX)):
+                raise MalformedOp("bad attribute key")
+            if key.startswith(XATTR_PREFIX):
+                if len(key) > len(XATTR_PREFIX) + NAME_MAX:
+                    raise MalformedOp("bad xattr name")
+                if value is not None:
+                    value = _bytes(value, max_len=65536)
+            else:
+                value = _int(value, lo=-(1 << 63))
+            op = SetAttr(hlc, _bytes(entry, ENTRY_ID_BYTES), key, value)
+        elif tag == 4 and len(body) == 4:
+            entry, bases, size, blocks = body
+            if type(blocks) is not list or len(blocks) > MAX_BLOCKS_PER_WRITE:
+                raise MalformedOp("bad block list")
+            parsed: list[tuple[int, bytes | None]] = []
+            for item in blocks:
+                if type(item) is not list or len(item) != 2:
+                    raise MalformedOp("bad block entry")
+                bid = None if item[1] is None else _bytes(item[1], BLOCK_ID_BYTES)
+                parsed.append((_int(item[0], hi=1 << 40), bid))
+            op = Write(
+                hlc,
+                _bytes(entry, ENTRY_ID_BYTES),
+                _hlcs(bases),
+                _int(size, hi=MAX_FILE_SIZE),
+                tuple(parsed),
+            )
+        else:
+            raise MalformedOp(f"unknown operation {tag!r}")
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, MalformedOp):
+            raise
+        raise MalformedOp(str(exc)) from None
+    if encode_op(op) != data:
+        raise MalformedOp("not canonical")
+    return op
