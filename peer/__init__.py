@@ -1,0 +1,1 @@
+"""The dfs-peer node: CLI, volume, store, crypto, sync; the composition root."""

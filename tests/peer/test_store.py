@@ -1,0 +1,248 @@
+"""The SQLite store: atomic batches, the log, blocks, inodes, schema and stats."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from crdt.ops import ROOT
+from peer.errors import CorruptStore
+from peer.sealing import LogEntry
+from peer.store import ROOT_INODE, SCHEMA_VERSION, Store
+
+NODE_A = b"\xaa" * 32
+NODE_B = b"\xbb" * 32
+
+
+def entry(node: bytes, seq: int) -> LogEntry:
+    return LogEntry(node, seq, f"sealed {seq}".encode(), b"s" * 64)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    with Store.open(tmp_path / "node.db") as opened:
+        yield opened
+
+
+def test_store_runs_in_wal_mode_with_full_sync(store: Store) -> None:
+    conn = store._conn
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
+
+
+def test_exception_inside_transaction_writes_nothing(store: Store) -> None:
+    def failing_batch() -> None:
+        with store.transaction():
+            store.set_meta("k", b"v")
+            store.append_log([entry(NODE_A, 1)])
+            store.put_blocks([(b"i" * 32, b"sealed")])
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        failing_batch()
+    assert store.get_meta("k") is None
+    assert store.version_vector() == {}
+    assert store.get_block(b"i" * 32) is None
+
+
+def test_nested_transaction_joins_the_outer_one(store: Store) -> None:
+    def failing_batch() -> None:
+        with store.transaction():
+            with store.transaction():
+                store.set_meta("inner", b"1")
+            store.set_meta("outer", b"1")
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        failing_batch()
+    assert store.get_meta("inner") is None
+    with store.transaction(), store.transaction():
+        store.set_meta("inner", b"2")
+    assert store.get_meta("inner") == b"2"
+
+
+def test_writes_outside_a_transaction_are_refused(store: Store) -> None:
+    with pytest.raises(AssertionError):
+        store.set_meta("k", b"v")
+    with pytest.raises(AssertionError):
+        store.append_log([entry(NODE_A, 1)])
+    with pytest.raises(AssertionError):
+        store.put_blocks([(b"i" * 32, b"x")])
+    with pytest.raises(AssertionError):
+        store.delete_block(b"i" * 32)
+
+
+def test_another_thread_cannot_write_into_our_transaction(store: Store) -> None:
+    refused: list[AssertionError] = []
+
+    def write_unwrapped() -> None:
+        try:
+            store.set_meta("k", b"v")
+        except AssertionError as exc:
+            refused.append(exc)
+
+    with store.transaction():
+        thread = threading.Thread(target=write_unwrapped)
+        thread.start()
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+    assert len(refused) == 1
+    assert store.get_meta("k") is None
+
+
+def test_meta_round_trips_and_survives_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "node.db"
+    with Store.open(path) as store, store.transaction():
+        store.set_meta("check", b"\x00\x01")
+        store.set_meta("check", b"\x02")
+    with Store.open(path) as store:
+        assert store.get_meta("check") == b"\x02"
+        assert store.get_meta("absent") is None
+
+
+def test_version_vector_and_next_seq(store: Store) -> None:
+    assert store.next_seq(NODE_A) == 1
+    with store.transaction():
+        assert store.append_log([entry(NODE_A, s) for s in (1, 2, 3)]) == 3
+        assert store.append_log([entry(NODE_B, 1)]) == 1
+    with store.transaction():
+        # Duplicates are ignored and not counted.
+        assert store.append_log([entry(NODE_A, 3), entry(NODE_A, 4)]) == 1
+    assert store.version_vector() == {NODE_A: 4, NODE_B: 1}
+    assert store.next_seq(NODE_A) == 5
+    assert store.next_seq(NODE_B) == 2
+
+
+def test_append_refuses_a_gap_and_rolls_back_the_batch(store: Store) -> None:
+    with store.transaction():
+        store.append_log([entry(NODE_A, 1)])
+    with pytest.raises(ValueError, match="gap"), store.transaction():
+        store.append_log([entry(NODE_B, 1), entry(NODE_A, 3)])
+    with pytest.raises(ValueError, match="gap"), store.transaction():
+        store.append_log([entry(NODE_B, 2)])
+    assert store.version_vector() == {NODE_A: 1}
+
+
+def test_append_accepts_a_batch_out_of_order(store: Store) -> None:
+    with store.transaction():
+        store.append_log([entry(NODE_A, s) for s in (3, 1, 2)])
+    assert store.version_vector() == {NODE_A: 3}
+
+
+def test_log_after_pages_through_one_node(store: Store) -> None:
+    with store.transaction():
+        store.append_log(entry(NODE_A, s) for s in range(1, 11))
+        store.append_log(entry(NODE_B, s) for s in range(1, 4))
+    page = store.log_after(NODE_A, 0, 4)
+    assert [e.seq for e in page] == [1, 2, 3, 4]
+    assert page[0] == entry(NODE_A, 1)
+    assert [e.seq for e in store.log_after(NODE_A, 4, 4)] == [5, 6, 7, 8]
+    assert [e.seq for e in store.log_after(NODE_A, 8, 4)] == [9, 10]
+    assert store.log_after(NODE_A, 10, 4) == []
+    assert store.log_after(b"\xcc" * 32, 0, 4) == []
+
+
+def test_iter_log_streams_everything_in_node_seq_order(store: Store) -> None:
+    # More than one chunk per node, so the paging is exercised.
+    with store.transaction():
+        store.append_log(entry(NODE_B, s) for s in range(1, 2502))
+        store.append_log(entry(NODE_A, s) for s in range(1, 4))
+    keys = [(e.node, e.seq) for e in store.iter_log()]
+    assert keys == [(NODE_A, s) for s in range(1, 4)] + [(NODE_B, s) for s in range(1, 2502)]
+
+
+def test_blocks_put_get_has_delete(store: Store) -> None:
+    ids = [bytes([i]) * 32 for i in range(3)]
+    with store.transaction():
+        assert store.put_blocks([(ids[0], b"zero"), (ids[1], b"one")]) == 2
+        assert store.put_blocks([(ids[1], b"one again")]) == 0
+    assert store.get_block(ids[1]) == b"one"
+    assert store.get_block(ids[2]) is None
+    assert store.has_blocks(ids) == {ids[0], ids[1]}
+    assert store.has_blocks([]) == set()
+    with store.transaction():
+        assert store.delete_block(ids[0])
+        assert not store.delete_block(ids[0])
+    assert store.has_blocks(ids) == {ids[1]}
+
+
+def test_has_blocks_handles_more_ids_than_one_query(store: Store) -> None:
+    ids = [i.to_bytes(32, "big") for i in range(1200)]
+    with store.transaction():
+        store.put_blocks((bid, b"x") for bid in ids[::2])
+    assert store.has_blocks(ids) == set(ids[::2])
+
+
+def test_root_has_inode_one_and_others_start_at_two(store: Store) -> None:
+    assert store.inode_of(ROOT) == ROOT_INODE == 1
+    assert store.inode_of(b"\x01" * 16) == 2
+    assert store.inode_of(b"\x02" * 16) == 3
+    assert store.inode_of(b"\x01" * 16) == 2
+    assert store.entry_of(3) == b"\x02" * 16
+    assert store.entry_of(99) is None
+
+
+def test_inodes_are_stable_across_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "node.db"
+    entries = [bytes([i]) * 16 for i in range(1, 6)]
+    with Store.open(path) as store:
+        given = {e: store.inode_of(e) for e in entries}
+    with Store.open(path) as store:
+        assert store.load_inodes() == {ROOT: 1, **given}
+        assert {e: store.inode_of(e) for e in entries} == given
+        assert store.inode_of(b"\x09" * 16) == 7
+
+
+def test_inode_allocated_in_a_rolled_back_transaction_is_forgotten(
+    store: Store,
+) -> None:
+    def failing_batch() -> None:
+        with store.transaction():
+            store.inode_of(b"\x01" * 16)
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        failing_batch()
+    assert store.load_inodes() == {ROOT: 1}
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "node.db"
+    with Store.open(path) as store, store.transaction():
+        store.set_meta("schema_version", str(SCHEMA_VERSION + 1).encode())
+    with pytest.raises(CorruptStore, match="upgrade dfs-peer"):
+        Store.open(path)
+
+
+def test_foreign_database_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "other.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE things (x)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(CorruptStore, match="not a dfs-peer store"):
+        Store.open(path)
+
+
+def test_garbage_file_is_refused_as_corrupt(tmp_path: Path) -> None:
+    path = tmp_path / "node.db"
+    path.write_bytes(b"this is not a database at all" * 100)
+    with pytest.raises(CorruptStore):
+        Store.open(path)
+
+
+def test_stats_count_log_and_blocks(store: Store) -> None:
+    empty = store.stats()
+    assert (empty.log_entries, empty.blocks, empty.block_bytes) == (0, 0, 0)
+    with store.transaction():
+        store.append_log(entry(NODE_A, s) for s in (1, 2))
+        store.put_blocks([(b"a" * 32, b"x" * 1000), (b"b" * 32, b"y" * 24)])
+    stats = store.stats()
+    assert (stats.log_entries, stats.blocks, stats.block_bytes) == (2, 2, 1024)
+    assert stats.db_bytes > 0
