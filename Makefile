@@ -1,0 +1,50 @@
+# Every target starts with .ci/setup, which installs only what is missing, so
+# each one works from a fresh clone (as root the first time, for apt-get).
+
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO ?= /tmp/dfs-peer-demo
+PYTEST_ARGS ?=
+
+.PHONY: setup test lint fmt demo bench
+
+setup:
+	@bash .ci/setup
+
+# pytest exits 5 when it collected nothing: a failure here, but worth saying so.
+test: setup
+	@$(BIN)/python -m pytest $(PYTEST_ARGS); status=$$?; \
+	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; \
+	exit $$status
+
+# All three run even if one fails, so one pass shows everything to fix. mypy
+# checks the packages listed under [tool.mypy] files in pyproject.toml.
+lint: setup
+	@status=0; \
+	echo "ruff check ."; $(BIN)/ruff check . || status=1; \
+	echo "ruff format --check ."; $(BIN)/ruff format --check . || status=1; \
+	echo "mypy"; $(BIN)/mypy || status=1; \
+	exit $$status
+
+fmt: setup
+	$(BIN)/ruff check --select I --fix .
+	$(BIN)/ruff format .
+
+# A single node on this machine. The secret is made once and kept in $(DEMO),
+# so running the demo again reopens the same volume.
+demo: setup
+	@if grep -qs " $(DEMO)/mnt fuse" /proc/mounts && ! stat $(DEMO)/mnt >/dev/null 2>&1; then \
+		echo "demo: unmounting the dead mount a killed node left at $(DEMO)/mnt"; \
+		fusermount3 -u -z $(DEMO)/mnt; \
+	fi
+	@mkdir -p $(DEMO)/mnt
+	@test -s $(DEMO)/secret || (umask 077 && $(BIN)/dfs-peer init > $(DEMO)/secret)
+	@echo
+	@echo "  Mounting the volume at $(DEMO)/mnt: browse it from another terminal."
+	@echo "  Secret in $(DEMO)/secret, node data in $(DEMO)/data."
+	@echo "  Ctrl-C here unmounts and stops the node."
+	@echo
+	$(BIN)/dfs-peer join --secret-file $(DEMO)/secret --data-dir $(DEMO)/data $(DEMO)/mnt
+
+bench: setup
+	$(BIN)/python -m benchmarks.single_node
