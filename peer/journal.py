@@ -1,0 +1,148 @@
+"""The node's side of the log: stamping, sealing, storing and merging operations.
+
+Invariant: an operation enters the merged state only together with its log
+entry (and the blocks it references) in one store transaction, and the local
+log's sequence numbers are 1, 2, 3... without gaps. A crash leaves either the
+whole batch or none of it, and restart rebuilds the same merged state from the
+log alone (the log is the truth; the `Replica` is derived).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from crdt.clock import Clock, Hlc
+from crdt.merge import Changes, Replica
+from crdt.ops import MalformedOp, Member, Op, decode_op, encode_op
+from fuse.errors import NoSpace
+from peer.errors import CorruptEntry
+from peer.identity import NodeIdentity
+from peer.keys import VolumeKeys
+from peer.sealing import LogEntry, open_entry, seal_entry
+from peer.store import Store
+
+log = logging.getLogger(__name__)
+
+# Replay decodes the log in chunks so a large log does not sit in memory twice.
+REPLAY_CHUNK = 4096
+
+
+def wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class JournalStatistics:
+    operations: int
+    entries: int
+    own_seq: int
+
+
+class Journal:
+    """Appends this node's operations and merges everyone's into the replica."""
+
+    def __init__(
+        self,
+        store: Store,
+        keys: VolumeKeys,
+        identity: NodeIdentity,
+        replica: Replica,
+        now: Callable[[], int] = wall_ms,
+    ) -> None:
+        self.store = store
+        self.keys = keys
+        self.identity = identity
+        self.replica = replica
+        self._now = now
+        self._next_seq = store.next_seq(identity.node_id)
+        self.clock = Clock(identity.node_id)
+        self.listeners: list[Callable[[Changes], None]] = []
+
+    # -- start-up --------------------------------------------------------------
+    def replay(self) -> int:
+        """Rebuild the replica from the stored log; return the number of ops."""
+        batch: list[Op] = []
+        count = 0
+        for entry in self.store.iter_log():
+            batch.append(self._open(entry))
+            if len(batch) >= REPLAY_CHUNK:
+                self.replica.apply(batch)
+                count += len(batch)
+                batch = []
+        self.replica.apply(batch)
+        count += len(batch)
+        latest = self.replica.latest()
+        if latest is not None:
+            self.clock.observe(latest, self._now())
+        return count
+
+    def _open(self, entry: LogEntry) -> Op:
+        try:
+            op = decode_op(open_entry(self.keys, entry))
+        except MalformedOp as exc:
+            raise CorruptEntry(f"entry {entry.node[:4].hex()}/{entry.seq}: {exc}") from exc
+        if op.hlc.node != entry.node:
+            raise CorruptEntry(f"entry {entry.node[:4].hex()}/{entry.seq} claims another node")
+        return op
+
+    def ensure_member(self, name: str) -> None:
+        """Announce this node (and its name) once, or again when the name changes."""
+        if self.replica.members().get(self.identity.node_id) != name:
+            self.commit(lambda stamp: [Member(stamp(), name)])
+
+    # -- local operations ------------------------------------------------------
+    def stamp(self) -> Hlc:
+        return self.clock.tick(self._now())
+
+    def commit(
+        self,
+        make: Callable[[Callable[[], Hlc]], Sequence[Op]],
+        blocks: Iterable[tuple[bytes, bytes]] = (),
+    ) -> Changes:
+        """Stamp, seal, store and merge the ops `make(stamp)` returns, with `blocks`,
+        in one transaction."""
+        ops = make(self.stamp)
+        if not ops:
+            return Changes(frozenset(), frozenset())
+        entries = []
+        seq = self._next_seq
+        for op in ops:
+            entries.append(seal_entry(self.keys, self.identity, seq, encode_op(op)))
+            seq += 1
+        try:
+            with self.store.transaction():
+                self.store.put_blocks(blocks)
+                self.store.append_log(entries)
+        except sqlite3.OperationalError as exc:
+            if "full" in str(exc):
+                raise NoSpace() from exc
+            raise
+        self._next_seq = seq
+        changes = self.replica.apply(ops)
+        self._notify(changes)
+        return changes
+
+    # -- remote operations -------------------------------------------------------
+    def merge_remote(self, entries: Sequence[LogEntry]) -> Changes:
+        """Verify, store and merge entries from peers (one transaction)."""
+        ops = [self._open(e) for e in entries]
+        with self.store.transaction():
+            self.store.append_log(entries)
+        now = self._now()
+        for op in ops:
+            self.clock.observe(op.hlc, now)
+        changes = self.replica.apply(ops)
+        self._notify(changes)
+        return changes
+
+    def _notify(self, changes: Changes) -> None:
+        for listener in self.listeners:
+            listener(changes)
+
+    def statistics(self) -> JournalStatistics:
+        ops, _ = self.replica.counts()
+        return JournalStatistics(ops, ops, self._next_seq - 1)

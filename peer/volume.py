@@ -1,0 +1,766 @@
+"""POSIX meaning on top of the merged state: what the FUSE adapter talks to.
+
+Invariant: every change a caller makes becomes operations in the local log
+before the call returns, except file data, which is buffered per file (shared
+by every handle on this node, so every local reader sees it at once) and
+becomes one `Write` operation on flush, fsync, release, or when the buffer
+passes `DIRTY_LIMIT`. A buffer remembers the version it started from, so a
+write racing a remote one forks the file (a conflict copy) instead of mixing
+blocks of two versions. An inode number, once given to an entry, stays its.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from crdt.clock import Hlc
+from crdt.content import blocks_for
+from crdt.merge import EntryView, Replica
+from crdt.ops import (
+    BLOCK_SIZE,
+    MAX_BLOCKS_PER_WRITE,
+    MAX_FILE_SIZE,
+    NAME_MAX,
+    ROOT,
+    TRASH,
+    XATTR_PREFIX,
+    Create,
+    Kind,
+    Move,
+    Op,
+    SetAttr,
+    Write,
+)
+from fuse.errors import (
+    AccessDenied,
+    BadHandle,
+    Exists,
+    InvalidArgument,
+    IsADirectory,
+    NameTooLong,
+    NoAttribute,
+    NotADirectory,
+    NotEmpty,
+    NotFound,
+    NotPermitted,
+    RangeError,
+    ReadOnly,
+    TooBig,
+    Unsupported,
+    VolumeError,
+)
+from fuse.protocol import Attrs, Caller, FsStats
+from peer.blocks import Blocks, MissingBlock
+from peer.errors import CorruptBlock
+from peer.journal import Journal
+
+log = logging.getLogger(__name__)
+
+ROOT_INODE = 1
+# Dirty data kept in memory per file before it is sealed and logged anyway.
+DIRTY_LIMIT = 32 * 1024 * 1024
+XATTR_VALUE_MAX = 64 * 1024
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+XATTR_CREATE = 1
+XATTR_REPLACE = 2
+
+
+class IOFailure(VolumeError):
+    """Data could not be read (a corrupt or missing block)."""
+
+    errno = errno.EIO
+
+
+@dataclass(slots=True)
+class _Dirty:
+    """Unflushed data of one file: whole blocks, over the version `base`."""
+
+    base: Hlc | None
+    size: int
+    blocks: dict[int, bytearray] = field(default_factory=dict)
+    changed: set[int] = field(default_factory=set)
+    truncated: bool = False
+
+    def bytes(self) -> int:
+        return sum(len(b) for b in self.blocks.values())
+
+
+@dataclass(slots=True)
+class _Handle:
+    entry: bytes
+    inode: int
+    writable: bool
+    append: bool
+
+
+def _new_id() -> bytes:
+    return os.urandom(16)
+
+
+def _check_name(name: bytes) -> None:
+    if len(name) > NAME_MAX:
+        raise NameTooLong()
+    if not name or b"/" in name or b"\x00" in name or name in (b".", b".."):
+        raise InvalidArgument()
+
+
+def _xattr_key(name: bytes) -> str:
+    if not name or len(name) > NAME_MAX:
+        raise RangeError() if name else InvalidArgument()
+    try:
+        text = name.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidArgument() from None
+    if text.startswith(("system.", "security.")):
+        # ACLs and security labels would be stored but never enforced: refuse
+        # them, so tools such as `cp -a` fall back cleanly.
+        raise Unsupported()
+    return XATTR_PREFIX + text
+
+
+class Volume:
+    """The volume as a POSIX file system (implements `fuse.protocol.Volume`)."""
+
+    def __init__(
+        self,
+        journal: Journal,
+        blocks: Blocks,
+        *,
+        read_only: bool = False,
+        data_dir: Path | None = None,
+        now_ns: Callable[[], int] | None = None,
+    ) -> None:
+        self.journal = journal
+        self.replica: Replica = journal.replica
+        self.store = journal.store
+        self.blocks = blocks
+        self.read_only = read_only
+        self._data_dir = data_dir
+        self._inodes: dict[bytes, int] = journal.store.load_inodes()
+        self._inodes[ROOT] = ROOT_INODE
+        self._entries: dict[int, bytes] = {i: e for e, i in self._inodes.items()}
+        self._lookups: dict[int, int] = {}
+        self._handles: dict[int, _Handle] = {}
+        self._open_count: dict[bytes, int] = {}
+        self._next_fh = 1
+        self._dirty: dict[bytes, _Dirty] = {}
+        self._last: dict[bytes, Attrs] = {}
+
+    # -- inode table -------------------------------------------------------------
+    def inode_of(self, entry: bytes) -> int:
+        inode = self._inodes.get(entry)
+        if inode is None:
+            with self.store.transaction():
+                inode = self.store.inode_of(entry)
+            self._inodes[entry] = inode
+            self._entries[inode] = entry
+        return inode
+
+    def entry_of(self, inode: int) -> bytes:
+        entry = self._entries.get(inode)
+        if entry is None:
+            raise NotFound()
+        return entry
+
+    def _view(self, entry: bytes) -> EntryView:
+        view = self.replica.entry(entry)
+        if view is None:
+            raise NotFound()
+        return view
+
+    def _dir(self, inode: int) -> EntryView:
+        view = self._view(self.entry_of(inode))
+        if view.kind != "dir":
+            raise NotADirectory()
+        return view
+
+    def _attrs(self, view: EntryView) -> Attrs:
+        inode = self.inode_of(view.id)
+        size = view.size
+        dirty = self._dirty.get(view.id)
+        if dirty is not None:
+            size = dirty.size
+        nlink = 1
+        if view.kind == "dir":
+            nlink = 2 + sum(
+                1 for _, c in self.replica.listing(view.id) if self.replica.kind(c) == "dir"
+            )
+        attrs = Attrs(
+            inode=inode,
+            kind=view.kind,
+            mode=view.mode,
+            nlink=nlink,
+            uid=view.uid,
+            gid=view.gid,
+            size=size,
+            atime_ns=view.mtime_ns,
+            mtime_ns=view.mtime_ns,
+            ctime_ns=view.ctime_ns,
+        )
+        self._last[view.id] = attrs
+        return attrs
+
+    def _attrs_of(self, entry: bytes) -> Attrs:
+        view = self.replica.entry(entry)
+        if view is not None:
+            return self._attrs(view)
+        last = self._last.get(entry)
+        if last is None or (entry not in self._open_count and not self._lookups.get(last.inode)):
+            raise NotFound()
+        # deleted but still open or known to the kernel: nlink 0, like POSIX
+        dirty = self._dirty.get(entry)
+        size = dirty.size if dirty is not None else last.size
+        return Attrs(
+            last.inode,
+            last.kind,
+            last.mode,
+            0,
+            last.uid,
+            last.gid,
+            size,
+            last.atime_ns,
+            last.mtime_ns,
+            last.ctime_ns,
+        )
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise ReadOnly()
+
+    # -- lookups ---------------------------------------------------------------------
+    def lookup(self, parent: int, name: bytes) -> Attrs:
+        if len(name) > NAME_MAX:
+            raise NameTooLong()
+        dir_view = self._dir(parent)
+        if name == b".":
+            child = dir_view.id
+        elif name == b"..":
+            child = dir_view.parent
+        else:
+            found = self.replica.lookup(dir_view.id, name)
+            if found is None:
+                raise NotFound()
+            child = found
+        attrs = self._attrs(self._view(child))
+        self.note_lookup(attrs.inode)
+        return attrs
+
+    def note_lookup(self, inode: int) -> None:
+        self._lookups[inode] = self._lookups.get(inode, 0) + 1
+
+    def forget(self, items: Sequence[tuple[int, int]]) -> None:
+        for inode, n in items:
+            left = self._lookups.get(inode, 0) - n
+            if left > 0:
+                self._lookups[inode] = left
+            else:
+                self._lookups.pop(inode, None)
+                entry = self._entries.get(inode)
+                if entry is not None and entry not in self._open_count:
+                    self._last.pop(entry, None)
+
+    def getattr(self, inode: int) -> Attrs:
+        return self._attrs_of(self.entry_of(inode))
+
+    # -- attributes --------------------------------------------------------------------
+    def setattr(
+        self,
+        inode: int,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        size: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+        fh: int | None = None,
+        caller: Caller | None = None,
+    ) -> Attrs:
+        del atime_ns  # access times are not kept; atime always equals mtime
+        entry = self.entry_of(inode)
+        self._writable()
+        if self.replica.conflict_source(entry) is not None and (
+            size is not None or mode is not None or uid is not None or gid is not None
+        ):
+            raise AccessDenied()
+        if size is not None:
+            if self.replica.kind(entry) == "dir":
+                raise IsADirectory()
+            if self.replica.kind(entry) != "file":
+                raise InvalidArgument()
+            self._truncate(entry, size)
+        sets: list[tuple[str, int]] = []
+        if mode is not None:
+            sets.append(("mode", mode & 0o7777))
+        if uid is not None:
+            sets.append(("uid", uid))
+        if gid is not None:
+            sets.append(("gid", gid))
+        if mtime_ns is not None:
+            sets.append(("mtime_ns", mtime_ns))
+        if sets:
+            if entry in self._dirty and mtime_ns is not None:
+                self._flush(entry)  # the explicit mtime must not be overtaken by the write
+            self.journal.commit(lambda stamp: [SetAttr(stamp(), entry, k, v) for k, v in sets])
+        return self._attrs_of(entry)
+
+    def readlink(self, inode: int) -> bytes:
+        view = self._view(self.entry_of(inode))
+        if view.kind != "symlink":
+            raise InvalidArgument()
+        return view.target
+
+    # -- directories ---------------------------------------------------------------------
+    def opendir(self, inode: int, caller: Caller) -> int:
+        self._dir(inode)
+        return inode
+
+    def readdir(self, inode: int, after: int) -> Sequence[tuple[bytes, Attrs]]:
+        view = self._dir(inode)
+        rows = []
+        for name, child in self.replica.listing(view.id):
+            child_view = self.replica.entry(child)
+            if child_view is None:
+                continue
+            attrs = self._attrs(child_view)
+            if attrs.inode > after:
+                rows.append((name, attrs))
+        rows.sort(key=lambda r: r[1].inode)
+        return rows
+
+    def releasedir(self, fh: int) -> None:
+        return None
+
+    def fsyncdir(self, fh: int, datasync: bool) -> None:
+        return None  # every metadata change is already durable when it returns
+
+    def _new_entry(
+        self, parent: int, name: bytes, kind: Kind, mode: int, caller: Caller, target: bytes = b""
+    ) -> Attrs:
+        self._writable()
+        _check_name(name)
+        dir_view = self._dir(parent)
+        if self.replica.lookup(dir_view.id, name) is not None:
+            raise Exists()
+        entry = _new_id()
+        self.journal.commit(
+            lambda stamp: [
+                Create(
+                    stamp(),
+                    entry,
+                    dir_view.id,
+                    name,
+                    kind,
+                    mode & 0o7777,
+                    caller.uid,
+                    caller.gid,
+                    target,
+                )
+            ]
+        )
+        attrs = self._attrs(self._view(entry))
+        self.note_lookup(attrs.inode)
+        return attrs
+
+    def mkdir(self, parent: int, name: bytes, mode: int, caller: Caller) -> Attrs:
+        return self._new_entry(parent, name, "dir", mode, caller)
+
+    def mknod(self, parent: int, name: bytes, mode: int, rdev: int, caller: Caller) -> Attrs:
+        if not stat.S_ISREG(mode):
+            raise NotPermitted()
+        return self._new_entry(parent, name, "file", mode, caller)
+
+    def symlink(self, parent: int, name: bytes, target: bytes, caller: Caller) -> Attrs:
+        if len(target) > 4095 or not target:
+            raise NameTooLong() if target else NotFound()
+        return self._new_entry(parent, name, "symlink", 0o777, caller, target)
+
+    def link(self, inode: int, new_parent: int, new_name: bytes) -> Attrs:
+        # Hard links would need one entry in two places; the tree allows one.
+        raise NotPermitted()
+
+    def _child(self, parent: int, name: bytes) -> EntryView:
+        _check_name(name)
+        dir_view = self._dir(parent)
+        child = self.replica.lookup(dir_view.id, name)
+        if child is None:
+            raise NotFound()
+        return self._view(child)
+
+    def _delete_ops(self, view: EntryView, stamp: Callable[[], Hlc]) -> list[Op]:
+        """Operations that remove `view` (a conflict copy is resolved instead)."""
+        source = self.replica.conflict_source(view.id)
+        if source is not None:
+            file, version = source
+            return [self._resolve(file, version, stamp)]
+        seen = self.replica.heads(view.id) if view.kind == "file" else ()
+        return [Move(stamp(), view.id, TRASH, view.name, seen)]
+
+    def _resolve(self, file: bytes, loser: Hlc, stamp: Callable[[], Hlc]) -> Write:
+        winner = self.replica.contents.shown(file)
+        assert winner is not None
+        size = self.replica.version_size(winner)
+        return Write(stamp(), file, (winner, loser), size, ())
+
+    def unlink(self, parent: int, name: bytes) -> None:
+        self._writable()
+        view = self._child(parent, name)
+        if view.kind == "dir":
+            raise IsADirectory()
+        if view.id in self._dirty:
+            self._flush(view.id)  # the delete must see what was written
+        view = self._view(view.id)
+        self.journal.commit(lambda stamp: self._delete_ops(view, stamp))
+
+    def rmdir(self, parent: int, name: bytes) -> None:
+        self._writable()
+        view = self._child(parent, name)
+        if view.kind != "dir":
+            raise NotADirectory()
+        if self.replica.listing(view.id):
+            raise NotEmpty()
+        self.journal.commit(lambda stamp: self._delete_ops(view, stamp))
+
+    def rename(
+        self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int
+    ) -> None:
+        self._writable()
+        if flags & RENAME_EXCHANGE:
+            raise InvalidArgument()  # not supported: documented in the README
+        if flags & ~RENAME_NOREPLACE:
+            raise InvalidArgument()
+        source = self._child(old_parent, old_name)
+        _check_name(new_name)
+        target_dir = self._dir(new_parent)
+        existing_id = self.replica.lookup(target_dir.id, new_name)
+        existing = self._view(existing_id) if existing_id is not None else None
+        if existing is not None and existing.id == source.id:
+            return
+        if existing is not None and flags & RENAME_NOREPLACE:
+            raise Exists()
+        if source.kind == "dir":
+            if target_dir.id == source.id or self._is_ancestor(source.id, target_dir.id):
+                raise InvalidArgument()
+            if existing is not None:
+                if existing.kind != "dir":
+                    raise NotADirectory()
+                if self.replica.listing(existing.id):
+                    raise NotEmpty()
+        elif existing is not None and existing.kind == "dir":
+            raise IsADirectory()
+        for entry in (source.id, existing.id if existing else None):
+            if entry is not None and entry in self._dirty:
+                self._flush(entry)
+        if existing is not None:
+            existing = self._view(existing.id)
+        conflict = self.replica.conflict_source(source.id)
+
+        def make(stamp: Callable[[], Hlc]) -> list[Op]:
+            ops: list[Op] = []
+            if existing is not None:
+                ops.extend(self._delete_ops(existing, stamp))
+            if conflict is None:
+                ops.append(Move(stamp(), source.id, target_dir.id, new_name))
+            else:
+                ops.extend(self._adopt_copy(source, conflict, target_dir.id, new_name, stamp))
+            return ops
+
+        self.journal.commit(make)
+
+    def _adopt_copy(
+        self,
+        copy: EntryView,
+        conflict: tuple[bytes, Hlc],
+        parent: bytes,
+        name: bytes,
+        stamp: Callable[[], Hlc],
+    ) -> list[Op]:
+        """Renaming a conflict copy makes it a file of its own and resolves it."""
+        file, version = conflict
+        entry = _new_id()
+        ops: list[Op] = [
+            Create(stamp(), entry, parent, name, "file", copy.mode, copy.uid, copy.gid, b"")
+        ]
+        items = sorted(self.replica.block_map(version).items())
+        size = self.replica.version_size(version)
+        base: tuple[Hlc, ...] = ()
+        for start in range(0, max(len(items), 1), MAX_BLOCKS_PER_WRITE):
+            chunk = tuple((i, b) for i, b in items[start : start + MAX_BLOCKS_PER_WRITE])
+            w = Write(stamp(), entry, base, size, chunk)
+            ops.append(w)
+            base = (w.hlc,)
+        ops.append(self._resolve(file, version, stamp))
+        return ops
+
+    def _is_ancestor(self, ancestor: bytes, entry: bytes) -> bool:
+        cur = entry
+        while cur != ROOT:
+            view = self.replica.entry(cur)
+            if view is None:
+                return False
+            if view.parent == ancestor:
+                return True
+            cur = view.parent
+        return False
+
+    # -- files ---------------------------------------------------------------------------
+    def create(
+        self, parent: int, name: bytes, mode: int, flags: int, caller: Caller
+    ) -> tuple[int, Attrs]:
+        attrs = self._new_entry(parent, name, "file", mode, caller)
+        return self._open_handle(self.entry_of(attrs.inode), attrs.inode, flags), attrs
+
+    def open(self, inode: int, flags: int, caller: Caller) -> int:
+        entry = self.entry_of(inode)
+        view = self._view(entry)
+        if view.kind == "dir":
+            raise IsADirectory()
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            self._writable()
+            if view.conflict_of is not None:
+                raise AccessDenied()  # conflict copies are read-only: rename to keep one
+        return self._open_handle(entry, inode, flags)
+
+    def _open_handle(self, entry: bytes, inode: int, flags: int) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        writable = flags & os.O_ACCMODE != os.O_RDONLY
+        self._handles[fh] = _Handle(entry, inode, writable, bool(flags & os.O_APPEND))
+        self._open_count[entry] = self._open_count.get(entry, 0) + 1
+        return fh
+
+    def _handle(self, fh: int) -> _Handle:
+        handle = self._handles.get(fh)
+        if handle is None:
+            raise BadHandle()
+        return handle
+
+    def _version(self, entry: bytes) -> Hlc | None:
+        source = self.replica.conflict_source(entry)
+        if source is not None:
+            return source[1]
+        return self.replica.contents.shown(entry)
+
+    def _size(self, entry: bytes) -> int:
+        dirty = self._dirty.get(entry)
+        if dirty is not None:
+            return dirty.size
+        version = self._version(entry)
+        return self.replica.version_size(version) if version is not None else 0
+
+    def _stored_block(self, version: Hlc | None, index: int) -> bytes:
+        if version is None:
+            return b""
+        bid = self.replica.block_map(version).get(index)
+        if bid is None:
+            return b""
+        try:
+            return self.blocks.get(bid)
+        except (MissingBlock, CorruptBlock) as exc:
+            log.error("cannot read block %d: %s", index, exc)
+            raise IOFailure() from exc
+
+    def read(self, fh: int, offset: int, size: int) -> bytes:
+        handle = self._handle(fh)
+        entry = handle.entry
+        dirty = self._dirty.get(entry)
+        file_size = self._size(entry)
+        end = min(offset + size, file_size)
+        if offset >= end:
+            return b""
+        version = dirty.base if dirty is not None else self._version(entry)
+        out = bytearray()
+        pos = offset
+        while pos < end:
+            index, skip = divmod(pos, BLOCK_SIZE)
+            take = min(BLOCK_SIZE - skip, end - pos)
+            data: bytes | bytearray
+            if dirty is not None and index in dirty.blocks:
+                data = dirty.blocks[index]
+            elif dirty is not None and dirty.truncated and index >= blocks_for(dirty.size):
+                data = b""
+            else:
+                data = self._stored_block(version, index)
+            piece = data[skip : skip + take]
+            out += piece
+            if len(piece) < take:
+                out += bytes(take - len(piece))  # a hole or the zeroed tail of a block
+            pos += take
+        return bytes(out)
+
+    def _dirty_for(self, entry: bytes) -> _Dirty:
+        dirty = self._dirty.get(entry)
+        if dirty is None:
+            version = self._version(entry)
+            size = self.replica.version_size(version) if version is not None else 0
+            dirty = _Dirty(version, size)
+            self._dirty[entry] = dirty
+        return dirty
+
+    def _load_block(self, dirty: _Dirty, index: int) -> bytearray:
+        block = dirty.blocks.get(index)
+        if block is None:
+            if dirty.truncated and index >= blocks_for(dirty.size):
+                block = bytearray()
+            else:
+                block = bytearray(self._stored_block(dirty.base, index))
+            # bytes past the file's end inside the last block read as zeros
+            limit = max(0, dirty.size - index * BLOCK_SIZE)
+            del block[limit:]
+            dirty.blocks[index] = block
+        return block
+
+    def write(self, fh: int, offset: int, data: bytes) -> int:
+        handle = self._handle(fh)
+        if not handle.writable:
+            raise BadHandle()
+        self._writable()
+        entry = handle.entry
+        dirty = self._dirty_for(entry)
+        if handle.append:
+            offset = dirty.size
+        end = offset + len(data)
+        if end > MAX_FILE_SIZE:
+            raise TooBig()
+        pos = 0
+        while pos < len(data):
+            index, skip = divmod(offset + pos, BLOCK_SIZE)
+            take = min(BLOCK_SIZE - skip, len(data) - pos)
+            block = self._load_block(dirty, index)
+            if len(block) < skip:
+                block.extend(bytes(skip - len(block)))
+            block[skip : skip + take] = data[pos : pos + take]
+            dirty.changed.add(index)
+            pos += take
+        dirty.size = max(dirty.size, end)
+        if dirty.bytes() > DIRTY_LIMIT:
+            self._flush(entry)
+        return len(data)
+
+    def _truncate(self, entry: bytes, size: int) -> None:
+        if size > MAX_FILE_SIZE:
+            raise TooBig()
+        dirty = self._dirty_for(entry)
+        if size < dirty.size:
+            keep = blocks_for(size)
+            for index in [i for i in dirty.blocks if i >= keep]:
+                del dirty.blocks[index]
+                dirty.changed.discard(index)
+            dirty.truncated = True
+            if size % BLOCK_SIZE:
+                last = size // BLOCK_SIZE
+                block = self._load_block(dirty, last)
+                del block[size - last * BLOCK_SIZE :]
+                dirty.changed.add(last)
+        dirty.size = size
+        self._flush(entry, force=True)
+
+    def _flush(self, entry: bytes, force: bool = False) -> None:
+        dirty = self._dirty.get(entry)
+        if dirty is None:
+            return
+        if not dirty.changed and not force and dirty.size == self._size_of_base(dirty):
+            del self._dirty[entry]
+            return
+        indexes = sorted(dirty.changed)
+        sealed = self.blocks.seal(bytes(dirty.blocks[i]) for i in indexes)
+        pairs = [(i, bid) for i, (bid, _) in zip(indexes, sealed, strict=True)]
+
+        def make(stamp: Callable[[], Hlc]) -> list[Op]:
+            ops: list[Op] = []
+            base = (dirty.base,) if dirty.base is not None else ()
+            for start in range(0, max(len(pairs), 1), MAX_BLOCKS_PER_WRITE):
+                chunk = tuple(pairs[start : start + MAX_BLOCKS_PER_WRITE])
+                w = Write(stamp(), entry, base, dirty.size, tuple((i, b) for i, b in chunk))
+                ops.append(w)
+                base = (w.hlc,)
+            return ops
+
+        self.journal.commit(make, blocks=sealed)
+        del self._dirty[entry]
+
+    def _size_of_base(self, dirty: _Dirty) -> int:
+        return self.replica.version_size(dirty.base) if dirty.base is not None else 0
+
+    def flush(self, fh: int) -> None:
+        self._flush(self._handle(fh).entry)
+
+    def fsync(self, fh: int, datasync: bool) -> None:
+        # Each commit is a synchronous=FULL transaction: durable once it returns.
+        self._flush(self._handle(fh).entry)
+
+    def release(self, fh: int) -> None:
+        handle = self._handles.pop(fh, None)
+        if handle is None:
+            raise BadHandle()
+        left = self._open_count.get(handle.entry, 1) - 1
+        if left > 0:
+            self._open_count[handle.entry] = left
+            return
+        del self._open_count[handle.entry]
+        self._flush(handle.entry)
+
+    def flush_all(self) -> None:
+        """Flush every buffered file (shutdown)."""
+        for entry in list(self._dirty):
+            self._flush(entry)
+
+    # -- extended attributes ---------------------------------------------------------------
+    def getxattr(self, inode: int, name: bytes) -> bytes:
+        entry = self.entry_of(inode)
+        self._view(entry)
+        value = self.replica.xattrs(entry).get(_xattr_key(name)[len(XATTR_PREFIX) :])
+        if value is None:
+            raise NoAttribute()
+        return value
+
+    def setxattr(self, inode: int, name: bytes, value: bytes, flags: int) -> None:
+        self._writable()
+        entry = self.entry_of(inode)
+        self._view(entry)
+        key = _xattr_key(name)
+        if len(value) > XATTR_VALUE_MAX:
+            raise TooBig()
+        present = key[len(XATTR_PREFIX) :] in self.replica.xattrs(entry)
+        if flags & XATTR_CREATE and present:
+            raise Exists()
+        if flags & XATTR_REPLACE and not present:
+            raise NoAttribute()
+        self.journal.commit(lambda stamp: [SetAttr(stamp(), entry, key, bytes(value))])
+
+    def listxattr(self, inode: int) -> Sequence[bytes]:
+        entry = self.entry_of(inode)
+        self._view(entry)
+        return [k.encode() for k in sorted(self.replica.xattrs(entry))]
+
+    def removexattr(self, inode: int, name: bytes) -> None:
+        self._writable()
+        entry = self.entry_of(inode)
+        self._view(entry)
+        key = _xattr_key(name)
+        if key[len(XATTR_PREFIX) :] not in self.replica.xattrs(entry):
+            raise NoAttribute()
+        self.journal.commit(lambda stamp: [SetAttr(stamp(), entry, key, None)])
+
+    # -- file system -------------------------------------------------------------------------
+    def statfs(self) -> FsStats:
+        where = str(self._data_dir) if self._data_dir is not None else "/"
+        st = os.statvfs(where)
+        _, entries = self.replica.counts()
+        scale = max(1, st.f_frsize) / BLOCK_SIZE
+        return FsStats(
+            block_size=BLOCK_SIZE,
+            blocks=int(st.f_blocks * scale),
+            blocks_free=int(st.f_bfree * scale),
+            blocks_avail=int(st.f_bavail * scale),
+            files=entries + st.f_ffree,
+            files_free=st.f_ffree,
+            name_max=NAME_MAX,
+        )

@@ -1,0 +1,157 @@
+"""Real `dfs-peer join` processes with their own data dirs and mounts.
+
+Invariant: a `NodeProcess` that was started is always stopped and unmounted by
+`stop()` (also when the node died or hangs): `fusermount3 -u -z`, then
+SIGTERM, then SIGKILL, after pyfuse3's own test harness. Waiting is always on a
+condition with a deadline, never a bare sleep.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MOUNT_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 20.0
+
+
+class HarnessError(AssertionError):
+    """A node did not do what the scenario needed (it died, or never mounted)."""
+
+
+def wait_for(
+    condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.02
+) -> None:
+    """Poll `condition` until true, or raise HarnessError naming `what`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if condition():
+            return
+        if time.monotonic() > deadline:
+            raise HarnessError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def is_mounted(path: Path) -> bool:
+    target = os.path.realpath(path)
+    with open("/proc/mounts") as f:
+        return any(line.split()[1] == target for line in f)
+
+
+def unmount(path: Path) -> None:
+    if is_mounted(path):
+        subprocess.run(["fusermount3", "-u", "-z", str(path)], check=False, capture_output=True)
+
+
+def dfs_peer_command() -> list[str]:
+    """How to run the CLI: the installed script beside this Python, or the module."""
+    script = Path(sys.executable).with_name("dfs-peer")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "peer.cli"]
+
+
+def new_secret() -> str:
+    out = subprocess.run(
+        [*dfs_peer_command(), "init"], check=True, capture_output=True, text=True
+    )
+    return out.stdout.strip()
+
+
+@dataclass
+class NodeProcess:
+    """One `dfs-peer join` process."""
+
+    secret_file: Path
+    data_dir: Path
+    mountpoint: Path
+    name: str = "node"
+    extra: list[str] = field(default_factory=list)
+    prefix: list[str] = field(default_factory=list)  # e.g. nsenter into a netns
+    log_path: Path | None = None
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait: bool = True) -> NodeProcess:
+        self.mountpoint.mkdir(parents=True, exist_ok=True)
+        if self.log_path is None:
+            self.log_path = self.data_dir.parent / f"{self.name}.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            *self.prefix,
+            *dfs_peer_command(),
+            "join",
+            "--secret-file",
+            str(self.secret_file),
+            "--data-dir",
+            str(self.data_dir),
+            "--name",
+            self.name,
+            *self.extra,
+            str(self.mountpoint),
+        ]
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        try:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        finally:
+            log.close()
+        if wait:
+            self.wait_mounted()
+        return self
+
+    def log_text(self) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")
+
+    def wait_mounted(self, timeout: float = MOUNT_TIMEOUT_S) -> None:
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise HarnessError(
+                    f"node {self.name} exited with {self.proc.returncode} before mounting:\n"
+                    + self.log_text()[-4000:]
+                )
+            return is_mounted(self.mountpoint)
+
+        wait_for(ready, timeout, f"node {self.name} to mount {self.mountpoint}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        """Stop the node (by `sig`), always leaving nothing mounted; return its exit code."""
+        code: int | None = None
+        try:
+            if self.proc is not None and self.proc.poll() is None:
+                self.proc.send_signal(sig)
+                try:
+                    code = self.proc.wait(STOP_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    unmount(self.mountpoint)
+                    self.proc.terminate()
+                    try:
+                        self.proc.wait(5)
+                    except subprocess.TimeoutExpired:
+                        self.proc.kill()
+                        self.proc.wait(5)
+            elif self.proc is not None:
+                code = self.proc.returncode
+        finally:
+            unmount(self.mountpoint)
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would; then clear the dead mount."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        wait_for(lambda: self._unmount_dead(), 10, f"dead mount of {self.name} to go")
+
+    def _unmount_dead(self) -> bool:
+        unmount(self.mountpoint)
+        return not is_mounted(self.mountpoint)
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None

@@ -1,0 +1,317 @@
+"""Every file-system call through a real mount, with its errno cases."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.mount
+
+
+def _errno_of(fn: Callable[..., object], *args: object, **kwargs: object) -> int:
+    """The errno `fn(*args)` fails with (failing the test if it succeeds)."""
+    try:
+        fn(*args, **kwargs)
+    except OSError as exc:
+        return exc.errno or 0
+    raise AssertionError(f"{fn.__name__}{args} succeeded; an error was expected")
+
+
+def test_create_write_read_back(mnt: Path) -> None:
+    p = mnt / "hello.txt"
+    p.write_bytes(b"hello world\n")
+    assert p.read_bytes() == b"hello world\n"
+    assert p.stat().st_size == 12
+    assert stat.S_ISREG(p.stat().st_mode)
+
+
+def test_lookup_missing_is_enoent(mnt: Path) -> None:
+    assert _errno_of(os.stat, mnt / "nope") == errno.ENOENT
+    assert _errno_of(open, mnt / "nope") == errno.ENOENT
+
+
+def test_create_exclusive_existing_is_eexist(mnt: Path) -> None:
+    (mnt / "a").write_bytes(b"x")
+    assert _errno_of(os.open, mnt / "a", os.O_CREAT | os.O_EXCL | os.O_WRONLY) == errno.EEXIST
+
+
+def test_mkdir_rmdir_and_their_errors(mnt: Path) -> None:
+    d = mnt / "d"
+    d.mkdir()
+    assert stat.S_ISDIR(d.stat().st_mode)
+    assert _errno_of(os.mkdir, d) == errno.EEXIST
+    (d / "f").write_bytes(b"1")
+    assert _errno_of(os.rmdir, d) == errno.ENOTEMPTY
+    assert _errno_of(os.rmdir, d / "f") == errno.ENOTDIR
+    assert _errno_of(os.mkdir, d / "f" / "x") == errno.ENOTDIR
+    (d / "f").unlink()
+    d.rmdir()
+    assert not d.exists()
+
+
+def test_unlink_of_directory_is_eisdir(mnt: Path) -> None:
+    (mnt / "d").mkdir()
+    assert _errno_of(os.unlink, mnt / "d") in (errno.EISDIR, errno.EPERM)
+
+
+def test_open_directory_for_writing_is_eisdir(mnt: Path) -> None:
+    (mnt / "d").mkdir()
+    assert _errno_of(os.open, mnt / "d", os.O_WRONLY) == errno.EISDIR
+
+
+def test_name_longer_than_255_bytes_is_enametoolong(mnt: Path) -> None:
+    assert _errno_of(os.open, mnt / ("x" * 256), os.O_CREAT | os.O_WRONLY) == errno.ENAMETOOLONG
+    assert _errno_of(os.mkdir, mnt / ("y" * 300)) == errno.ENAMETOOLONG
+    ok = mnt / ("z" * 255)
+    ok.write_bytes(b"max")
+    assert ok.read_bytes() == b"max"
+
+
+def test_readdir_lists_each_entry_once(mnt: Path) -> None:
+    names = {f"f{i:04d}" for i in range(300)}
+    for n in names:
+        (mnt / n).write_bytes(n.encode())
+    (mnt / "sub").mkdir()
+    assert set(os.listdir(mnt)) == names | {"sub"}
+    assert len(os.listdir(mnt)) == len(names) + 1
+
+
+def test_rename_moves_and_replaces_atomically(mnt: Path) -> None:
+    (mnt / "a").write_bytes(b"A")
+    (mnt / "b").write_bytes(b"B")
+    os.rename(mnt / "a", mnt / "b")
+    assert not (mnt / "a").exists()
+    assert (mnt / "b").read_bytes() == b"A"
+    (mnt / "d").mkdir()
+    os.rename(mnt / "b", mnt / "d" / "c")
+    assert (mnt / "d" / "c").read_bytes() == b"A"
+    assert os.listdir(mnt / "d") == ["c"]
+
+
+def test_rename_directory_errors(mnt: Path) -> None:
+    (mnt / "d").mkdir()
+    (mnt / "d" / "sub").mkdir()
+    (mnt / "e").mkdir()
+    (mnt / "e" / "x").write_bytes(b"")
+    (mnt / "f").write_bytes(b"")
+    assert _errno_of(os.rename, mnt / "d", mnt / "d" / "sub" / "in") == errno.EINVAL
+    assert _errno_of(os.rename, mnt / "d", mnt / "e") == errno.ENOTEMPTY
+    assert _errno_of(os.rename, mnt / "d", mnt / "f") == errno.ENOTDIR
+    assert _errno_of(os.rename, mnt / "f", mnt / "d") == errno.EISDIR
+    (mnt / "empty").mkdir()
+    os.rename(mnt / "d", mnt / "empty")
+    assert os.listdir(mnt / "empty") == ["sub"]
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_fdcwd = -100
+    rc = libc.renameat2(at_fdcwd, bytes(src), at_fdcwd, bytes(dst), flags)
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def test_rename_noreplace_is_honoured(mnt: Path) -> None:
+    (mnt / "a").write_bytes(b"A")
+    (mnt / "b").write_bytes(b"B")
+    assert _errno_of(_renameat2, mnt / "a", mnt / "b", 1) == errno.EEXIST
+    assert (mnt / "b").read_bytes() == b"B"
+    _renameat2(mnt / "a", mnt / "c", 1)
+    assert (mnt / "c").read_bytes() == b"A"
+
+
+def test_rename_exchange_is_refused_with_einval(mnt: Path) -> None:
+    (mnt / "a").write_bytes(b"A")
+    (mnt / "b").write_bytes(b"B")
+    assert _errno_of(_renameat2, mnt / "a", mnt / "b", 2) == errno.EINVAL
+    assert (mnt / "a").read_bytes() == b"A"
+
+
+def test_symlink_and_readlink(mnt: Path) -> None:
+    (mnt / "target").write_bytes(b"T")
+    os.symlink("target", mnt / "link")
+    assert os.readlink(mnt / "link") == "target"
+    assert (mnt / "link").read_bytes() == b"T"
+    assert stat.S_ISLNK(os.lstat(mnt / "link").st_mode)
+    assert _errno_of(os.readlink, mnt / "target") == errno.EINVAL
+    assert _errno_of(os.symlink, "x", mnt / "link") == errno.EEXIST
+
+
+def test_hard_links_are_refused_with_eperm(mnt: Path) -> None:
+    (mnt / "a").write_bytes(b"A")
+    assert _errno_of(os.link, mnt / "a", mnt / "b") == errno.EPERM
+
+
+def test_mknod_regular_file_works_and_fifo_is_refused(mnt: Path) -> None:
+    os.mknod(mnt / "plain", 0o644 | stat.S_IFREG)
+    assert stat.S_ISREG((mnt / "plain").stat().st_mode)
+    assert _errno_of(os.mkfifo, mnt / "fifo") == errno.EPERM
+
+
+def test_chmod_chown_and_utimens(mnt: Path) -> None:
+    p = mnt / "f"
+    p.write_bytes(b"x")
+    os.chmod(p, 0o600)
+    assert stat.S_IMODE(p.stat().st_mode) == 0o600
+    os.chown(p, 1234, 5678)
+    st = p.stat()
+    assert (st.st_uid, st.st_gid) == (1234, 5678)
+    os.utime(p, ns=(1_000_000_000, 1_500_000_000_123))
+    assert p.stat().st_mtime_ns == 1_500_000_000_123
+
+
+def test_truncate_shrinks_and_extends_with_zeros(mnt: Path) -> None:
+    p = mnt / "t"
+    p.write_bytes(b"abcdefgh" * 40000)  # 320,000 bytes: spans three blocks
+    os.truncate(p, 5)
+    assert p.read_bytes() == b"abcde"
+    os.truncate(p, 200_000)
+    data = p.read_bytes()
+    assert data[:5] == b"abcde"
+    assert data[5:] == bytes(200_000 - 5)
+
+
+def test_truncate_to_huge_size_is_a_hole(mnt: Path, node) -> None:  # type: ignore[no-untyped-def]
+    p = mnt / "sparse"
+    p.write_bytes(b"start")
+    os.truncate(p, 1 << 40)  # 1 TiB
+    assert p.stat().st_size == 1 << 40
+    with open(p, "rb") as f:
+        f.seek((1 << 40) - 10)
+        assert f.read() == bytes(10)
+    store = sum(f.stat().st_size for f in node.data_dir.iterdir())
+    assert store < 64 << 20
+
+
+def test_write_past_end_leaves_a_hole_of_zeros(mnt: Path) -> None:
+    p = mnt / "h"
+    with open(p, "wb") as f:
+        f.write(b"A")
+        f.seek(1_000_000)
+        f.write(b"B")
+    data = p.read_bytes()
+    assert len(data) == 1_000_001
+    assert data[0:1] == b"A"
+    assert data[-1:] == b"B"
+    assert data[1:-1] == bytes(999_999)
+
+
+def test_append_mode_appends(mnt: Path) -> None:
+    p = mnt / "log"
+    for i in range(5):
+        with open(p, "ab") as f:
+            f.write(f"{i}\n".encode())
+    assert p.read_bytes() == b"0\n1\n2\n3\n4\n"
+
+
+def test_two_handles_see_each_others_unflushed_writes(mnt: Path) -> None:
+    p = mnt / "shared"
+    p.write_bytes(b"........")
+    with open(p, "r+b", buffering=0) as w, open(p, "rb", buffering=0) as r:
+        w.seek(2)
+        w.write(b"XY")
+        r.seek(0)
+        assert r.read() == b"..XY...."
+
+
+def test_unlinked_open_file_stays_readable_and_writable(mnt: Path) -> None:
+    p = mnt / "tmp"
+    p.write_bytes(b"keep me")
+    with open(p, "r+b", buffering=0) as f:
+        p.unlink()
+        assert not p.exists()
+        assert f.read() == b"keep me"
+        f.write(b"!")
+        f.seek(0)
+        assert f.read() == b"keep me!"
+    assert not p.exists()
+    assert "tmp" not in os.listdir(mnt)
+
+
+def test_xattrs_set_get_list_remove(mnt: Path) -> None:
+    p = mnt / "x"
+    p.write_bytes(b"")
+    os.setxattr(p, "user.color", b"blue")
+    assert os.getxattr(p, "user.color") == b"blue"
+    assert "user.color" in os.listxattr(p)
+    assert _errno_of(os.setxattr, p, "user.color", b"red", os.XATTR_CREATE) == errno.EEXIST
+    assert _errno_of(os.setxattr, p, "user.size", b"1", os.XATTR_REPLACE) == errno.ENODATA
+    os.removexattr(p, "user.color")
+    assert _errno_of(os.getxattr, p, "user.color") == errno.ENODATA
+    assert _errno_of(os.removexattr, p, "user.color") == errno.ENODATA
+
+
+def test_statfs_reports_namemax_255(mnt: Path) -> None:
+    st = os.statvfs(mnt)
+    assert st.f_namemax == 255
+    assert st.f_bsize > 0
+    assert st.f_blocks > 0
+
+
+def test_directory_mtime_changes_when_entries_do(mnt: Path) -> None:
+    d = mnt / "d"
+    d.mkdir()
+    os.utime(d, ns=(0, 0))
+    assert d.stat().st_mtime_ns == 0
+    (d / "new").write_bytes(b"")
+    assert d.stat().st_mtime_ns > 0
+    os.utime(d, ns=(0, 0))
+    (d / "new").unlink()
+    assert d.stat().st_mtime_ns > 0
+
+
+def test_new_entries_take_the_callers_uid_and_gid(mnt: Path) -> None:
+    os.chmod(mnt, 0o777)
+    (mnt / "pub").mkdir()
+    os.chmod(mnt / "pub", 0o777)
+    # The directory is opened first: pytest's temp dirs are private to root, so
+    # the other user could not walk the path to the mount.
+    pub = os.open(mnt / "pub", os.O_RDONLY | os.O_DIRECTORY)
+    pid = os.fork()
+    if pid == 0:  # child: become another user and create a file
+        code = 1
+        try:
+            os.setgid(4321)
+            os.setuid(1234)
+            os.close(os.open("mine", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=pub))
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(pub)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    st = (mnt / "pub" / "mine").stat()
+    assert (st.st_uid, st.st_gid) == (1234, 4321)
+
+
+def test_default_permissions_give_eacces(mnt: Path) -> None:
+    os.chmod(mnt, 0o755)
+    (mnt / "secret").write_bytes(b"s")
+    os.chmod(mnt / "secret", 0o600)
+    (mnt / "open").write_bytes(b"o")
+    os.chmod(mnt / "open", 0o644)
+    root = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)  # see the uid test above
+    pid = os.fork()
+    if pid == 0:
+        code = 3
+        try:
+            os.setuid(1234)
+            os.close(os.open("open", os.O_RDONLY, dir_fd=root))  # allowed
+            try:
+                os.open("secret", os.O_RDONLY, dir_fd=root)
+                code = 1
+            except PermissionError:
+                code = 0
+        finally:
+            os._exit(code)
+    os.close(root)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
