@@ -1,14 +1,18 @@
 """Content versions of files: a DAG through `bases`, and block maps.
 
-Invariant: everything here is a function of the *set* of versions held, never
-of the order they arrived in. A version is *complete* when its content lineage
-(`bases[0]`, recursively) is all known; only complete versions take part. The
-*heads* of a file are its complete versions that no complete version of the same
-file names as a base. A *tombstone* is the version a delete makes (its bases are
-the versions the deleting node saw); a version is *dead* if it is a tombstone or
-its content lineage passes through one (writes through a handle still open on a
-deleted file). A file with a live head has content someone wrote that no delete
-saw: rule 4 of the design brings such a file back.
+Invariant: everything here is a function of the *set* of versions held (and
+of the stamps `placed` was given), never of the order they arrived in. A version
+is *complete* when its content lineage (`bases[0]`, recursively) is all known;
+only complete versions take part. The *heads* of a file are its complete
+versions that no complete version of the same file names as a base. A
+*tombstone* is the version a delete makes (its bases are the versions the
+deleting node saw). It is *in force* unless a later move (by HLC) put the file
+outside the trash again: a rename that sorted after the delete, which the tree
+obeys, so the file stayed in view and was edited like any other. A version is
+*dead* if it is a tombstone or its content lineage passes through a tombstone in
+force (writes through a handle still open on a deleted file). A file with a live
+head has content someone wrote that no delete saw: rule 4 of the design brings
+such a file back.
 """
 
 from __future__ import annotations
@@ -48,7 +52,10 @@ class Contents:
         self.versions: dict[Hlc, Version] = {}
         self._by_entry: dict[bytes, set[Hlc]] = {}
         self._complete: set[Hlc] = set()
-        self._dead: dict[Hlc, bool] = {}
+        # version -> whether its lineage passes through a tombstone in force
+        self._doomed: dict[Hlc, bool] = {}
+        # file -> the newest stamp of a move that put it outside the trash
+        self._placed: dict[bytes, Hlc] = {}
         self._heads: dict[bytes, tuple[Hlc, ...]] = {}
         self._maps: OrderedDict[Hlc, BlockMap] = OrderedDict()
 
@@ -61,6 +68,21 @@ class Contents:
 
     def entries(self) -> set[bytes]:
         return set(self._by_entry)
+
+    def placed(self, entry: bytes, hlc: Hlc) -> bool:
+        """Note a move (or the creation) of `entry` outside the trash; True if
+        it may have changed which of the entry's versions are dead."""
+        cur = self._placed.get(entry)
+        if cur is not None and cur >= hlc:
+            return False
+        self._placed[entry] = hlc
+        for h in self._by_entry.get(entry, ()):
+            self._doomed.pop(h, None)
+        return True
+
+    def in_force(self, tombstone: Version) -> bool:
+        placed = self._placed.get(tombstone.entry)
+        return placed is None or placed < tombstone.hlc
 
     # -- lineage ---------------------------------------------------------------
     def complete(self, hlc: Hlc) -> bool:
@@ -77,22 +99,25 @@ class Contents:
         return True
 
     def dead(self, hlc: Hlc) -> bool:
+        """True for a tombstone, or a complete version written on top of one in force."""
+        if self.versions[hlc].tombstone:
+            return True
         chain: list[Hlc] = []
         cur: Hlc | None = hlc
         result = False
         while cur is not None:
-            known = self._dead.get(cur)
+            known = self._doomed.get(cur)
             if known is not None:
                 result = known
                 break
             v = self.versions[cur]
             chain.append(cur)
-            if v.tombstone:
+            if v.tombstone and self.in_force(v):
                 result = True
                 break
             cur = v.bases[0] if v.bases else None
         for h in chain:
-            self._dead[h] = result
+            self._doomed[h] = result
         return result
 
     def heads(self, entry: bytes) -> tuple[Hlc, ...]:

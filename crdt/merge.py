@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from crdt.clock import Hlc
 from crdt.content import Contents, Version
@@ -35,7 +35,6 @@ from crdt.ops import (
     Move,
     Op,
     SetAttr,
-    Write,
 )
 from crdt.tree import Place, Tree, TreeMove
 
@@ -85,8 +84,18 @@ class _Copy:
 
 @dataclass(slots=True)
 class _Listing:
-    by_name: dict[bytes, bytes]
-    names: dict[bytes, bytes]  # child id -> shown name
+    """One directory's entries, kept up to date child by child.
+
+    `groups` holds, per name, every entry placed under it as (placed stamp,
+    id); rule 2 turns a group into shown names, so a change to one child only
+    renames within its group.
+    """
+
+    groups: dict[bytes, set[tuple[Hlc, bytes]]] = field(default_factory=dict)
+    by_name: dict[bytes, bytes] = field(default_factory=dict)
+    names: dict[bytes, bytes] = field(default_factory=dict)  # child id -> shown name
+    raw: dict[bytes, bytes] = field(default_factory=dict)  # child id -> its name
+    subdirs: int = 0
 
 
 def conflict_copy_id(file: bytes, version: Hlc) -> bytes:
@@ -105,8 +114,12 @@ def _split_ext(name: bytes) -> tuple[bytes, bytes]:
     return name[:dot], name[dot:]
 
 
-def _fit(stem: bytes, tail: bytes) -> bytes:
-    return stem[: max(1, NAME_MAX - len(tail))] + tail
+def _fit(stem: bytes, marker: bytes, ext: bytes) -> bytes:
+    """`stem + marker + ext` in at most NAME_MAX bytes: the stem gives way
+    first, then the extension (long when a name's last dot comes early), never
+    the marker that makes the name unique."""
+    ext = ext[: max(0, NAME_MAX - 1 - len(marker))]
+    return stem[: max(1, NAME_MAX - len(marker) - len(ext))] + marker + ext
 
 
 def conflict_name(name: bytes, node_name: str, version: Hlc) -> bytes:
@@ -114,12 +127,12 @@ def conflict_name(name: bytes, node_name: str, version: Hlc) -> bytes:
     stem, ext = _split_ext(name)
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in node_name)[:32] or "node"
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(version.wall_ms // 1000))
-    return _fit(stem, f".conflict-{safe}-{stamp}".encode() + ext)
+    return _fit(stem, f".conflict-{safe}-{stamp}".encode(), ext)
 
 
 def _suffixed(name: bytes, entry: bytes, length: int) -> bytes:
     stem, ext = _split_ext(name)
-    return _fit(stem, b"~" + entry[:length].hex().encode() + ext)
+    return _fit(stem, b"~" + entry[:length].hex().encode(), ext)
 
 
 class Replica:
@@ -139,8 +152,8 @@ class Replica:
         self._revived_into: dict[bytes, set[bytes]] = {}
         self._copies: dict[bytes, _Copy] = {}
         self._copies_of: dict[bytes, tuple[bytes, ...]] = {}
-        self._listings: dict[bytes, _Listing] = {}
-        self._dir_event: dict[bytes, Hlc | None] = {}
+        self._lists: dict[bytes, _Listing] = {}
+        self._listed_in: dict[bytes, bytes] = {}  # child id -> directory listing it
 
     # -- applying ------------------------------------------------------------------
     def has(self, hlc: Hlc) -> bool:
@@ -162,7 +175,7 @@ class Replica:
                 self._latest = op.hlc
             if isinstance(op, Member):
                 self._lww_member(op)
-                self._listings.clear()  # conflict copies are named after members
+                files.update(self._copies_of)  # conflict copies are named after members
                 continue
             entries.add(op.entry)
             self._touch(op.entry, op.hlc)
@@ -173,10 +186,19 @@ class Replica:
                 for key, value in (("mode", op.mode), ("uid", op.uid), ("gid", op.gid)):
                     self._set_attr(op.entry, key, op.hlc, value)
                 moves.append(TreeMove(op.hlc, op.entry, op.parent, op.name))
+                if op.parent != TRASH:
+                    self.contents.placed(op.entry, op.hlc)
+                # Refresh it even if the tree skips this move: a newly known
+                # entry is listed (and may keep a trashed directory, rule 4)
+                # where moves that arrived before its creation put it.
+                files.add(op.entry)
             elif isinstance(op, Move):
                 moves.append(TreeMove(op.hlc, op.entry, op.parent, op.name))
                 if op.parent == TRASH:
                     self.contents.add(Version(op.hlc, op.entry, op.seen, 0, (), tombstone=True))
+                    files.add(op.entry)
+                elif self.contents.placed(op.entry, op.hlc):
+                    # a move that sorts after a delete voids its tombstone
                     files.add(op.entry)
             elif isinstance(op, SetAttr):
                 self._set_attr(op.entry, op.key, op.hlc, op.value)
@@ -206,39 +228,125 @@ class Replica:
     # -- derived views -----------------------------------------------------------
     def _refresh(self, touched: set[bytes], entries: set[bytes], files: set[bytes]) -> Changes:
         dirs: set[bytes] = set(touched)
+        relist: set[bytes] = set(touched) | files
         for entry in files:
-            self._refresh_copies(entry, dirs)
+            relist.update(self._refresh_copies(entry))
         if self._trash_relevant(touched | files):
             before = dict(self._revived)
             self._revive()
             for entry in set(before) | set(self._revived):
                 if before.get(entry) != self._revived.get(entry):
                     entries.add(entry)
-                    for place in (before.get(entry), self._revived.get(entry)):
-                        if place is not None:
-                            dirs.add(place.parent)
-                    # a revived file's conflict copies follow it
-                    self._refresh_copies(entry, dirs)
-        for d in dirs:
-            self._listings.pop(d, None)
-            self._dir_event.pop(d, None)
+                    relist.add(entry)
+                    relist.update(self._refresh_copies(entry))  # copies follow their file
+        dirs |= self._relist(relist)
         return Changes(frozenset(dirs), frozenset(entries | files | touched))
 
-    def _refresh_copies(self, file: bytes, dirs: set[bytes]) -> None:
+    def _refresh_copies(self, file: bytes) -> tuple[bytes, ...]:
+        """Recompute a file's conflict copies; return the old and new copy ids."""
         old = self._copies_of.pop(file, ())
         for cid in old:
             self._copies.pop(cid, None)
-        new: tuple[bytes, ...] = ()
         live = self.contents.live_heads(file)
+        new: tuple[bytes, ...] = ()
         if len(live) > 1:
             new = tuple(conflict_copy_id(file, v) for v in live[1:])
             for cid, v in zip(new, live[1:], strict=True):
                 self._copies[cid] = _Copy(file, v)
             self._copies_of[file] = new
-        if old or new:
-            p = self._eff_parent(file)
-            if p is not None:
-                dirs.add(p)
+        return old + new
+
+    # -- listings ----------------------------------------------------------------
+    def _wanted(self, child: bytes) -> tuple[bytes, bytes, Hlc] | None:
+        """Where `child` (an entry or a conflict copy) belongs: (dir, name, stamp)."""
+        copy = self._copies.get(child)
+        if copy is not None:
+            file_place = self._wanted(copy.file)
+            if file_place is None:
+                return None
+            v = copy.version
+            node_name = self._members.get(v.node, (v, v.node[:4].hex()))[1]
+            return file_place[0], conflict_name(file_place[1], node_name, v), v
+        if child not in self._info:
+            return None
+        place = self._eff_place(child)
+        if place is None or place.parent == TRASH:
+            return None
+        return place.parent, place.name, place.hlc
+
+    def _relist(self, children: set[bytes]) -> set[bytes]:
+        """Bring every listing up to date for `children` (and their conflict copies);
+        return the directories whose listing changed."""
+        todo = set(children)
+        for child in children:
+            todo.update(self._copies_of.get(child, ()))
+        dirty: set[tuple[bytes, bytes]] = set()
+        for child in todo:
+            if child in (ROOT, TRASH):
+                continue
+            want = self._wanted(child)
+            where = self._listed_in.get(child)
+            if where is not None:
+                listing = self._lists[where]
+                raw = listing.raw[child]
+                if want is not None and want[0] == where and want[1] == raw:
+                    group = listing.groups[raw]
+                    if (want[2], child) in group:
+                        continue
+                self._unlist(child, where, dirty)
+            if want is not None:
+                parent, name, hlc = want
+                listing = self._lists.setdefault(parent, _Listing())
+                group = listing.groups.setdefault(name, set())
+                group.add((hlc, child))
+                listing.raw[child] = name
+                self._listed_in[child] = parent
+                if self.kind(child) == "dir":
+                    listing.subdirs += 1
+                dirty.add((parent, name))
+                owner = listing.by_name.get(name)
+                if owner is not None and listing.raw.get(owner) != name:
+                    dirty.add((parent, listing.raw[owner]))  # a suffix now taken
+        for parent, name in dirty:
+            self._rename_group(parent, name)
+        return {parent for parent, _ in dirty}
+
+    def _unlist(self, child: bytes, where: bytes, dirty: set[tuple[bytes, bytes]]) -> None:
+        listing = self._lists[where]
+        raw = listing.raw.pop(child)
+        group = listing.groups[raw]
+        group.difference_update([m for m in group if m[1] == child])
+        if not group:
+            del listing.groups[raw]
+        shown = listing.names.pop(child, None)
+        if shown is not None and listing.by_name.get(shown) == child:
+            del listing.by_name[shown]
+        del self._listed_in[child]
+        if self.kind(child) == "dir":
+            listing.subdirs -= 1
+        dirty.add((where, raw))
+
+    def _rename_group(self, parent: bytes, name: bytes) -> None:
+        """Rule 2 for one group: the newest keeps the name, the others get a suffix."""
+        listing = self._lists.get(parent)
+        if listing is None:
+            return
+        group = listing.groups.get(name, set())
+        for _, child in group:
+            shown = listing.names.pop(child, None)
+            if shown is not None and listing.by_name.get(shown) == child:
+                del listing.by_name[shown]
+        used: set[bytes] = set()
+        for _, child in sorted(group, reverse=True):
+            shown = name
+            if shown in used:
+                for length in (4, 8, ENTRY_ID_BYTES):
+                    shown = _suffixed(name, child, length)
+                    if shown not in used and shown not in listing.groups:
+                        break
+            used.add(shown)
+            listing.by_name[shown] = child
+            listing.names[child] = shown
 
     def _in_trash(self, entry: bytes) -> bool:
         """True if the tree (before revivals) puts `entry` under TRASH."""
@@ -259,20 +367,15 @@ class Replica:
         self._revived = {}
         self._revived_into = {}
         trashed = sorted(self.tree.children.get(TRASH, ()))
-        queue = [
-            e
-            for e in trashed
-            if self.contents.live_heads(e) or self._has_live_child(e)
-        ]
+        queue = [e for e in trashed if self.contents.live_heads(e) or self._has_live_child(e)]
         seen: set[bytes] = set()
         while queue:
             entry = queue.pop(0)
             if entry in seen:
                 continue
             seen.add(entry)
-            current = self.tree.current(entry)
-            old = current.old if current is not None else None
-            if old is None or old.parent == TRASH:
+            old = self._place_before_trash(entry)
+            if old is None:
                 old = Place(ROOT, self.tree.places[entry].name, self.tree.places[entry].hlc)
             if self._eff_is_ancestor(entry, old.parent):
                 old = Place(ROOT, old.name, old.hlc)
@@ -282,6 +385,17 @@ class Replica:
             holder = self._trash_holder(old.parent)
             if holder is not None and holder not in self._revived:
                 queue.append(holder)
+
+    def _place_before_trash(self, entry: bytes) -> Place | None:
+        """Where `entry` was before the moves that keep it in TRASH: a file
+        deleted, brought back by rule 4 (still in TRASH in the tree) and deleted
+        again returns to where it was shown, not to ROOT."""
+        logged = self.tree.current(entry)
+        old = logged.old if logged is not None else None
+        while old is not None and old.parent == TRASH:
+            logged = self.tree.logged(old.hlc)
+            old = logged.old if logged is not None else None
+        return old
 
     def _has_live_child(self, entry: bytes) -> bool:
         return any(c in self._info for c in self.tree.children.get(entry, ()))
@@ -351,40 +465,7 @@ class Replica:
         return False
 
     def _listing(self, parent: bytes) -> _Listing:
-        cached = self._listings.get(parent)
-        if cached is not None:
-            return cached
-        # (name, placed stamp, id) of every live child
-        found: list[tuple[bytes, Hlc, bytes]] = []
-        kids = set(self.tree.children.get(parent, ())) | self._revived_into.get(parent, set())
-        for child in kids:
-            if child not in self._info:
-                continue
-            place = self._eff_place(child)
-            if place is None or place.parent != parent:
-                continue
-            found.append((place.name, place.hlc, child))
-            for cid in self._copies_of.get(child, ()):
-                v = self._copies[cid].version
-                node_name = self._members.get(v.node, (v, v.node[:4].hex()))[1]
-                found.append((conflict_name(place.name, node_name, v), v, cid))
-        # rule 2: the newest keeps the name; older ones get an id suffix
-        found.sort(reverse=True)
-        by_name: dict[bytes, bytes] = {}
-        taken = {name for name, _, _ in found}
-        names: dict[bytes, bytes] = {}
-        for name, _, child in found:
-            shown = name
-            if shown in by_name:
-                for length in (4, 8, ENTRY_ID_BYTES):
-                    shown = _suffixed(name, child, length)
-                    if shown not in by_name and shown not in taken:
-                        break
-            by_name[shown] = child
-            names[child] = shown
-        listing = _Listing(by_name, names)
-        self._listings[parent] = listing
-        return listing
+        return self._lists.get(parent) or _Listing()
 
     def lookup(self, parent: bytes, name: bytes) -> bytes | None:
         if not self.visible(parent) or self.kind(parent) != "dir":
@@ -413,13 +494,11 @@ class Replica:
         return got[1] if got is not None and isinstance(got[1], int) else default
 
     def _dir_changed(self, entry: bytes) -> Hlc | None:
-        if entry in self._dir_event:
-            return self._dir_event[entry]
-        stamps = [self.tree.places[c].hlc for c in self.tree.children.get(entry, ())]
-        stamps.extend(self.tree.departures.get(entry, ()))
-        result = max(stamps) if stamps else None
-        self._dir_event[entry] = result
-        return result
+        return self.tree.latest_event(entry)
+
+    def subdirs(self, entry: bytes) -> int:
+        """How many directories a directory holds (for its link count)."""
+        return self._listing(entry).subdirs
 
     def entry(self, entry: bytes) -> EntryView | None:
         """The visible entry `entry`, or None."""

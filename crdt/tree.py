@@ -56,9 +56,10 @@ class Tree:
         self.places: dict[bytes, Place] = {}
         self.children: dict[bytes, set[bytes]] = {}
         self.log: list[LogMove] = []
-        # Stamps of applied moves that took a child out of a directory, so a
-        # directory's mtime can follow departures as well as arrivals.
-        self.departures: dict[bytes, set[Hlc]] = {}
+        # Stamps of the applied moves that brought a child into or took one out
+        # of each directory (its mtime follows them), with their maximum.
+        self.events: dict[bytes, set[Hlc]] = {}
+        self._latest: dict[bytes, Hlc] = {}
 
     # -- queries -----------------------------------------------------------
     def parent(self, child: bytes) -> bytes | None:
@@ -93,22 +94,45 @@ class Tree:
             return LogMove(move, old, applied=False)
         if old is not None:
             self.children[old.parent].discard(move.child)
-            self.departures.setdefault(old.parent, set()).add(move.hlc)
+            self._add_event(old.parent, move.hlc)
         self.places[move.child] = Place(move.parent, move.name, move.hlc)
         self.children.setdefault(move.parent, set()).add(move.child)
+        self._add_event(move.parent, move.hlc)
         return LogMove(move, old, applied=True)
+
+    def _add_event(self, parent: bytes, hlc: Hlc) -> None:
+        self.events.setdefault(parent, set()).add(hlc)
+        latest = self._latest.get(parent)
+        if latest is None or hlc > latest:
+            self._latest[parent] = hlc
+
+    def _drop_event(self, parent: bytes, hlc: Hlc) -> None:
+        events = self.events.get(parent)
+        if events is None:
+            return
+        events.discard(hlc)
+        if self._latest.get(parent) == hlc:
+            if events:
+                self._latest[parent] = max(events)
+            else:
+                del self._latest[parent]
+
+    def latest_event(self, parent: bytes) -> Hlc | None:
+        """The newest applied move into or out of `parent`."""
+        return self._latest.get(parent)
 
     def undo_op(self, entry: LogMove) -> None:
         if not entry.applied:
             return
         move = entry.move
         self.children[move.parent].discard(move.child)
+        self._drop_event(move.parent, move.hlc)
         if entry.old is None:
             del self.places[move.child]
         else:
             self.places[move.child] = entry.old
             self.children.setdefault(entry.old.parent, set()).add(move.child)
-            self.departures[entry.old.parent].discard(move.hlc)
+            self._drop_event(entry.old.parent, move.hlc)
 
     def redo_op(self, entry: LogMove) -> LogMove:
         return self.do_op(entry.move)
@@ -153,12 +177,16 @@ class Tree:
         i = bisect.bisect_left(self.log, hlc, key=lambda e: e.move.hlc)
         return i < len(self.log) and self.log[i].move.hlc == hlc
 
+    def logged(self, hlc: Hlc) -> LogMove | None:
+        """The log entry of the move stamped `hlc`, if held."""
+        i = bisect.bisect_left(self.log, hlc, key=lambda e: e.move.hlc)
+        return self.log[i] if i < len(self.log) and self.log[i].move.hlc == hlc else None
+
     def current(self, child: bytes) -> LogMove | None:
         """The applied log entry that put `child` where it is now."""
         place = self.places.get(child)
         if place is None:
             return None
-        i = bisect.bisect_left(self.log, place.hlc, key=lambda e: e.move.hlc)
-        entry = self.log[i]
-        assert entry.move.hlc == place.hlc and entry.applied
+        entry = self.logged(place.hlc)
+        assert entry is not None and entry.applied
         return entry

@@ -1,0 +1,494 @@
+"""The merge rules of DESIGN §4, one example each, written as their specification.
+
+Every test plays a short story between simulated nodes (`tests.crdt.model.SimNode`)
+that make operations the way a real node does, exchange them, and then must
+show the same, expected tree.
+"""
+
+from __future__ import annotations
+
+from crdt.clock import MAX_FORWARD_MS
+from crdt.merge import Replica, conflict_copy_id
+from crdt.ops import BLOCK_SIZE, NAME_MAX, ROOT, TRASH, Member, Move, Write
+from tests.crdt.model import (
+    EPOCH_MS,
+    SimNode,
+    block,
+    moves_of,
+    places_of,
+    replay,
+    shown,
+    walk,
+)
+
+
+def sync(*nodes: SimNode) -> None:
+    """Everyone receives everything, then all must show the same tree."""
+    for node in nodes:
+        node.sync_from(*nodes)
+    first = nodes[0].replica.snapshot()
+    for node in nodes[1:]:
+        assert node.replica.snapshot() == first, f"{node.name} differs from {nodes[0].name}"
+
+
+def names(node: SimNode, parent: bytes = ROOT) -> dict[bytes, bytes]:
+    return dict(node.replica.listing(parent))
+
+
+def alice_and_bob() -> tuple[SimNode, SimNode]:
+    """Two nodes whose clocks agree; bob's stamps sort after alice's at equal times."""
+    alice, bob = SimNode.named("alice"), SimNode.named("bob")
+    assert alice.node < bob.node
+    sync(alice, bob)
+    return alice, bob
+
+
+# --- rule 1: the tree -----------------------------------------------------------------------------
+
+
+def test_concurrent_moves_never_form_a_cycle() -> None:
+    alice, bob = alice_and_bob()
+    x, y = alice.mkdir(ROOT, b"x"), alice.mkdir(ROOT, b"y")
+    sync(alice, bob)
+    alice.rename(x, y, b"x")  # x into y
+    bob.rename(y, x, b"y")  # concurrently, y into x: later, so it is the one skipped
+    sync(alice, bob)
+    assert names(alice) == {b"y": y}
+    assert names(alice, y) == {b"x": x}
+    assert names(alice, x) == {}
+
+
+def test_late_move_is_placed_by_undo_and_redo() -> None:
+    alice, bob = alice_and_bob()
+    carol = SimNode.named("carol")
+    a, b = alice.mkdir(ROOT, b"a"), alice.mkdir(ROOT, b"b")
+    sync(alice, bob, carol)
+    early = alice.rename(a, b, b"a")
+    late = bob.rename(b, a, b"b")
+    assert early.hlc < late.hlc
+    carol.receive([late])  # b into a: applied for now
+    assert names(carol, a) == {b"b": b}
+    carol.receive([early])  # undo b-into-a, apply a-into-b, redo b-into-a: skipped
+    assert names(carol) == {b"b": b}
+    assert names(carol, b) == {b"a": a}
+    applied = {e.move.hlc: e.applied for e in carol.replica.tree.log}
+    assert (applied[early.hlc], applied[late.hlc]) == (True, False)
+    assert places_of(carol.replica.tree) == replay(moves_of(carol.held.values()))
+    sync(alice, bob, carol)
+
+
+def test_rename_is_a_move_and_the_latest_move_wins() -> None:
+    alice, bob = alice_and_bob()
+    f = alice.create(ROOT, b"draft.txt")
+    d = alice.mkdir(ROOT, b"docs")
+    sync(alice, bob)
+    alice.rename(f, d, b"draft.txt")
+    bob.rename(f, ROOT, b"final.txt")  # later: wins
+    sync(alice, bob)
+    assert names(alice) == {b"docs": d, b"final.txt": f}
+    assert names(alice, d) == {}
+
+
+# --- rule 2: names ---------------------------------------------------------------------------------
+
+
+def test_same_name_both_shown_newest_keeps_name() -> None:
+    alice, bob = alice_and_bob()
+    older = alice.create(ROOT, b"a.txt")
+    newer = bob.create(ROOT, b"a.txt")
+    sync(alice, bob)
+    assert names(bob) == {b"a.txt": newer, b"a~" + older[:4].hex().encode() + b".txt": older}
+    assert alice.view(older).name == b"a~" + older[:4].hex().encode() + b".txt"
+
+
+def test_renames_onto_one_name_show_both() -> None:
+    alice, bob = alice_and_bob()
+    one, two = alice.create(ROOT, b"one"), alice.create(ROOT, b"two")
+    sync(alice, bob)
+    alice.rename(one, ROOT, b"report")
+    bob.rename(two, ROOT, b"report")
+    sync(alice, bob)
+    assert names(alice) == {b"report": two, b"report~" + one[:4].hex().encode(): one}
+
+
+def test_suffixes_that_collide_with_real_names_grow_longer() -> None:
+    alice, bob = alice_and_bob()
+    older = alice.create(ROOT, b"a")
+    taken = b"a~" + older[:4].hex().encode()
+    squatter = alice.create(ROOT, taken)
+    newer = bob.create(ROOT, b"a")
+    sync(alice, bob)
+    assert names(alice) == {
+        b"a": newer,
+        taken: squatter,
+        b"a~" + older[:8].hex().encode(): older,
+    }
+
+
+def test_shown_names_are_never_longer_than_name_max() -> None:
+    """A long name whose last dot is early must still leave room for the
+    suffix or the conflict marker (the extension gives way)."""
+    long_name = b"1." + b"e" * (NAME_MAX - 2)
+    alice, bob = alice_and_bob()
+    older = alice.create(ROOT, long_name)
+    bob.create(ROOT, long_name)
+    sync(alice, bob)
+    alice.write(older, {0: block(1)}, 10)
+    sync(alice, bob)
+    bob.write(older, {0: block(2)}, 10)
+    alice.write(older, {0: block(3)}, 10)
+    sync(alice, bob)
+    listed = names(alice)
+    assert len(listed) == 3, listed  # the file, its conflict copy, the other file
+    for name in listed:
+        assert len(name) <= NAME_MAX, (len(name), name)
+
+
+# --- rule 3: content --------------------------------------------------------------------------------
+
+
+def test_block_map_patches_base() -> None:
+    alice, bob = alice_and_bob()
+    f = alice.create(ROOT, b"data.bin")
+    alice.write(f, {0: block(1), 1: block(2), 2: block(3)}, 3 * BLOCK_SIZE)
+    alice.write(f, {1: block(9)}, 3 * BLOCK_SIZE)  # a partial write changes one block
+    alice.write(f, {2: None}, 3 * BLOCK_SIZE)  # and a hole
+    sync(alice, bob)
+    assert bob.content(f) == {0: block(1), 1: block(9)}
+    assert bob.size(f) == 3 * BLOCK_SIZE
+
+
+def test_truncate_is_write_without_blocks() -> None:
+    alice, bob = alice_and_bob()
+    f = alice.create(ROOT, b"log.txt")
+    alice.write(f, {0: block(1), 1: block(2), 2: block(3)}, 2 * BLOCK_SIZE + 5)
+    cut = alice.write(f, {}, BLOCK_SIZE + 1)
+    assert cut.blocks == ()
+    sync(alice, bob)
+    assert bob.content(f) == {0: block(1), 1: block(2)}
+    assert bob.size(f) == BLOCK_SIZE + 1
+    alice.write(f, {}, 4 * BLOCK_SIZE)  # growing again leaves holes, not old blocks
+    sync(alice, bob)
+    assert bob.content(f) == {0: block(1), 1: block(2)}
+    assert bob.size(f) == 4 * BLOCK_SIZE
+
+
+def test_a_version_waits_for_its_base() -> None:
+    alice, bob = alice_and_bob()
+    f = alice.create(ROOT, b"f")
+    first = alice.write(f, {0: block(1)}, 10)
+    second = alice.write(f, {1: block(2)}, BLOCK_SIZE + 10)
+    bob.receive([op for op in alice.held.values() if op is not first])
+    assert bob.view(f).version is None  # second's content needs first's map
+    bob.receive([first])
+    assert bob.view(f).version == second.hlc
+    assert bob.content(f) == {0: block(1), 1: block(2)}
+
+
+def test_concurrent_writes_make_a_conflict_copy_named_after_node_and_time() -> None:
+    alice, bob = alice_and_bob()
+    f = alice.create(ROOT, b"notes.txt")
+    alice.write(f, {0: block(1)}, 100)
+    sync(alice, bob)
+    alice.wall_ms = bob.wall_ms = EPOCH_MS + 60_000
+    mine = alice.write(f, {0: block(2)}, 100)
+    theirs = bob.write(f, {0: block(3)}, 200)  # later stamp: keeps the file
+    sync(alice, bob)
+    copy = conflict_copy_id(f, mine.hlc)
+    assert names(alice) == {b"notes.txt": f, b"notes.conflict-alice-20240102-030505.txt": copy}
+    assert alice.content(f) == {0: block(3)}
+    assert alice.content(copy) == {0: block(2)}
+    view = alice.view(copy)
+    assert (view.conflict_of, view.version, view.size) == (f, mine.hlc, 100)
+    assert alice.view(f).version == theirs.hlc
+    assert alice.replica.heads(f) == (theirs.hlc, mine.hlc)
+
+
+def test_conflict_copy_takes_the_node_name_once_known() -> None:
+    """Until a node's Member operation arrives, its copies carry its short id."""
+    alice, bob = alice_and_bob()
+    carol = SimNode.named("carol")
+    f = alice.create(ROOT, b"a.txt")
+    sync(alice, bob, carol)
+    older = carol.write(f, {0: block(1)}, 1)
+    alice.wall_ms += 60_000
+    alice.write(f, {0: block(2)}, 1)
+    introduction = carol.made[0]
+    assert isinstance(introduction, Member)
+    late = Replica()
+    late.apply(op for op in [*alice.held.values(), *carol.held.values()] if op != introduction)
+    copy = conflict_copy_id(f, older.hlc)
+    short = carol.node[:4].hex()
+    assert dict(late.listing(ROOT)) == {
+        b"a.txt": f,
+        f"a.conflict-{short}-20240102-030405.txt".encode(): copy,
+    }
+    late.apply([introduction])
+    assert dict(late.listing(ROOT)) == {b"a.txt": f, b"a.conflict-carol-20240102-030405.txt": copy}
+
+
+def test_deleting_conflict_copy_resolves_it() -> None:
+    alice, bob = alice_and_bob()
+    f = alice.create(ROOT, b"notes.txt")
+    sync(alice, bob)
+    loser = alice.write(f, {0: block(1)}, 10)
+    winner = bob.write(f, {0: block(2)}, 20)
+    sync(alice, bob)
+    copy = conflict_copy_id(f, loser.hlc)
+    resolution = alice.delete(copy)
+    assert isinstance(resolution, Write)
+    assert resolution.bases == (winner.hlc, loser.hlc)
+    assert (resolution.size, resolution.blocks) == (20, ())
+    sync(alice, bob)
+    assert names(bob) == {b"notes.txt": f}
+    assert bob.content(f) == {0: block(2)}
+    assert bob.size(f) == 20
+    assert bob.replica.heads(f) == (resolution.hlc,)
+
+
+def test_concurrent_edits_of_a_conflicted_file_keep_every_head() -> None:
+    alice, bob = alice_and_bob()
+    carol = SimNode.named("carol")
+    f = alice.create(ROOT, b"f")
+    sync(alice, bob, carol)
+    heads = [n.write(f, {0: block(i)}, 1) for i, n in enumerate((alice, bob, carol))]
+    sync(alice, bob, carol)
+    copies = {v.id for v in shown(alice.replica).values() if v.conflict_of == f}
+    newest = max(w.hlc for w in heads)
+    assert copies == {conflict_copy_id(f, w.hlc) for w in heads if w.hlc != newest}
+    assert alice.view(f).version == newest
+
+
+# --- rule 4: delete versus write --------------------------------------------------------------------
+
+
+def test_delete_loses_to_concurrent_write() -> None:
+    alice, bob = alice_and_bob()
+    d = alice.mkdir(ROOT, b"docs")
+    f = alice.create(d, b"plan.txt")
+    alice.write(f, {0: block(1)}, 10)
+    sync(alice, bob)
+    alice.delete(f)
+    edit = bob.write(f, {0: block(2)}, 20)
+    sync(alice, bob)
+    assert names(alice, d) == {b"plan.txt": f}  # back where it was
+    assert alice.view(f).version == edit.hlc
+    assert alice.content(f) == {0: block(2)}
+
+
+def test_delete_that_saw_the_write_wins() -> None:
+    alice, bob = alice_and_bob()
+    f = alice.create(ROOT, b"plan.txt")
+    sync(alice, bob)
+    edit = bob.write(f, {0: block(2)}, 20)
+    sync(alice, bob)
+    delete = alice.delete(f)
+    assert isinstance(delete, Move)
+    assert delete.seen == (edit.hlc,)
+    sync(alice, bob)
+    assert names(bob) == {}
+    assert bob.replica.entry(f) is None
+
+
+def test_deleting_a_file_that_was_never_written_sees_nothing_and_wins() -> None:
+    alice, bob = alice_and_bob()
+    f = alice.create(ROOT, b"empty")
+    sync(alice, bob)
+    bob.rename(f, ROOT, b"still-empty")
+    alice.wall_ms += 1
+    alice.delete(f)
+    sync(alice, bob)
+    assert names(alice) == {}
+
+
+def test_write_through_deleted_handle_does_not_resurrect() -> None:
+    """A write whose base is the tombstone was made after the delete, through
+    a handle still open on the deleted file: it does not bring the file back."""
+    alice, bob = alice_and_bob()
+    f = alice.create(ROOT, b"tmp")
+    alice.write(f, {0: block(1)}, 10)
+    tombstone = alice.delete(f)
+    late = Write(alice.stamp(), f, (tombstone.hlc,), 20, ((0, block(2)),))
+    alice.commit(late)
+    sync(alice, bob)
+    assert names(bob) == {}
+    assert bob.replica.heads(f) == (late.hlc,)
+
+
+def test_deleted_dir_comes_back_for_concurrent_child() -> None:
+    alice, bob = alice_and_bob()
+    d = alice.mkdir(ROOT, b"photos")
+    sync(alice, bob)
+    alice.delete(d)  # empty on alice
+    child = bob.create(d, b"new.jpg")
+    sync(alice, bob)
+    assert names(alice) == {b"photos": d}
+    assert names(alice, d) == {b"new.jpg": child}
+
+
+def test_deleted_dir_stays_deleted_when_the_concurrent_child_is_deleted_too() -> None:
+    alice, bob = alice_and_bob()
+    d = alice.mkdir(ROOT, b"photos")
+    sync(alice, bob)
+    alice.delete(d)
+    child = bob.create(d, b"new.jpg")
+    bob.delete(child)
+    sync(alice, bob)
+    assert names(alice) == {}
+
+
+def test_recursive_delete_loses_to_a_write_inside() -> None:
+    """`rm -r docs` on one node while another edits docs/sub/plan.txt: the file
+    comes back, and so do the directories that hold it."""
+    alice, bob = alice_and_bob()
+    docs = alice.mkdir(ROOT, b"docs")
+    sub = alice.mkdir(docs, b"sub")
+    f = alice.create(sub, b"plan.txt")
+    other = alice.create(docs, b"other.txt")
+    sync(alice, bob)
+    for entry in (f, other, sub, docs):
+        alice.delete(entry)
+    bob.write(f, {0: block(7)}, 7)
+    sync(alice, bob)
+    assert names(alice) == {b"docs": docs}
+    assert names(alice, docs) == {b"sub": sub}
+    assert names(alice, sub) == {b"plan.txt": f}
+    assert alice.content(f) == {0: block(7)}
+
+
+def test_a_delete_losing_again_restores_the_place_before_both_deletes() -> None:
+    alice, bob = alice_and_bob()
+    d = alice.mkdir(ROOT, b"docs")
+    f = alice.create(d, b"plan.txt")
+    alice.write(f, {0: block(1)}, 1)
+    sync(alice, bob)
+    alice.delete(f)
+    bob.write(f, {0: block(2)}, 2)
+    sync(alice, bob)
+    assert names(alice, d) == {b"plan.txt": f}  # back, the first time
+    alice.delete(f)  # the same again
+    bob.write(f, {0: block(3)}, 3)
+    sync(alice, bob)
+    assert names(alice) == {b"docs": d}
+    assert names(alice, d) == {b"plan.txt": f}
+    assert alice.content(f) == {0: block(3)}
+
+
+def test_writes_to_a_file_whose_rename_beat_a_delete_are_live() -> None:
+    """A rename that sorts after a concurrent delete keeps the file; later
+    edits of it are ordinary edits: concurrent ones make a conflict copy, and a
+    delete that did not see one loses to it."""
+    alice, bob = alice_and_bob()
+    f = alice.create(ROOT, b"a.txt")
+    alice.write(f, {0: block(1)}, 1)
+    sync(alice, bob)
+    alice.delete(f)
+    bob.rename(f, ROOT, b"b.txt")  # later: the file stays, as b.txt
+    sync(alice, bob)
+    assert names(alice) == {b"b.txt": f}
+    assert alice.content(f) == {0: block(1)}
+    mine = alice.write(f, {0: block(2)}, 2)
+    bob.write(f, {0: block(3)}, 3)
+    sync(alice, bob)
+    assert names(alice) == {
+        b"b.txt": f,
+        b"b.conflict-alice-20240102-030405.txt": conflict_copy_id(f, mine.hlc),
+    }
+    alice.delete(conflict_copy_id(f, mine.hlc))
+    sync(alice, bob)
+    alice.delete(f)
+    edit = bob.write(f, {0: block(4)}, 4)
+    sync(alice, bob)
+    assert names(alice) == {b"b.txt": f}
+    assert alice.view(f).version == edit.hlc
+
+
+def test_a_delete_that_sorts_before_the_create_does_not_doom_the_file() -> None:
+    """A node whose clock runs more than MAX_FORWARD_MS ahead creates a file;
+    a node that deletes it at once stamps the delete before the creation (its
+    clock follows only up to the bound), so the file stays. Edits to it are
+    ordinary edits: concurrent ones still make a conflict copy."""
+    alice = SimNode.named("alice")
+    bob = SimNode.named("bob", wall_ms=EPOCH_MS + MAX_FORWARD_MS + 60_000)
+    sync(alice, bob)
+    f = bob.create(ROOT, b"f.txt")
+    sync(alice, bob)
+    delete = alice.delete(f)
+    assert delete.hlc < bob.replica.tree.places[f].hlc
+    sync(alice, bob)
+    assert names(alice) == {b"f.txt": f}
+    mine = alice.write(f, {0: block(1)}, 1)
+    bob.write(f, {0: block(2)}, 1)
+    sync(alice, bob)
+    assert names(alice) == {
+        b"f.txt": f,
+        # alice's stamps follow bob's clock up to the bound: 03:04:05 + 5 min
+        b"f.conflict-alice-20240102-030905.txt": conflict_copy_id(f, mine.hlc),
+    }
+
+
+# --- rule 5: attributes ---------------------------------------------------------------------------
+
+
+def test_attributes_last_writer_wins() -> None:
+    alice, bob = alice_and_bob()
+    f = alice.create(ROOT, b"run.sh")
+    sync(alice, bob)
+    bob.set_attr(f, "mode", 0o700)  # earlier wall clock: loses
+    alice.wall_ms += 1_000
+    alice.set_attr(f, "mode", 0o755)
+    alice.set_attr(f, "xattr:user.tag", b"red")
+    bob.wall_ms += 2_000
+    bob.set_attr(f, "xattr:user.tag", b"blue")
+    bob.set_attr(f, "uid", 0)
+    sync(alice, bob)
+    view = alice.view(f)
+    assert (view.mode, view.uid, view.gid) == (0o755, 0, 1000)
+    assert alice.replica.xattrs(f) == {"user.tag": b"blue"}
+    alice.wall_ms += 5_000
+    alice.set_attr(f, "xattr:user.tag", None)  # removing is a write too
+    sync(alice, bob)
+    assert bob.replica.xattrs(f) == {}
+
+
+def test_explicit_mtime_wins_only_over_older_changes() -> None:
+    alice, bob = alice_and_bob()
+    f = alice.create(ROOT, b"f")
+    alice.set_attr(f, "mtime_ns", 42)
+    assert alice.view(f).mtime_ns == 42
+    alice.wall_ms += 1_000
+    edit = alice.write(f, {0: block(1)}, 1)
+    assert alice.view(f).mtime_ns == edit.hlc.wall_ms * 1_000_000
+    sync(alice, bob)
+
+
+def test_apply_is_idempotent_and_order_independent() -> None:
+    alice, bob = alice_and_bob()
+    d = alice.mkdir(ROOT, b"d")
+    f = bob.create(ROOT, b"f")
+    alice.rename(d, ROOT, b"e")
+    bob.write(f, {0: block(1)}, 1)
+    sync(alice, bob)
+    ops = [*alice.held.values()]
+    once, twice, backwards = Replica(), Replica(), Replica()
+    once.apply(ops)
+    twice.apply(ops)
+    twice.apply(ops)
+    for op in reversed(ops):
+        backwards.apply([op, op])
+    assert once.snapshot() == twice.snapshot() == backwards.snapshot()
+    assert [name for _, name, _ in walk(once)] == [b"e", b"f"]
+    assert once.has(ops[0].hlc)
+    assert once.latest() == max(op.hlc for op in ops)
+    assert once.counts() == (len(ops), 2)
+    assert once.members() == {alice.node: "alice", bob.node: "bob"}
+
+
+def test_trash_is_never_shown() -> None:
+    alice, _ = alice_and_bob()
+    f = alice.create(ROOT, b"f")
+    alice.delete(f)
+    assert alice.replica.listing(TRASH) == []
+    assert alice.replica.entry(TRASH) is None
+    assert alice.replica.lookup(ROOT, b"f") is None
+    assert alice.replica.tree.places[f].parent == TRASH  # where the tree keeps it
