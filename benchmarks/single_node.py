@@ -83,7 +83,9 @@ def run_suite(
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--size-mib", type=int, default=256)
     ap.add_argument("--files", type=int, default=5000)
     ap.add_argument("--profile", action="store_true", help="profile the node with cProfile")

@@ -98,6 +98,11 @@ class MountpointBusy(DfsError):
     or choose another directory."""
 
 
+class MountRefused(DfsError):
+    """the kernel refused to mount {path} ({reason}): check that fuse3 is
+    installed and that you may use /dev/fuse."""
+
+
 class NoFuseDevice(DfsError):
     """/dev/fuse is missing: install fuse3 / load the fuse module
     (`modprobe fuse`)."""

@@ -31,6 +31,7 @@ from peer.errors import (
     MountpointMissing,
     MountpointNotDirectory,
     MountpointNotEmpty,
+    MountRefused,
     NoFuseDevice,
     WrongSecret,
 )
@@ -173,6 +174,7 @@ class Node:
         try:
             if not self.config.read_only:
                 self.volume.flush_all()
+            self.store.sync()
         finally:
             self.store.close()
 
@@ -237,10 +239,9 @@ async def control_server(node: Node) -> AsyncIterator[Path]:
 
 async def run(config: NodeConfig, keys: VolumeKeys, announce: bool = True) -> None:
     """Run a node in the foreground until SIGINT/SIGTERM; unmounts on every way out."""
-    import pyfuse3  # imported here so `init` and `status` work without libfuse
-
+    # imported here so `init` and `status` work without libfuse
     from fuse.adapter import FuseOperations
-    from fuse.mount import serve
+    from fuse.mount import MountFailed, serve, terminate
 
     check_fuse_device()
     check_mountpoint(config.mountpoint)
@@ -256,7 +257,7 @@ async def run(config: NodeConfig, keys: VolumeKeys, announce: bool = True) -> No
             operations = FuseOperations(node.volume)
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, pyfuse3.terminate)
+                loop.add_signal_handler(sig, terminate)
 
             def ready() -> None:
                 if announce:
@@ -267,13 +268,16 @@ async def run(config: NodeConfig, keys: VolumeKeys, announce: bool = True) -> No
                     )
 
             async with control_server(node):
-                await serve(
-                    operations,
-                    str(config.mountpoint),
-                    read_only=config.read_only,
-                    debug_fuse=config.debug_fuse,
-                    ready=ready,
-                )
+                try:
+                    await serve(
+                        operations,
+                        str(config.mountpoint),
+                        read_only=config.read_only,
+                        debug_fuse=config.debug_fuse,
+                        ready=ready,
+                    )
+                except MountFailed as exc:
+                    raise MountRefused(path=config.mountpoint, reason=str(exc)) from exc
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
         finally:

@@ -189,9 +189,7 @@ class Volume:
             size = dirty.size
         nlink = 1
         if view.kind == "dir":
-            nlink = 2 + sum(
-                1 for _, c in self.replica.listing(view.id) if self.replica.kind(c) == "dir"
-            )
+            nlink = 2 + self.replica.subdirs(view.id)
         attrs = Attrs(
             inode=inode,
             kind=view.kind,
@@ -339,7 +337,7 @@ class Volume:
         return None
 
     def fsyncdir(self, fh: int, datasync: bool) -> None:
-        return None  # every metadata change is already durable when it returns
+        self.store.sync()
 
     def _new_entry(
         self, parent: int, name: bytes, kind: Kind, mode: int, caller: Caller, target: bytes = b""
@@ -693,8 +691,8 @@ class Volume:
         self._flush(self._handle(fh).entry)
 
     def fsync(self, fh: int, datasync: bool) -> None:
-        # Each commit is a synchronous=FULL transaction: durable once it returns.
         self._flush(self._handle(fh).entry)
+        self.store.sync()
 
     def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)

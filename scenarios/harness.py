@@ -58,9 +58,7 @@ def dfs_peer_command() -> list[str]:
 
 
 def new_secret() -> str:
-    out = subprocess.run(
-        [*dfs_peer_command(), "init"], check=True, capture_output=True, text=True
-    )
+    out = subprocess.run([*dfs_peer_command(), "init"], check=True, capture_output=True, text=True)
     return out.stdout.strip()
 
 

@@ -45,9 +45,7 @@ def test_help_explains_commands() -> None:
     assert "--data-dir" in join.stdout
 
 
-def test_wrong_secret_is_refused_and_changes_nothing(
-    node: NodeProcess, tmp_path: Path
-) -> None:
+def test_wrong_secret_is_refused_and_changes_nothing(node: NodeProcess, tmp_path: Path) -> None:
     (node.mountpoint / "f").write_text("x")
     node.stop()
     before = _snapshot(node.data_dir)
@@ -123,9 +121,11 @@ def test_missing_fuse_device_is_reported(tmp_path: Path, secret_file: Path) -> N
     if "unshare failed" in out.stderr or "Operation not permitted" in out.stderr:
         pytest.skip(f"cannot make a mount namespace here: {out.stderr.strip()}")
     assert out.returncode != 0
-    assert out.stderr.strip().splitlines() == [
-        "dfs-peer: /dev/fuse is missing: install fuse3 / load the fuse module"
-    ] or "/dev/fuse" in out.stderr
+    assert (
+        out.stderr.strip().splitlines()
+        == ["dfs-peer: /dev/fuse is missing: install fuse3 / load the fuse module"]
+        or "/dev/fuse" in out.stderr
+    )
     assert not (tmp_path / "d").exists()
 
 

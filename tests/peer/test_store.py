@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -28,10 +29,10 @@ def store(tmp_path: Path) -> Iterator[Store]:
         yield opened
 
 
-def test_store_runs_in_wal_mode_with_full_sync(store: Store) -> None:
+def test_store_runs_in_wal_mode_with_normal_sync(store: Store) -> None:
     conn = store._conn
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL: sync() on demand
     assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
     assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
 
@@ -246,3 +247,21 @@ def test_stats_count_log_and_blocks(store: Store) -> None:
     stats = store.stats()
     assert (stats.log_entries, stats.blocks, stats.block_bytes) == (2, 2, 1024)
     assert stats.db_bytes > 0
+
+
+def test_sync_fsyncs_the_wal_only_after_a_commit(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    store.sync()  # whatever opening the store committed
+    synced.clear()
+    store.sync()
+    assert synced == []  # nothing committed since: nothing to make durable
+    with store.transaction():
+        store.set_meta("k", b"v")
+    store.sync()
+    assert len(synced) == 1
+    store.sync()
+    assert len(synced) == 1
