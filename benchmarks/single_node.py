@@ -36,11 +36,13 @@ def drop_caches() -> None:
 
 
 def seq_write(path: Path, size_mib: int) -> float:
-    block = os.urandom(CHUNK)
+    # Distinct random data, made before the clock starts: repeating one chunk
+    # would measure deduplication (equal blocks have equal ids), not writing.
+    data = memoryview(os.urandom(size_mib * CHUNK))
     t0 = time.perf_counter()
     with open(path, "wb") as f:
-        for _ in range(size_mib):
-            f.write(block)
+        for i in range(size_mib):
+            f.write(data[i * CHUNK : (i + 1) * CHUNK])
         f.flush()
         os.fsync(f.fileno())
     return size_mib / (time.perf_counter() - t0)
@@ -100,7 +102,13 @@ def main() -> int:
     prof = work / "node.prof"
     if args.profile:
         os.environ["DFS_PEER_PROFILE"] = str(prof)
-    node = NodeProcess(secret, work / "data", work / "mnt", name="bench")
+    node = NodeProcess(
+        secret,
+        work / "data",
+        work / "mnt",
+        name="bench",
+        extra=["--no-mdns", "--listen", "127.0.0.1:0"],
+    )
     try:
         node.start()
 

@@ -37,7 +37,7 @@ from pyfuse3 import (
     XAttrNameT,
 )
 
-from fuse.errors import swallow, translate
+from fuse.errors import Retry, swallow, translate
 from fuse.mount import notify_kernel
 from fuse.protocol import ROOT_INODE, Attrs, Caller, Volume
 
@@ -262,7 +262,12 @@ class FuseOperations(pyfuse3.Operations):
 
     @translate
     async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
-        return self.volume.read(fh, off, size)
+        try:
+            return self.volume.read(fh, off, size)
+        except Retry as retry:
+            if not await retry.wait():
+                raise
+            return self.volume.read(fh, off, size)
 
     @translate
     async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:

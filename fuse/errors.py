@@ -17,7 +17,7 @@ import errno
 import functools
 import logging
 import reprlib
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, ClassVar, ParamSpec, TypeVar
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,22 @@ class Unsupported(VolumeError):
     """The volume does not support this (e.g. `system.*` xattrs)."""
 
     errno = errno.EOPNOTSUPP
+
+
+class Retry(VolumeError):
+    """The data is not here yet but may be soon (e.g. a damaged block being
+    fetched again from a peer): `wait()` waits for it, bounded, and says
+    whether to retry the request once. EIO if the adapter cannot wait."""
+
+    errno = errno.EIO
+
+    def __init__(self, wait: Callable[[], Awaitable[bool]] | None = None) -> None:
+        super().__init__("retry")
+        self.wait = wait or _no_wait
+
+
+async def _no_wait() -> bool:
+    return False
 
 
 def _errno_name(number: int) -> str:

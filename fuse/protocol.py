@@ -188,7 +188,9 @@ class Volume(Protocol):
         ...
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
-        """Up to `size` bytes; fewer only at end of file."""
+        """Up to `size` bytes; fewer only at end of file. May raise
+        `fuse.errors.Retry` when the data can arrive later (the adapter then
+        waits once and asks again)."""
         ...
 
     def write(self, fh: int, offset: int, data: bytes) -> int:

@@ -17,11 +17,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from peer.errors import DfsError, NodeNotRunning
+from peer.errors import BadPeerAddress, DfsError, NodeNotRunning
 from peer.keys import VolumeKeys
 from peer.secret import format_secret, new_secret, read_secret
 
 log = logging.getLogger("peer.cli")
+
+DEFAULT_PORT = 7654  # peer.node.DEFAULT_PORT, without importing the node here
 
 DESCRIPTION = """\
 dfs-peer: a peer-to-peer, end-to-end encrypted, replicated file system.
@@ -63,6 +65,24 @@ def _parser() -> argparse.ArgumentParser:
         help="where this node keeps its store (default: $XDG_DATA_HOME/dfs-peer/<volume tag>)",
     )
     j.add_argument("--name", help="this node's display name (default: the host name)")
+    j.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        default=f"0.0.0.0:{DEFAULT_PORT}",
+        help=f"where to serve peers (default 0.0.0.0:{DEFAULT_PORT}; port 0 picks a free one)",
+    )
+    j.add_argument(
+        "--peer",
+        metavar="HOST:PORT",
+        action="append",
+        default=[],
+        help="a peer to sync with besides those mDNS finds (repeatable)",
+    )
+    j.add_argument(
+        "--no-mdns",
+        action="store_true",
+        help="neither advertise nor browse on the LAN (use --peer)",
+    )
     j.add_argument("--read-only", action="store_true", help="mount read-only")
     j.add_argument("--debug-fuse", action="store_true", help="log every FUSE request")
 
@@ -84,6 +104,7 @@ def _init() -> int:
 def _join(args: argparse.Namespace) -> int:
     from peer import node
 
+    listen = _address(args.listen, "--listen")
     root = read_secret(args.secret, args.secret_file, os.environ)
     keys = VolumeKeys.from_root(root)
     data_dir = args.data_dir or node.default_data_dir(keys)
@@ -93,9 +114,22 @@ def _join(args: argparse.Namespace) -> int:
         name=args.name or node.default_name(),
         read_only=args.read_only,
         debug_fuse=args.debug_fuse,
+        listen_host=listen[0],
+        listen_port=listen[1],
+        peers=tuple(_address(text, "--peer") for text in args.peer),
+        mdns=not args.no_mdns,
     )
     asyncio.run(node.run(config, keys))
     return 0
+
+
+def _address(text: str, option: str) -> tuple[str, int]:
+    from discovery import parse_hostport
+
+    try:
+        return parse_hostport(text, any_port=option == "--listen")
+    except ValueError as exc:
+        raise BadPeerAddress(detail=f"{option} {text!r}: {exc}") from None
 
 
 def _running_data_dirs() -> list[Path]:

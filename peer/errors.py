@@ -103,6 +103,20 @@ class MountRefused(DfsError):
     installed and that you may use /dev/fuse."""
 
 
+class PortInUse(DfsError):
+    """the peer address {address} is already in use (another node on this
+    machine?): choose another with --listen HOST:PORT."""
+
+
+class ListenFailed(DfsError):
+    """cannot listen for peers on {address} ({detail}): choose another address
+    with --listen HOST:PORT."""
+
+
+class BadPeerAddress(DfsError):
+    """{detail}"""
+
+
 class NoFuseDevice(DfsError):
     """/dev/fuse is missing: install fuse3 / load the fuse module
     (`modprobe fuse`)."""

@@ -61,6 +61,11 @@ class Journal:
         self._next_seq = store.next_seq(identity.node_id)
         self.clock = Clock(identity.node_id)
         self.listeners: list[Callable[[Changes], None]] = []
+        # Called after every commit or merge that grew the log (the peer
+        # server's long polls wait on this).
+        self.grew: list[Callable[[], None]] = []
+        # {node: highest seq held}, kept in step with the store's log.
+        self.vv: dict[bytes, int] = store.version_vector()
 
     # -- start-up --------------------------------------------------------------
     def replay(self) -> int:
@@ -122,26 +127,64 @@ class Journal:
                 raise NoSpace() from exc
             raise
         self._next_seq = seq
+        self.vv[self.identity.node_id] = seq - 1
         changes = self.replica.apply(ops)
         self._notify(changes)
+        self._grown()
         return changes
 
     # -- remote operations -------------------------------------------------------
-    def merge_remote(self, entries: Sequence[LogEntry]) -> Changes:
-        """Verify, store and merge entries from peers (one transaction)."""
-        ops = [self._open(e) for e in entries]
-        with self.store.transaction():
-            self.store.append_log(entries)
+    def open_entries(self, entries: Sequence[LogEntry]) -> list[Op]:
+        """Verify and decode entries from a peer; `CorruptEntry` if any is bad.
+
+        Pure CPU (signatures, decryption): safe to run in a worker thread."""
+        return [self._open(e) for e in entries]
+
+    def merge_remote(
+        self,
+        entries: Sequence[LogEntry],
+        ops: Sequence[Op] | None = None,
+        blocks: Iterable[tuple[bytes, bytes]] = (),
+    ) -> Changes:
+        """Store and merge entries from peers, with the blocks they reference,
+        in one transaction. `ops` are the entries opened by `open_entries`
+        (opened here if not given). Entries already held are skipped."""
+        if ops is None:
+            ops = self.open_entries(entries)
+        fresh = [
+            (e, op) for e, op in zip(entries, ops, strict=True) if e.seq > self.vv.get(e.node, 0)
+        ]
+        if not fresh:
+            return Changes(frozenset(), frozenset())
+        try:
+            with self.store.transaction():
+                self.store.put_blocks(blocks)
+                self.store.append_log(e for e, _ in fresh)
+        except sqlite3.OperationalError as exc:
+            if "full" in str(exc):
+                raise NoSpace() from exc
+            raise
+        for e, _ in fresh:
+            if e.seq > self.vv.get(e.node, 0):
+                self.vv[e.node] = e.seq
+        # Our own entries from a peer (this data dir was restored from an old
+        # copy): never reuse their seqs for other operations.
+        self._next_seq = max(self._next_seq, self.vv.get(self.identity.node_id, 0) + 1)
         now = self._now()
-        for op in ops:
+        for _, op in fresh:
             self.clock.observe(op.hlc, now)
-        changes = self.replica.apply(ops)
+        changes = self.replica.apply(op for _, op in fresh)
         self._notify(changes)
+        self._grown()
         return changes
 
     def _notify(self, changes: Changes) -> None:
         for listener in self.listeners:
             listener(changes)
+
+    def _grown(self) -> None:
+        for callback in self.grew:
+            callback()
 
     def statistics(self) -> JournalStatistics:
         ops, _ = self.replica.counts()

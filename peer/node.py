@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
+import ipaddress
 import json
 import logging
 import os
@@ -20,19 +22,24 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import cbor2
 from aiohttp import web
 
-from crdt.merge import Replica
+from crdt.merge import Changes, Replica
+from peer.auth import PROTOCOL
 from peer.blocks import Blocks
 from peer.errors import (
     DataDirLocked,
+    ListenFailed,
     MountpointBusy,
     MountpointMissing,
     MountpointNotDirectory,
     MountpointNotEmpty,
     MountRefused,
     NoFuseDevice,
+    PortInUse,
     WrongSecret,
 )
 from peer.identity import NodeIdentity, load_or_create
@@ -40,7 +47,11 @@ from peer.journal import Journal
 from peer.keys import VolumeKeys
 from peer.sealing import check_opens, make_check
 from peer.store import Store
+from peer.sync import PeerStatistics, Sync
 from peer.volume import Volume
+
+if TYPE_CHECKING:
+    from fuse.adapter import FuseOperations
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +71,11 @@ def default_data_dir(keys: VolumeKeys) -> Path:
     return default_data_home() / keys.tag_hex
 
 
+DEFAULT_PORT = 7654
+REMEMBERED_PEERS = "peers"
+PROGRESS_EVERY_S = 1.0
+
+
 @dataclass(frozen=True, slots=True)
 class NodeConfig:
     mountpoint: Path
@@ -67,6 +83,10 @@ class NodeConfig:
     name: str
     read_only: bool = False
     debug_fuse: bool = False
+    listen_host: str = "0.0.0.0"
+    listen_port: int = DEFAULT_PORT
+    peers: tuple[tuple[str, int], ...] = ()
+    mdns: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +110,10 @@ class NodeStatus:
     cache_hits: int
     cache_misses: int
     uptime_s: float
+    listen: str
+    version_vector: dict[str, int]
+    peers: list[PeerStatistics]
+    sync: dict[str, int]
 
 
 def check_mountpoint(path: Path) -> None:
@@ -162,6 +186,43 @@ class Node:
             self.journal, self.blocks, read_only=config.read_only, data_dir=config.data_dir
         )
         self.started = time.monotonic()
+        self.operations: FuseOperations | None = None
+        self.sync = Sync(
+            self.journal, self.blocks, keys, identity, config.name, self._remote_changed
+        )
+        self.sync.on_peers_changed = self._remember_peers
+        self.volume.refetch = self.sync.refetch
+
+    async def _remote_changed(self, changes: Changes) -> None:
+        """Make the kernel forget what peers' operations changed."""
+        if self.operations is None:
+            return
+        inodes, names = self.volume.remote_changed(changes)
+        await self.operations.invalidate(inodes, names)
+
+    def remembered_peers(self) -> list[tuple[str, int]]:
+        raw = self.store.get_meta(REMEMBERED_PEERS)
+        if raw is None:
+            return []
+        try:
+            items = cbor2.loads(raw)
+            return [(str(h), int(p)) for h, p in items]
+        except (ValueError, TypeError, cbor2.CBORDecodeError):
+            log.warning("ignoring a malformed list of remembered peers")
+            return []
+
+    def _remember_peers(self) -> None:
+        """Keep the addresses of peers that answered us, for the next start."""
+        known = {
+            (link.host, link.port)
+            for link in self.sync.links.values()
+            if link.node_id is not None and not link.is_self
+        }
+        old = set(self.remembered_peers())
+        if known <= old:
+            return
+        with self.store.transaction():
+            self.store.set_meta(REMEMBERED_PEERS, cbor2.dumps(sorted(known | old)))
 
     def start(self) -> None:
         t0 = time.monotonic()
@@ -182,6 +243,7 @@ class Node:
         ops, entries = self.replica.counts()
         stats = self.store.stats()
         cache = self.blocks.cache.statistics()
+        net = self.sync.statistics()
         return NodeStatus(
             node_id=self.identity.node_id.hex(),
             short_id=self.identity.short,
@@ -200,6 +262,18 @@ class Node:
             cache_hits=cache.hits,
             cache_misses=cache.misses,
             uptime_s=round(time.monotonic() - self.started, 3),
+            listen=net.listen,
+            version_vector=net.version_vector,
+            peers=net.peers,
+            sync={
+                "operations_behind": net.operations_behind,
+                "blocks_missing": net.blocks_missing,
+                "bytes_missing": net.bytes_missing,
+                "operations_received": net.operations_received,
+                "blocks_received": net.blocks_received,
+                "bytes_received": net.bytes_received,
+                "refused_requests": net.refused_requests,
+            },
         )
 
 
@@ -255,6 +329,7 @@ async def run(config: NodeConfig, keys: VolumeKeys, announce: bool = True) -> No
         try:
             node.start()
             operations = FuseOperations(node.volume)
+            node.operations = operations
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, terminate)
@@ -267,7 +342,12 @@ async def run(config: NodeConfig, keys: VolumeKeys, announce: bool = True) -> No
                         flush=True,
                     )
 
-            async with control_server(node):
+            async with (
+                peer_network(node) as _,
+                control_server(node),
+                asyncio.TaskGroup() as tasks,
+            ):
+                progress = tasks.create_task(show_progress(node, announce))
                 try:
                     await serve(
                         operations,
@@ -278,11 +358,85 @@ async def run(config: NodeConfig, keys: VolumeKeys, announce: bool = True) -> No
                     )
                 except MountFailed as exc:
                     raise MountRefused(path=config.mountpoint, reason=str(exc)) from exc
+                finally:
+                    progress.cancel()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
         finally:
             node.close()
     log.info("node stopped cleanly")
+
+
+@contextlib.asynccontextmanager
+async def peer_network(node: Node) -> AsyncIterator[Sync]:
+    """Serve peers, connect to static and remembered ones, discover the rest."""
+    config = node.config
+    address = f"{config.listen_host}:{config.listen_port}"
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            sync = await stack.enter_async_context(
+                node.sync.running(config.listen_host, config.listen_port)
+            )
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUse(address=address) from None
+            raise ListenFailed(address=address, detail=exc.strerror or str(exc)) from None
+        for host, port in config.peers:
+            sync.add_peer(host, port, "static")
+        for host, port in node.remembered_peers():
+            sync.add_peer(host, port, "remembered")
+        if config.mdns:
+            await stack.enter_async_context(mdns(node, sync))
+        yield sync
+
+
+@contextlib.asynccontextmanager
+async def mdns(node: Node, sync: Sync) -> AsyncIterator[None]:
+    from discovery import Discovery
+
+    host = node.config.listen_host
+    discovery = Discovery(
+        volume_tag=node.keys.tag_hex,
+        node_id=node.identity.node_id.hex(),
+        name=node.config.name,
+        port=sync.port,
+        protocol=PROTOCOL,
+        mdns=True,
+        addresses=[host] if _is_ip(host) and host not in ("0.0.0.0", "::") else None,
+        on_found=lambda peer: sync.add_peer(peer.host, peer.port, peer.source),
+        on_lost=lambda peer: sync.remove_peer(peer.host, peer.port),
+    )
+    await discovery.start()
+    try:
+        yield
+    finally:
+        await discovery.close()
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+async def show_progress(node: Node, announce: bool) -> None:
+    """While this node is behind its peers, print how far, once a second."""
+    behind_before = False
+    while True:
+        await asyncio.sleep(PROGRESS_EVERY_S)
+        net = node.sync.statistics()
+        behind = net.operations_behind > 0 or net.blocks_missing > 0
+        if behind and announce:
+            print(
+                f"dfs-peer: catching up: {net.operations_behind} operations, "
+                f"{net.blocks_missing} blocks ({net.bytes_missing / 2**20:.1f} MiB) to go",
+                flush=True,
+            )
+        elif behind_before and announce:
+            print("dfs-peer: up to date with the peers", flush=True)
+        behind_before = behind
 
 
 def default_name() -> str:

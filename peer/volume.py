@@ -15,13 +15,13 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from crdt.clock import Hlc
 from crdt.content import blocks_for
-from crdt.merge import EntryView, Replica
+from crdt.merge import Changes, EntryView, Replica
 from crdt.ops import (
     BLOCK_SIZE,
     MAX_BLOCKS_PER_WRITE,
@@ -51,6 +51,7 @@ from fuse.errors import (
     NotPermitted,
     RangeError,
     ReadOnly,
+    Retry,
     TooBig,
     Unsupported,
     VolumeError,
@@ -152,6 +153,12 @@ class Volume:
         self._next_fh = 1
         self._dirty: dict[bytes, _Dirty] = {}
         self._last: dict[bytes, Attrs] = {}
+        # What the kernel may have cached: {parent inode: {name: inode}}, from
+        # our lookup/create replies, so a remote change invalidates exactly the
+        # names whose meaning changed.
+        self._kernel_names: dict[int, dict[bytes, int]] = {}
+        # Asks peers for a block this node lost or found damaged (set by sync).
+        self.refetch: Callable[[bytes], Awaitable[bool]] | None = None
 
     # -- inode table -------------------------------------------------------------
     def inode_of(self, entry: bytes) -> int:
@@ -248,10 +255,39 @@ class Volume:
             child = found
         attrs = self._attrs(self._view(child))
         self.note_lookup(attrs.inode)
+        if name not in (b".", b".."):
+            self._kernel_names.setdefault(parent, {})[name] = attrs.inode
         return attrs
 
     def note_lookup(self, inode: int) -> None:
         self._lookups[inode] = self._lookups.get(inode, 0) + 1
+
+    # -- changes made by peers ---------------------------------------------------------
+    def remote_changed(self, changes: Changes) -> tuple[list[int], list[tuple[int, bytes]]]:
+        """What the kernel must forget after peers' operations made `changes`:
+        (inodes whose attributes or data changed, (parent inode, name) pairs
+        whose target changed or went away)."""
+        inodes: set[int] = set()
+        names: list[tuple[int, bytes]] = []
+        for d in changes.dirs:
+            parent = self._inodes.get(d)
+            if parent is None:
+                continue
+            inodes.add(parent)
+            known = self._kernel_names.get(parent)
+            if not known:
+                continue
+            alive = self.replica.entry(d) is not None
+            for name, inode in list(known.items()):
+                now = self.replica.lookup(d, name) if alive else None
+                if now is None or self._inodes.get(now) != inode:
+                    names.append((parent, name))
+                    del known[name]
+        for e in changes.entries:
+            known_inode = self._inodes.get(e)
+            if known_inode is not None and (known_inode in self._lookups or e in self._open_count):
+                inodes.add(known_inode)
+        return sorted(inodes), names
 
     def forget(self, items: Sequence[tuple[int, int]]) -> None:
         for inode, n in items:
@@ -365,6 +401,7 @@ class Volume:
         )
         attrs = self._attrs(self._view(entry))
         self.note_lookup(attrs.inode)
+        self._kernel_names.setdefault(parent, {})[name] = attrs.inode
         return attrs
 
     def mkdir(self, parent: int, name: bytes, mode: int, caller: Caller) -> Attrs:
@@ -416,6 +453,7 @@ class Volume:
             self._flush(view.id)  # the delete must see what was written
         view = self._view(view.id)
         self.journal.commit(lambda stamp: self._delete_ops(view, stamp))
+        self._kernel_names.get(parent, {}).pop(name, None)
 
     def rmdir(self, parent: int, name: bytes) -> None:
         self._writable()
@@ -425,6 +463,7 @@ class Volume:
         if self.replica.listing(view.id):
             raise NotEmpty()
         self.journal.commit(lambda stamp: self._delete_ops(view, stamp))
+        self._kernel_names.get(parent, {}).pop(name, None)
 
     def rename(
         self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int
@@ -471,6 +510,8 @@ class Volume:
             return ops
 
         self.journal.commit(make)
+        self._kernel_names.get(old_parent, {}).pop(old_name, None)
+        self._kernel_names.get(new_parent, {}).pop(new_name, None)
 
     def _adopt_copy(
         self,
@@ -562,6 +603,10 @@ class Volume:
         try:
             return self.blocks.get(bid)
         except (MissingBlock, CorruptBlock) as exc:
+            refetch = self.refetch
+            if refetch is not None:
+                log.warning("block %d unreadable here (%s): asking peers for it", index, exc)
+                raise Retry(lambda: refetch(bid)) from exc
             log.error("cannot read block %d: %s", index, exc)
             raise IOFailure() from exc
 

@@ -72,6 +72,7 @@ ERRNO_OF = [
     (errors.TooBig, errno.EFBIG),
     (errors.RangeError, errno.ERANGE),
     (errors.Unsupported, errno.EOPNOTSUPP),
+    (errors.Retry, errno.EIO),
 ]
 
 

@@ -12,6 +12,8 @@ import pytest
 
 from scenarios.harness import NodeProcess, new_secret
 
+LONE = ["--no-mdns", "--listen", "127.0.0.1:0"]
+
 
 @pytest.fixture(scope="session")
 def secret_text() -> str:
@@ -37,7 +39,8 @@ def make_node(tmp_path: Path, secret_file: Path) -> Iterator[Callable[..., NodeP
             data_dir=tmp_path / f"{name}-data",
             mountpoint=tmp_path / f"{name}-mnt",
             name=name,
-            extra=extra or [],
+            # One node alone: no multicast, and a free port of its own.
+            extra=[*LONE, *(extra or [])],
         )
         made.append(node)
         return node

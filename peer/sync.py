@@ -1,0 +1,610 @@
+"""Sync: pull peers' log suffixes and the blocks they reference, and serve ours.
+
+Invariant: a remote operation enters this node only together with every block
+it references, verified (signature and MAC of the entry; decryption and id of
+each block), in one store transaction (`Journal.merge_remote`). So every node
+that holds an operation holds its blocks, a reader never meets a block that
+has not arrived yet, and any peer that has an operation can serve its blocks.
+
+How it flows: each peer address gets a `Link`, a task that says hello, pulls
+whatever the peer has and we lack, then long-polls the peer's `/watch`, which
+answers the moment the peer's log grows (the push) or after `WATCH_S` (the
+periodic anti-entropy). Errors end the round and the link retries with
+capped exponential backoff. Pulls are serialized (one at a time per node), so
+three peers offering the same operations cost one download, not three.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+from crdt.merge import Changes
+from crdt.ops import BLOCK_SIZE, Op, Write
+from peer import wire
+from peer.auth import (
+    HEADER_MAC,
+    HEADER_SERVER_TIME,
+    PROTOCOL,
+    AuthFailed,
+    sign_request,
+    verify_response,
+    wall_ms,
+)
+from peer.blocks import Blocks
+from peer.errors import CorruptBlock, CorruptEntry
+from peer.identity import NodeIdentity
+from peer.journal import Journal
+from peer.keys import VolumeKeys
+from peer.sealing import LogEntry, open_block
+from peer.server import MAX_WATCH_S, make_peer_app
+
+log = logging.getLogger(__name__)
+
+WATCH_S = 20.0
+REQUEST_TIMEOUT_S = 30.0
+CONNECT_TIMEOUT_S = 3.0
+BACKOFF_MIN_S = 0.2
+BACKOFF_MAX_S = 5.0
+# Blocks fetched per request and requests in flight at once.
+FETCH_CONCURRENCY = 4
+# A pulled batch is merged in pieces whose missing blocks fit in this many
+# bytes, so memory stays bounded however large the files are.
+MERGE_BLOCK_BYTES = 64 * 1024 * 1024
+REPAIR_TIMEOUT_S = 10.0
+
+
+class PeerError(Exception):
+    """A peer answered, but not with what the protocol promises."""
+
+
+class ProtocolMismatch(PeerError):
+    """The peer speaks another protocol version."""
+
+
+class SelfConnection(PeerError):
+    """The address is this node's own."""
+
+
+class MissingBlocks(PeerError):
+    """No connected peer could provide some blocks."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerStatistics:
+    id: str | None
+    name: str | None
+    address: str
+    source: str
+    connected: bool
+    version_vector: dict[str, int]
+    last_seen: float | None
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class SyncStatistics:
+    listen: str
+    version_vector: dict[str, int]
+    peers: list[PeerStatistics]
+    operations_behind: int
+    blocks_missing: int
+    bytes_missing: int
+    operations_received: int
+    blocks_received: int
+    bytes_received: int
+    refused_requests: int
+
+
+def _hexvv(vv: dict[bytes, int]) -> dict[str, int]:
+    return {node.hex(): seq for node, seq in sorted(vv.items())}
+
+
+def _behind(theirs: dict[bytes, int], ours: dict[bytes, int]) -> int:
+    return sum(max(0, seq - ours.get(node, 0)) for node, seq in theirs.items())
+
+
+def referenced_blocks(ops: Iterable[Op]) -> dict[bytes, int]:
+    """{block id: plaintext size estimate} of the blocks `ops` reference."""
+    out: dict[bytes, int] = {}
+    for op in ops:
+        if isinstance(op, Write):
+            for _, bid in op.blocks:
+                if bid is not None:
+                    out[bid] = BLOCK_SIZE
+    return out
+
+
+class PeerClient:
+    """Authenticated requests to one peer address."""
+
+    def __init__(self, session: aiohttp.ClientSession, host: str, port: int, sync: Sync) -> None:
+        self.session = session
+        self.sync = sync
+        shown = f"[{host}]" if ":" in host else host
+        self.base = f"http://{shown}:{port}"
+        self.offset_ms = 0  # the peer's clock minus ours, learnt from a stale reply
+
+    async def call(
+        self, method: str, path: str, body: bytes = b"", limit_s: float = REQUEST_TIMEOUT_S
+    ) -> bytes:
+        keys = self.sync.keys
+        node = self.sync.identity.node_id.hex()
+        for _ in range(2):
+            auth = sign_request(
+                keys.peers, method, path, node, body, time_ms=wall_ms() + self.offset_ms
+            )
+            client_timeout = aiohttp.ClientTimeout(total=limit_s, sock_connect=CONNECT_TIMEOUT_S)
+            async with self.session.request(
+                method, self.base + path, data=body, headers=auth.headers(), timeout=client_timeout
+            ) as resp:
+                if (resp.content_length or 0) > wire.MAX_RESPONSE_BYTES:
+                    raise PeerError(f"response too large ({resp.content_length} bytes)")
+                parts = []
+                size = 0
+                async for part in resp.content.iter_chunked(1 << 20):
+                    size += len(part)
+                    if size > wire.MAX_RESPONSE_BYTES:
+                        raise PeerError("response too large")
+                    parts.append(part)
+                data = b"".join(parts)
+                extra = resp.headers.get(HEADER_SERVER_TIME, "")
+                verify_response(
+                    keys.peers, auth.nonce, resp.status, data, resp.headers.get(HEADER_MAC), extra
+                )
+                if resp.status == 401 and extra:
+                    self.offset_ms = int(extra) - wall_ms()
+                    log.info(
+                        "peer clock differs: address=%s offset_ms=%d", self.base, self.offset_ms
+                    )
+                    continue
+                if resp.status == 409:
+                    message = wire.decode_error(data)
+                    if message == "self":
+                        raise SelfConnection(self.base)
+                    raise ProtocolMismatch(message)
+                if resp.status != 200:
+                    raise PeerError(f"HTTP {resp.status}: {wire.decode_error(data)}")
+                self.sync.bytes_in += len(data)
+                return data
+        raise PeerError("clock skew could not be corrected")
+
+    async def hello(self) -> wire.Hello:
+        return wire.decode_hello(await self.call("GET", "/hello"))
+
+    async def log(self, vv: dict[bytes, int]) -> wire.LogResponse:
+        body = wire.encode_log_request(wire.LogRequest(vv, wire.LOG_BATCH_BYTES))
+        return wire.decode_log_response(await self.call("POST", "/log", body))
+
+    async def blocks(self, ids: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
+        body = wire.encode_blocks_request(wire.BlocksRequest(list(ids)))
+        return wire.decode_blocks_response(await self.call("POST", "/blocks", body)).blocks
+
+    async def watch(self, since: str, wait: float) -> dict[bytes, int]:
+        path = f"/watch?since={since}&wait={wait:g}"
+        return wire.decode_vv(await self.call("GET", path, limit_s=wait + 10))
+
+
+@dataclass(eq=False)
+class Link:
+    """One peer address and what we know of the node behind it."""
+
+    host: str
+    port: int
+    source: str
+    node_id: bytes | None = None
+    name: str | None = None
+    connected: bool = False
+    vv: dict[bytes, int] = field(default_factory=dict)
+    last_seen: float | None = None
+    last_error: str | None = None
+    is_self: bool = False
+    task: asyncio.Task[None] | None = None
+    client: PeerClient | None = None
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def statistics(self) -> PeerStatistics:
+        return PeerStatistics(
+            id=self.node_id.hex() if self.node_id else None,
+            name=self.name,
+            address=self.address,
+            source=self.source,
+            connected=self.connected,
+            version_vector=_hexvv(self.vv),
+            last_seen=self.last_seen,
+            last_error=self.last_error,
+        )
+
+
+class Sync:
+    """This node's side of the network: the peer server and one `Link` per peer."""
+
+    def __init__(
+        self,
+        journal: Journal,
+        blocks: Blocks,
+        keys: VolumeKeys,
+        identity: NodeIdentity,
+        name: str,
+        on_remote: Callable[[Changes], Awaitable[None]],
+    ) -> None:
+        self.journal = journal
+        self.store = journal.store
+        self.blocks = blocks
+        self.keys = keys
+        self.identity = identity
+        self.name = name
+        self.on_remote = on_remote
+        self.links: dict[tuple[str, int], Link] = {}
+        self.listen = ""
+        self.port = 0
+        self._closing = False
+        self.bytes_in = 0
+        self.ops_in = 0
+        self.blocks_in = 0
+        self.refused = 0
+        self._missing_blocks = 0
+        self._missing_bytes = 0
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: asyncio.TaskGroup | None = None
+        self._pull_lock = asyncio.Lock()
+        self._grew = asyncio.Event()
+        self._refused_logged: dict[str, float] = {}
+        self._inflight: dict[bytes, asyncio.Future[bytes | None]] = {}
+        self.on_peers_changed: Callable[[], None] | None = None
+        journal.grew.append(self._log_grew)
+
+    # -- lifetime ------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def running(self, host: str, port: int) -> AsyncIterator[Sync]:
+        """Serve peers on host:port and run links until the block exits.
+
+        Raises OSError (e.g. EADDRINUSE) before anything starts if the port
+        cannot be bound."""
+        runner = web.AppRunner(
+            make_peer_app(self), access_log=None, handle_signals=False, shutdown_timeout=2.0
+        )
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, host, port, reuse_address=True)
+            await site.start()
+            bound = runner.addresses[0] if runner.addresses else (host, port)
+            shown = f"[{host}]" if ":" in host else host
+            self.listen = f"{shown}:{bound[1]}"
+            self.port = int(bound[1])
+            log.info("serving peers: listen=%s", self.listen)
+            connector = aiohttp.TCPConnector(limit=64, limit_per_host=FETCH_CONCURRENCY + 2)
+            async with (
+                aiohttp.ClientSession(connector=connector) as session,
+                asyncio.TaskGroup() as tasks,
+            ):
+                self._session = session
+                self._tasks = tasks
+                try:
+                    for link in self.links.values():
+                        self._start(link)
+                    yield self
+                finally:
+                    for link in self.links.values():
+                        if link.task is not None:
+                            link.task.cancel()
+                    self._tasks = None
+        finally:
+            self._closing = True
+            self._grew.set()  # wake long polls so the server can stop
+            await runner.cleanup()
+
+    def add_peer(self, host: str, port: int, source: str) -> None:
+        key = (host, port)
+        if key in self.links:
+            return
+        link = Link(host, port, source)
+        self.links[key] = link
+        log.info("peer address added: address=%s source=%s", link.address, source)
+        if self._tasks is not None:
+            self._start(link)
+        self._peers_changed()
+
+    def remove_peer(self, host: str, port: int) -> None:
+        link = self.links.get((host, port))
+        if link is None or link.source != "mdns":
+            return  # static and remembered peers stay
+        del self.links[(host, port)]
+        log.info("peer gone: address=%s", link.address)
+        if link.task is not None:
+            link.task.cancel()
+        self._peers_changed()
+
+    def _peers_changed(self) -> None:
+        if self.on_peers_changed is not None:
+            self.on_peers_changed()
+
+    def _start(self, link: Link) -> None:
+        assert self._tasks is not None and self._session is not None
+        link.client = PeerClient(self._session, link.host, link.port, self)
+        link.task = self._tasks.create_task(self._run_link(link), name=f"link {link.address}")
+
+    # -- one peer ------------------------------------------------------------------
+    async def _run_link(self, link: Link) -> None:
+        backoff = BACKOFF_MIN_S
+        client = link.client
+        assert client is not None
+        while True:
+            try:
+                hello = await client.hello()
+                if hello.node == self.identity.node_id:
+                    raise SelfConnection(link.address)
+                if link.node_id != hello.node or not link.connected:
+                    log.info(
+                        "peer connected: address=%s node=%s name=%s",
+                        link.address,
+                        hello.node.hex()[:8],
+                        hello.name,
+                    )
+                link.node_id, link.name, link.vv = hello.node, hello.name, hello.vv
+                link.connected, link.last_error = True, None
+                link.last_seen = time.time()
+                backoff = BACKOFF_MIN_S
+                self._peers_changed()
+                while True:
+                    await self._pull(link)
+                    since = wire.vv_digest(link.vv)
+                    link.vv = await client.watch(since, min(WATCH_S, MAX_WATCH_S))
+                    link.last_seen = time.time()
+            except asyncio.CancelledError:
+                link.connected = False
+                raise
+            except SelfConnection:
+                link.is_self, link.connected = True, False
+                log.info("address %s is this node: not syncing with it", link.address)
+                return
+            except ProtocolMismatch as exc:
+                self._link_failed(link, f"incompatible peer: {exc}", logging.WARNING)
+                backoff = BACKOFF_MAX_S * 6
+            except AuthFailed as exc:
+                hint = ": the peer does not share this volume's secret" if "401" in str(exc) else ""
+                self._link_failed(link, f"authentication failed ({exc}){hint}", logging.WARNING)
+                backoff = BACKOFF_MAX_S * 6
+            except (CorruptEntry, CorruptBlock, wire.BadMessage) as exc:
+                self._link_failed(link, f"peer sent bad data: {exc}", logging.WARNING)
+            except (aiohttp.ClientError, TimeoutError, OSError, PeerError) as exc:
+                self._link_failed(link, f"{type(exc).__name__}: {exc}", logging.INFO)
+            await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
+            backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    def _link_failed(self, link: Link, reason: str, level: int) -> None:
+        first = link.connected or link.last_error != reason
+        link.connected = False
+        link.last_error = reason
+        if first:
+            log.log(level, "peer unreachable: address=%s reason=%s", link.address, reason)
+        self._peers_changed()
+
+    async def _pull(self, link: Link) -> None:
+        """Pull everything `link`'s peer has and we lack."""
+        client = link.client
+        assert client is not None
+        async with self._pull_lock:
+            while _behind(link.vv, self.journal.vv) > 0:
+                resp = await client.log(dict(self.journal.vv))
+                entries = [e for e in resp.entries if e.seq > self.journal.vv.get(e.node, 0)]
+                if not entries:
+                    if resp.entries or not resp.more:
+                        return
+                    continue
+                ops = await asyncio.to_thread(self.journal.open_entries, entries)
+                await self._merge(link, entries, ops)
+                link.last_seen = time.time()
+                if not resp.more and _behind(link.vv, self.journal.vv) == 0:
+                    return
+
+    async def _merge(self, link: Link, entries: list[LogEntry], ops: list[Op]) -> None:
+        """Fetch the blocks `entries` need and merge them, a bounded piece at a time."""
+        start = 0
+        while start < len(entries):
+            end = start
+            needed: dict[bytes, int] = {}
+            while end < len(entries):
+                refs = referenced_blocks([ops[end]])
+                missing = {b: n for b, n in refs.items() if b not in needed}
+                if missing:
+                    held = self.store.has_blocks(missing)
+                    missing = {b: n for b, n in missing.items() if b not in held}
+                if needed and sum(needed.values()) + sum(missing.values()) > MERGE_BLOCK_BYTES:
+                    break
+                needed.update(missing)
+                end += 1
+            self._missing_blocks = len(needed)
+            self._missing_bytes = sum(needed.values())
+            try:
+                fetched = await self.fetch(list(needed), prefer=link)
+            finally:
+                self._missing_blocks = self._missing_bytes = 0
+            changes = self.journal.merge_remote(entries[start:end], ops[start:end], fetched)
+            self.ops_in += end - start
+            self.blocks_in += len(fetched)
+            log.debug("merged: from=%s ops=%d blocks=%d", link.address, end - start, len(fetched))
+            await self.on_remote(changes)
+            start = end
+
+    # -- blocks ----------------------------------------------------------------------
+    def _sources(self, prefer: Link | None) -> list[Link]:
+        others = [
+            link
+            for link in self.links.values()
+            if link.connected and link is not prefer and link.client is not None
+        ]
+        random.shuffle(others)
+        return ([prefer] if prefer is not None and prefer.client is not None else []) + others
+
+    async def fetch(self, ids: Sequence[bytes], prefer: Link | None) -> list[tuple[bytes, bytes]]:
+        """Sealed blocks for `ids`, each verified, from `prefer` first, then any
+        other connected peer. `MissingBlocks` if some cannot be had."""
+        if not ids:
+            return []
+        got: dict[bytes, bytes] = {}
+        chunks = [
+            list(ids[i : i + wire.BLOCKS_PER_REQUEST])
+            for i in range(0, len(ids), wire.BLOCKS_PER_REQUEST)
+        ]
+        gate = asyncio.Semaphore(FETCH_CONCURRENCY)
+
+        async def one(chunk: list[bytes]) -> None:
+            async with gate:
+                want = chunk
+                for link in self._sources(prefer):
+                    assert link.client is not None
+                    try:
+                        pairs = await link.client.blocks(want)
+                    except (
+                        aiohttp.ClientError,
+                        TimeoutError,
+                        OSError,
+                        PeerError,
+                        AuthFailed,
+                    ) as exc:
+                        log.info("cannot fetch blocks: from=%s reason=%s", link.address, exc)
+                        continue
+                    except wire.BadMessage as exc:
+                        log.warning("bad blocks reply: from=%s reason=%s", link.address, exc)
+                        continue
+                    verified = await asyncio.to_thread(self._verify, pairs, set(want), link)
+                    got.update(verified)
+                    self._missing_blocks = max(0, self._missing_blocks - len(verified))
+                    self._missing_bytes = max(0, self._missing_bytes - BLOCK_SIZE * len(verified))
+                    want = [b for b in want if b not in got]
+                    if not want:
+                        return
+
+        async with asyncio.TaskGroup() as group:
+            for chunk in chunks:
+                group.create_task(one(chunk))
+        missing = [b for b in ids if b not in got]
+        if missing:
+            raise MissingBlocks(f"{len(missing)} block(s) not available from any peer")
+        return list(got.items())
+
+    def _verify(
+        self, pairs: list[tuple[bytes, bytes]], wanted: set[bytes], link: Link
+    ) -> dict[bytes, bytes]:
+        out: dict[bytes, bytes] = {}
+        for bid, sealed in pairs:
+            if bid not in wanted:
+                continue
+            try:
+                open_block(self.keys, bid, sealed)
+            except CorruptBlock as exc:
+                log.warning("peer sent a corrupt block: from=%s error=%s", link.address, exc)
+                continue
+            out[bid] = sealed
+        return out
+
+    async def refetch(self, bid: bytes) -> bool:
+        """Get a block this node lost or found damaged from a peer; True once stored."""
+        future = self._inflight.get(bid)
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
+            self._inflight[bid] = future
+            try:
+                async with asyncio.timeout(REPAIR_TIMEOUT_S):
+                    pairs = await self.fetch([bid], prefer=None)
+                with self.store.transaction():
+                    self.store.put_blocks(pairs)
+                log.info("block repaired from a peer: id=%s", bid.hex()[:8])
+                future.set_result(pairs[0][1])
+            except (MissingBlocks, TimeoutError) as exc:
+                log.error("cannot repair block: id=%s reason=%s", bid.hex()[:8], exc)
+                future.set_result(None)
+            finally:
+                del self._inflight[bid]
+        return (await future) is not None
+
+    # -- serving -------------------------------------------------------------------
+    def hello(self) -> wire.Hello:
+        return wire.Hello(PROTOCOL, self.identity.node_id, self.name, dict(self.journal.vv))
+
+    def entries_for(self, theirs: dict[bytes, int], max_bytes: int) -> wire.LogResponse:
+        """Entries we hold past `theirs`, node by node, up to about `max_bytes`."""
+        out: list[LogEntry] = []
+        size = 0
+        more = False
+        own = self.identity.node_id
+        for node, seq in sorted(self.journal.vv.items()):
+            after = theirs.get(node, 0)
+            while after < seq:
+                if size >= max_bytes:
+                    more = True
+                    break
+                chunk = self.store.log_after(node, after, 512)
+                if not chunk:
+                    break
+                for entry in chunk:
+                    out.append(entry)
+                    size += len(entry.sealed) + 120
+                    after = entry.seq
+                    if size >= max_bytes:
+                        break
+            if more:
+                break
+        if any(e.node == own for e in out):
+            self.store.sync()  # never serve an own entry a crash could take back
+        return wire.LogResponse(out, more or size >= max_bytes)
+
+    def sealed_blocks(self, ids: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
+        out = []
+        for bid in ids:
+            sealed = self.store.get_block(bid)
+            if sealed is not None:
+                out.append((bid, sealed))
+        return out
+
+    def _log_grew(self) -> None:
+        self._grew.set()
+        self._grew = asyncio.Event()
+
+    async def wait_log_differs(self, since: str) -> None:
+        while wire.vv_digest(self.journal.vv) == since and not self._closing:
+            await self._grew.wait()
+
+    def note_refused(self, remote: str, reason: str) -> None:
+        self.refused += 1
+        now = time.monotonic()
+        if now - self._refused_logged.get(remote, -60.0) >= 60.0:
+            self._refused_logged[remote] = now
+            log.warning(
+                "refused a peer request: from=%s reason=%s (it does not share this "
+                "volume's secret, or is not a dfs-peer node)",
+                remote,
+                reason,
+            )
+
+    # -- status --------------------------------------------------------------------
+    def statistics(self) -> SyncStatistics:
+        ours = self.journal.vv
+        behind = max(
+            (_behind(link.vv, ours) for link in self.links.values() if link.connected),
+            default=0,
+        )
+        return SyncStatistics(
+            listen=self.listen,
+            version_vector=_hexvv(ours),
+            peers=[link.statistics() for link in self.links.values() if not link.is_self],
+            operations_behind=behind,
+            blocks_missing=self._missing_blocks,
+            bytes_missing=self._missing_bytes,
+            operations_received=self.ops_in,
+            blocks_received=self.blocks_in,
+            bytes_received=self.bytes_in,
+            refused_requests=self.refused,
+        )

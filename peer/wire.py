@@ -1,0 +1,225 @@
+"""The peer protocol's messages: CBOR bodies, checked field by field.
+
+Invariant: `decode_*` either returns a well-typed message whose sizes are within
+the protocol's limits or raises `BadMessage`; nothing a peer sends can reach the
+store or the merge as anything but these dataclasses. Sealed log entries and
+blocks travel exactly as stored (nothing is re-encrypted on the way); their
+authenticity is checked by the receiver (signature, MAC, block id), not here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import cbor2
+
+from peer.sealing import LogEntry
+
+NODE_ID_BYTES = 32
+BLOCK_ID_BYTES = 32
+SIGNATURE_BYTES = 64
+MAX_SEQ = 2**63 - 1
+# A request body is small (a version vector or a list of block ids).
+MAX_REQUEST_BYTES = 4 * 1024 * 1024
+# A response is bounded by what the server packs into it (`LOG_BATCH_BYTES`,
+# `BLOCKS_PER_REQUEST` blocks) plus framing.
+MAX_RESPONSE_BYTES = 48 * 1024 * 1024
+LOG_BATCH_BYTES = 4 * 1024 * 1024
+BLOCKS_PER_REQUEST = 64
+MAX_SEALED_BYTES = 1024 * 1024
+MAX_NAME = 256
+MAX_VV_NODES = 100_000
+
+VersionVector = dict[bytes, int]
+
+
+class BadMessage(Exception):
+    """A body that is not a well-formed message of the protocol."""
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    protocol: int
+    node: bytes
+    name: str
+    vv: VersionVector
+
+
+@dataclass(frozen=True, slots=True)
+class LogRequest:
+    vv: VersionVector
+    max_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class LogResponse:
+    entries: list[LogEntry]
+    more: bool
+
+
+@dataclass(frozen=True, slots=True)
+class BlocksRequest:
+    ids: list[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class BlocksResponse:
+    blocks: list[tuple[bytes, bytes]]
+
+
+def encode(obj: object) -> bytes:
+    return cbor2.dumps(obj, canonical=True)
+
+
+def _load(body: bytes) -> Any:
+    try:
+        return cbor2.loads(body)
+    except (cbor2.CBORDecodeError, ValueError, TypeError, RecursionError, MemoryError) as exc:
+        raise BadMessage(f"not CBOR: {exc}") from None
+
+
+def _map(obj: Any, keys: set[str]) -> dict[str, Any]:
+    if not isinstance(obj, dict) or not keys <= set(obj):
+        raise BadMessage(f"expected a map with {sorted(keys)}")
+    return obj
+
+
+def _bytes(obj: Any, size: int | None = None, limit: int = MAX_SEALED_BYTES) -> bytes:
+    if not isinstance(obj, bytes) or (size is not None and len(obj) != size) or len(obj) > limit:
+        raise BadMessage("malformed byte string")
+    return obj
+
+
+def _int(obj: Any, low: int = 0, high: int = MAX_SEQ) -> int:
+    if not isinstance(obj, int) or isinstance(obj, bool) or not low <= obj <= high:
+        raise BadMessage("integer out of range")
+    return obj
+
+
+def _vv(obj: Any) -> VersionVector:
+    if not isinstance(obj, dict) or len(obj) > MAX_VV_NODES:
+        raise BadMessage("malformed version vector")
+    return {_bytes(k, NODE_ID_BYTES): _int(v) for k, v in obj.items()}
+
+
+def _vv_out(vv: VersionVector) -> dict[bytes, int]:
+    return dict(vv)
+
+
+# -- hello -------------------------------------------------------------------------
+
+
+def encode_hello(hello: Hello) -> bytes:
+    return encode({"v": hello.protocol, "node": hello.node, "name": hello.name, "vv": hello.vv})
+
+
+def decode_hello(body: bytes) -> Hello:
+    m = _map(_load(body), {"v", "node", "name", "vv"})
+    name = m["name"]
+    if not isinstance(name, str) or len(name) > MAX_NAME:
+        raise BadMessage("malformed name")
+    return Hello(_int(m["v"]), _bytes(m["node"], NODE_ID_BYTES), name, _vv(m["vv"]))
+
+
+# -- log ---------------------------------------------------------------------------
+
+
+def encode_log_request(req: LogRequest) -> bytes:
+    return encode({"vv": _vv_out(req.vv), "max_bytes": req.max_bytes})
+
+
+def decode_log_request(body: bytes) -> LogRequest:
+    m = _map(_load(body), {"vv", "max_bytes"})
+    return LogRequest(_vv(m["vv"]), _int(m["max_bytes"], 1, MAX_RESPONSE_BYTES))
+
+
+def encode_log_response(resp: LogResponse) -> bytes:
+    return encode(
+        {
+            "entries": [[e.node, e.seq, e.sealed, e.sig] for e in resp.entries],
+            "more": resp.more,
+        }
+    )
+
+
+def decode_log_response(body: bytes) -> LogResponse:
+    m = _map(_load(body), {"entries", "more"})
+    raw = m["entries"]
+    if not isinstance(raw, list) or not isinstance(m["more"], bool):
+        raise BadMessage("malformed log response")
+    entries = []
+    for item in raw:
+        if not isinstance(item, list) or len(item) != 4:
+            raise BadMessage("malformed log entry")
+        node, seq, sealed, sig = item
+        entries.append(
+            LogEntry(
+                _bytes(node, NODE_ID_BYTES),
+                _int(seq, 1),
+                _bytes(sealed),
+                _bytes(sig, SIGNATURE_BYTES),
+            )
+        )
+    return LogResponse(entries, m["more"])
+
+
+# -- blocks ------------------------------------------------------------------------
+
+
+def encode_blocks_request(req: BlocksRequest) -> bytes:
+    return encode({"ids": req.ids})
+
+
+def decode_blocks_request(body: bytes) -> BlocksRequest:
+    m = _map(_load(body), {"ids"})
+    ids = m["ids"]
+    if not isinstance(ids, list) or len(ids) > BLOCKS_PER_REQUEST:
+        raise BadMessage("malformed block id list")
+    return BlocksRequest([_bytes(i, BLOCK_ID_BYTES) for i in ids])
+
+
+def encode_blocks_response(resp: BlocksResponse) -> bytes:
+    return encode({"blocks": [[bid, sealed] for bid, sealed in resp.blocks]})
+
+
+def decode_blocks_response(body: bytes) -> BlocksResponse:
+    m = _map(_load(body), {"blocks"})
+    raw = m["blocks"]
+    if not isinstance(raw, list) or len(raw) > BLOCKS_PER_REQUEST:
+        raise BadMessage("malformed block list")
+    out = []
+    for item in raw:
+        if not isinstance(item, list) or len(item) != 2:
+            raise BadMessage("malformed block")
+        out.append((_bytes(item[0], BLOCK_ID_BYTES), _bytes(item[1])))
+    return BlocksResponse(out)
+
+
+# -- watch -------------------------------------------------------------------------
+
+
+def encode_vv(vv: VersionVector) -> bytes:
+    return encode({"vv": _vv_out(vv)})
+
+
+def decode_vv(body: bytes) -> VersionVector:
+    return _vv(_map(_load(body), {"vv"})["vv"])
+
+
+def vv_digest(vv: VersionVector) -> str:
+    """A short stable name of a version vector (the long poll's `since`)."""
+    return hashlib.blake2b(encode(_vv_out(vv)), digest_size=16).hexdigest()
+
+
+def encode_error(message: str) -> bytes:
+    return encode({"error": message})
+
+
+def decode_error(body: bytes) -> str:
+    try:
+        m = _map(_load(body), {"error"})
+    except BadMessage:
+        return "(no message)"
+    return str(m["error"])[:500]
