@@ -367,6 +367,11 @@ class Volume:
             if attrs.inode > after:
                 rows.append((name, attrs))
         rows.sort(key=lambda r: r[1].inode)
+        # READDIRPLUS hands the kernel a dentry for each name: remember them
+        # as lookups, so a remote change can invalidate them.
+        known = self._kernel_names.setdefault(inode, {})
+        for name, attrs in rows:
+            known[name] = attrs.inode
         return rows
 
     def releasedir(self, fh: int) -> None:

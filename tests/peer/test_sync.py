@@ -220,3 +220,38 @@ async def test_a_corrupt_block_is_detected_and_replaced_from_a_peer(
             hashlib.sha256(b.store.get_block(bid) or b"").digest()
             != hashlib.sha256(bytes(damaged)).digest()
         )
+
+
+async def test_bytes_on_the_wire_hold_no_plaintext_name_or_content(
+    tmp_path: Path, keys: VolumeKeys
+) -> None:
+    a, b = make_node(tmp_path, "a", keys), make_node(tmp_path, "b", keys)
+    wire_bytes = bytearray()
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                wire_bytes.extend(data)
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async with running(a, b) as (sa, sb):
+
+        async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", sa.port)
+            async with asyncio.TaskGroup() as group:
+                group.create_task(pipe(reader, up_writer))
+                group.create_task(pipe(up_reader, writer))
+
+        proxy = await asyncio.start_server(relay, "127.0.0.1", 0)
+        port = proxy.sockets[0].getsockname()[1]
+        sb.add_peer("127.0.0.1", port, "static")
+        name = b"quarterly-plan-" + os.urandom(4).hex().encode() + b".txt"
+        content = b"THE PLAINTEXT CONTENT OF A SECRET FILE. " * 2000
+        write_file(a, name, content)
+        await wait_until(lambda: read_file(b, name) == content, "B to get the file")
+        proxy.close()  # its connections end when the nodes stop
+        assert len(wire_bytes) > len(content) // 2, "the capture saw no sync traffic"
+        for secret in (name, name.hex().encode(), b"PLAINTEXT CONTENT", b"quarterly-plan"):
+            assert secret not in wire_bytes, f"{secret!r} travelled in plaintext"

@@ -1,0 +1,82 @@
+"""Two real nodes on loopback: what one changes shows in the other's mount at once.
+
+The kernel caches entries and attributes for 300 s here, so without the
+invalidations a remote change triggers, these reads would see the old state.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from scenarios.harness import NodeProcess, wait_for
+
+pytestmark = pytest.mark.mount
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def pair(make_node: Callable[..., NodeProcess]) -> tuple[Path, Path]:
+    pa, pb = free_port(), free_port()
+    a = make_node("a", ["--listen", f"127.0.0.1:{pa}", "--peer", f"127.0.0.1:{pb}"])
+    b = make_node("b", ["--listen", f"127.0.0.1:{pb}", "--peer", f"127.0.0.1:{pa}"])
+    a.start(wait=False)
+    b.start()
+    a.wait_mounted()
+    return a.mountpoint, b.mountpoint
+
+
+def read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def test_remote_create_write_chmod_rename_delete_show_without_remount(
+    pair: tuple[Path, Path],
+) -> None:
+    a, b = pair
+    assert read(b / "f") is None  # B has looked the name up: ENOENT
+    (a / "f").write_bytes(b"one")
+    wait_for(lambda: read(b / "f") == b"one", 10, "B to read A's new file")
+    # Same size, new content: B's page cache and attributes must be dropped.
+    (a / "f").write_bytes(b"two")
+    wait_for(lambda: read(b / "f") == b"two", 10, "B to read A's overwrite")
+    os.chmod(a / "f", 0o600)
+    wait_for(lambda: stat.S_IMODE(os.stat(b / "f").st_mode) == 0o600, 10, "B to see the chmod")
+    os.rename(a / "f", a / "g")
+    wait_for(lambda: sorted(os.listdir(b)) == ["g"], 10, "B's listing to show the rename")
+    assert read(b / "f") is None
+    assert read(b / "g") == b"two"
+    (a / "g").unlink()
+    wait_for(lambda: os.listdir(b) == [], 10, "B to see the delete")
+    assert not (b / "g").exists()
+
+
+def test_an_open_handle_reads_the_latest_version(pair: tuple[Path, Path]) -> None:
+    a, b = pair
+    (a / "log").write_bytes(b"x" * 100)
+    wait_for(lambda: read(b / "log") == b"x" * 100, 10, "B to have the file")
+    with open(b / "log", "rb", buffering=0) as handle:
+        assert handle.read() == b"x" * 100
+        (a / "log").write_bytes(b"y" * 100)
+        deadline = time.monotonic() + 10
+        while True:
+            handle.seek(0)
+            if handle.read() == b"y" * 100:
+                break
+            assert time.monotonic() < deadline, "B's open handle never saw A's write"
+            time.sleep(0.02)
