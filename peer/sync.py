@@ -380,6 +380,12 @@ class Sync:
                 self._link_failed(link, f"peer sent bad data: {exc}", logging.WARNING)
             except (aiohttp.ClientError, TimeoutError, OSError, PeerError) as exc:
                 self._link_failed(link, f"{type(exc).__name__}: {exc}", logging.INFO)
+            except Exception as exc:
+                # A bug, or a state we cannot store (a full disk, a gap a peer's
+                # data would leave): this peer's round ends, the node goes on.
+                log.exception("sync with %s failed", link.address)
+                self._link_failed(link, f"{type(exc).__name__}: {exc}", logging.ERROR)
+                backoff = BACKOFF_MAX_S
             await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
             backoff = min(backoff * 2, BACKOFF_MAX_S)
 
