@@ -69,6 +69,10 @@ class Contents:
     def entries(self) -> set[bytes]:
         return set(self._by_entry)
 
+    def of(self, entry: bytes) -> frozenset[Hlc]:
+        """Every version of `entry` held, complete or not."""
+        return frozenset(self._by_entry.get(entry, ()))
+
     def placed(self, entry: bytes, hlc: Hlc) -> bool:
         """Note a move (or the creation) of `entry` outside the trash; True if
         it may have changed which of the entry's versions are dead."""

@@ -30,6 +30,7 @@ from crdt.ops import (
     TRASH,
     XATTR_PREFIX,
     Create,
+    Forget,
     Kind,
     Member,
     Move,
@@ -139,9 +140,14 @@ class Replica:
     """The merged state of one replica; see the module docstring."""
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every operation: the state of a new replica (before a rebuild)."""
         self._ops: set[Hlc] = set()
         self._latest: Hlc | None = None
         self._members: dict[bytes, tuple[Hlc, str]] = {}
+        self._forgotten: dict[bytes, int] = {}  # node -> greatest `upto` forgetting it
         self._info: dict[bytes, _Info] = {}
         self._attrs: dict[bytes, dict[str, tuple[Hlc, int | bytes | None]]] = {}
         self._touched: dict[bytes, Hlc] = {}
@@ -176,6 +182,11 @@ class Replica:
             if isinstance(op, Member):
                 self._lww_member(op)
                 files.update(self._copies_of)  # conflict copies are named after members
+                continue
+            if isinstance(op, Forget):
+                # The greatest cut wins: a function of the set of Forget ops.
+                if op.upto > self._forgotten.get(op.node, -1):
+                    self._forgotten[op.node] = op.upto
                 continue
             entries.add(op.entry)
             self._touch(op.entry, op.hlc)
@@ -588,7 +599,21 @@ class Replica:
         return (copy.file, copy.version) if copy is not None else None
 
     def members(self) -> dict[bytes, str]:
+        """Every node that announced itself, forgotten ones included (for names)."""
         return {node: name for node, (_, name) in self._members.items()}
+
+    def forgotten(self) -> dict[bytes, int]:
+        """Forgotten node -> the last seq of its log that still counts."""
+        return dict(self._forgotten)
+
+    def current_members(self) -> dict[bytes, str]:
+        """The members that hold back causal stability: announced, not forgotten."""
+        return {n: name for n, name in self.members().items() if n not in self._forgotten}
+
+    def everything(self) -> Changes:
+        """A `Changes` naming every directory and entry (after a rebuild)."""
+        dirs = set(self._lists) | {ROOT}
+        return Changes(frozenset(dirs), frozenset(set(self._info) | set(self._copies) | dirs))
 
     def counts(self) -> tuple[int, int]:
         """(operations held, entries ever created)."""

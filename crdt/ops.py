@@ -52,6 +52,23 @@ class Member:
 
 
 @dataclass(frozen=True, slots=True)
+class Forget:
+    """Node `node` is gone for good: it no longer holds back causal stability.
+
+    `upto` is the highest seq of `node`'s log the forgetting node knew of (its
+    own and every version vector it had heard of). Entries of `node` beyond
+    the greatest `upto` of its `Forget` ops are refused by every node: a
+    forgotten node that comes back must join again under a new id (a fresh
+    data dir), because what it writes may build on history the others have
+    already collected. See `peer.gc`.
+    """
+
+    hlc: Hlc
+    node: bytes
+    upto: int
+
+
+@dataclass(frozen=True, slots=True)
 class Create:
     """A new entry `entry` of `kind` named `name` in directory `parent`."""
 
@@ -108,9 +125,9 @@ class Write:
     blocks: tuple[tuple[int, bytes | None], ...]
 
 
-Op = Member | Create | Move | SetAttr | Write
+Op = Member | Create | Move | SetAttr | Write | Forget
 
-_TAGS: dict[type[Any], int] = {Member: 0, Create: 1, Move: 2, SetAttr: 3, Write: 4}
+_TAGS: dict[type[Any], int] = {Member: 0, Create: 1, Move: 2, SetAttr: 3, Write: 4, Forget: 5}
 
 
 def _hlc_out(h: Hlc) -> list[Any]:
@@ -128,6 +145,8 @@ def encode_op(op: Op) -> bytes:
         body = [op.entry, op.parent, op.name, [_hlc_out(h) for h in op.seen]]
     elif isinstance(op, SetAttr):
         body = [op.entry, op.key, op.value]
+    elif isinstance(op, Forget):
+        body = [op.node, op.upto]
     else:
         body = [
             op.entry,
@@ -239,6 +258,8 @@ def decode_op(data: bytes) -> Op:
                 _int(size, hi=MAX_FILE_SIZE),
                 tuple(parsed),
             )
+        elif tag == 5 and len(body) == 2:
+            op = Forget(hlc, _bytes(body[0], NODE_ID_BYTES), _int(body[1]))
         else:
             raise MalformedOp(f"unknown operation {tag!r}")
     except (TypeError, ValueError) as exc:

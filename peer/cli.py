@@ -14,8 +14,10 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from peer.errors import BadPeerAddress, DfsError, NodeNotRunning
 from peer.keys import VolumeKeys
@@ -31,7 +33,16 @@ dfs-peer: a peer-to-peer, end-to-end encrypted, replicated file system.
   dfs-peer init > volume.secret                       make a new volume secret
   dfs-peer join --secret-file volume.secret ~/shared  run a node and mount it
   dfs-peer status                                     ask the running node
+  dfs-peer history ~/shared/notes.txt                 list a file's versions
+  dfs-peer restore ~/shared/notes.txt --at -2h        bring back its content of 2 h ago
+  dfs-peer gc                                         collect unused blocks now
+  dfs-peer forget NODE                                a member is gone for good
 """
+
+TIME_HELP = (
+    "ISO 8601 (2026-11-25T14:00:00Z; without Z: local time), @UNIX seconds, "
+    "or how long ago: -90s, -10m, -2h, -3d, -1w"
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -84,6 +95,20 @@ def _parser() -> argparse.ArgumentParser:
         help="neither advertise nor browse on the LAN (use --peer)",
     )
     j.add_argument("--read-only", action="store_true", help="mount read-only")
+    j.add_argument(
+        "--at",
+        metavar="TIME",
+        help="with --read-only: mount the volume as it was at TIME, from this data dir's "
+        "history, beside or instead of the live node (no sync, nothing written). "
+        "TIME: " + TIME_HELP,
+    )
+    j.add_argument(
+        "--keep-history",
+        metavar="DURATION",
+        default="7d",
+        help="how long old versions stay for --at, history and restore "
+        "(default 7d; 0 keeps none; units s, m, h, d, w)",
+    )
     j.add_argument("--debug-fuse", action="store_true", help="log every FUSE request")
 
     s = sub.add_parser(
@@ -93,6 +118,53 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.add_argument("--data-dir", type=Path, help="the node to ask (default: the only one running)")
+
+    h = sub.add_parser(
+        "history",
+        help="list the versions of a file",
+        description="List the versions of the file at PATH that the running node still "
+        "holds (time, node, size), oldest first. PATH is a path inside the mount, or "
+        "relative to the volume root.",
+    )
+    h.add_argument("path", metavar="PATH")
+    h.add_argument("--json", action="store_true", help="machine-readable output (a list)")
+    h.add_argument(
+        "--at", metavar="TIME", help="the file that was at PATH at TIME (e.g. since deleted)"
+    )
+    h.add_argument("--data-dir", type=Path, help="the node to ask (default: the only one running)")
+
+    r = sub.add_parser(
+        "restore",
+        help="bring back the content a file had at a time",
+        description="Bring back the content the file at PATH had at TIME, as a new "
+        "version (it syncs like any write; the versions in between stay in the history). "
+        "A file deleted since is made again at PATH. Files only.",
+    )
+    r.add_argument("path", metavar="PATH")
+    r.add_argument("--at", metavar="TIME", required=True, help="TIME: " + TIME_HELP)
+    r.add_argument("--data-dir", type=Path, help="the node to ask (default: the only one running)")
+
+    g = sub.add_parser(
+        "gc",
+        help="collect unused blocks now",
+        description="Ask the running node to collect now (it also does so by itself): "
+        "blocks no kept version references are deleted once what superseded them is "
+        "stable (every member has it) and past the history retention. Prints what was "
+        "freed and which members hold collection back.",
+    )
+    g.add_argument("--json", action="store_true", help="machine-readable output")
+    g.add_argument("--data-dir", type=Path, help="the node to ask (default: the only one running)")
+
+    f = sub.add_parser(
+        "forget",
+        help="record that a member is gone for good",
+        description="Record, as an operation every node learns, that member NODE (its "
+        "name or the start of its id) is gone for good: it stops holding back "
+        "collection. Its writes after this are refused; it must join again with a "
+        "fresh data dir.",
+    )
+    f.add_argument("node", metavar="NODE")
+    f.add_argument("--data-dir", type=Path, help="the node to ask (default: the only one running)")
     return p
 
 
@@ -102,9 +174,15 @@ def _init() -> int:
 
 
 def _join(args: argparse.Namespace) -> int:
-    from peer import node
+    from peer import history, node
 
     listen = _address(args.listen, "--listen")
+    keep_history_s = history.parse_duration(args.keep_history)
+    at_ms = None
+    if args.at is not None:
+        if not args.read_only:
+            raise history.AtNeedsReadOnly()
+        at_ms = history.parse_time(args.at, time.time())
     root = read_secret(args.secret, args.secret_file, os.environ)
     keys = VolumeKeys.from_root(root)
     data_dir = args.data_dir or node.default_data_dir(keys)
@@ -118,6 +196,8 @@ def _join(args: argparse.Namespace) -> int:
         listen_port=listen[1],
         peers=tuple(_address(text, "--peer") for text in args.peer),
         mdns=not args.no_mdns,
+        keep_history_s=keep_history_s,
+        at_ms=at_ms,
     )
     asyncio.run(node.run(config, keys))
     return 0
@@ -166,6 +246,127 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _glue_times(argv: Sequence[str]) -> list[str]:
+    """`--at -2h` as `--at=-2h`: argparse takes a value that starts with `-`
+    for an option, and "two hours ago" is the time people type most."""
+    out: list[str] = []
+    glue = False
+    for arg in argv:
+        if glue and arg.startswith("-"):
+            out[-1] += "=" + arg
+        else:
+            out.append(arg)
+        glue = arg == "--at"
+    return out
+
+
+def _node_data_dir(args: argparse.Namespace) -> Path:
+    """The data dir of the node to ask: --data-dir, else the only one running."""
+    if args.data_dir is not None:
+        return Path(args.data_dir)
+    running = _running_data_dirs()
+    if len(running) != 1:
+        raise NodeNotRunning(data_dir="(none given)" if not running else "several; use --data-dir")
+    return running[0]
+
+
+def _ask(
+    data_dir: Path,
+    method: str,
+    path: str,
+    *,
+    params: dict[str, str] | None = None,
+    body: dict[str, object] | None = None,
+) -> dict[str, Any]:
+    from peer import node
+
+    try:
+        return asyncio.run(node.ask_node(data_dir, method, path, params=params, body=body))
+    except OSError:
+        raise NodeNotRunning(data_dir=data_dir) from None
+
+
+def _history(args: argparse.Namespace) -> int:
+    from peer import history
+
+    params = {"path": args.path, "cwd": os.getcwd()}
+    if args.at is not None:
+        params["at_ms"] = str(history.parse_time(args.at, time.time()))
+    answer = _ask(_node_data_dir(args), "GET", "/history", params=params)
+    versions = answer["versions"]
+    if args.json:
+        print(json.dumps(versions, indent=2))
+        return 0
+    print(f"{answer['path']}: {len(versions)} version(s), oldest first")
+    print(f"{'TIME (UTC)':<24}  {'NODE':<24}  {'BYTES':>12}  WHAT")
+    for v in versions:
+        notes = [str(v["kind"])]
+        if v["current"]:
+            notes.append("current")
+        if v["conflict"]:
+            notes.append("conflict copy")
+        if not v["available"]:
+            notes.append("unavailable (collected)")
+        node = f"{v['node']} {v['node_name']}".strip()
+        print(f"{v['time']:<24}  {node:<24}  {v['size']:>12}  {', '.join(notes)}")
+    return 0
+
+
+def _restore(args: argparse.Namespace) -> int:
+    from peer import history
+
+    at_ms = history.parse_time(args.at, time.time())
+    body = {"path": args.path, "cwd": os.getcwd(), "at_ms": at_ms}
+    answer = _ask(_node_data_dir(args), "POST", "/restore", body=body)
+    what = "made again" if answer["created"] else "restored"
+    when = answer["version_time"] or "(never written: empty)"
+    print(f"dfs-peer: {what} {answer['path']} with its content of {when} ({answer['size']} bytes)")
+    return 0
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _gc(args: argparse.Namespace) -> int:
+    answer = _ask(_node_data_dir(args), "POST", "/gc")
+    if args.json:
+        print(json.dumps(answer, indent=2, sort_keys=True))
+        return 0
+    print(
+        f"dfs-peer: freed {answer['blocks_freed']} blocks ({_mib(answer['bytes_freed'])}); "
+        f"kept {answer['blocks_kept']} blocks; store {_mib(answer['store_bytes_before'])} -> "
+        f"{_mib(answer['store_bytes_after'])}; log entries folded: "
+        f"{answer['log_entries_folded']}"
+    )
+    held = answer["held_back_by"]
+    if held:
+        for m in held:
+            seen = m["last_seen"]
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seen)) if seen else "never"
+            print(
+                f"  held back by {m['name']} ({m['id'][:8]}): {m['behind']} operations "
+                f"behind, last seen {when}"
+            )
+    if answer["versions_unstable"]:
+        print(f"  {answer['versions_unstable']} old versions wait for every member to catch up")
+    if answer["versions_in_retention"]:
+        print(
+            f"  {answer['versions_in_retention']} old versions kept as history "
+            f"(--keep-history {answer['keep_history_s']:g}s)"
+        )
+    return 0
+
+
+def _forget(args: argparse.Namespace) -> int:
+    answer = _ask(_node_data_dir(args), "POST", "/forget", body={"node": args.node})
+    print(
+        f"dfs-peer: forgot {answer['name']} ({answer['id'][:8]}); its log counts up to "
+        f"entry {answer['upto']}, later writes from it are refused"
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     profile = os.environ.get("DFS_PEER_PROFILE")
     if profile:
@@ -181,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(_glue_times(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -193,6 +394,14 @@ def _main(argv: Sequence[str] | None = None) -> int:
             return _init()
         if args.command == "join":
             return _join(args)
+        if args.command == "history":
+            return _history(args)
+        if args.command == "restore":
+            return _restore(args)
+        if args.command == "gc":
+            return _gc(args)
+        if args.command == "forget":
+            return _forget(args)
         return _status(args)
     except DfsError as exc:
         if args.debug:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from crdt.clock import Clock, Hlc
 from crdt.merge import Changes, Replica
-from crdt.ops import MalformedOp, Member, Op, decode_op, encode_op
+from crdt.ops import Forget, MalformedOp, Member, Op, decode_op, encode_op
 from fuse.errors import NoSpace
 from peer.errors import CorruptEntry
 from peer.identity import NodeIdentity
@@ -68,12 +68,18 @@ class Journal:
         self.vv: dict[bytes, int] = store.version_vector()
 
     # -- start-up --------------------------------------------------------------
-    def replay(self) -> int:
-        """Rebuild the replica from the stored log; return the number of ops."""
+    def replay(self, until_ms: int | None = None) -> int:
+        """Rebuild the replica from the stored log; return the number of ops.
+
+        With `until_ms`, merge only the ops stamped at or before that wall time
+        (unix ms): the state as it was then (`peer.history`)."""
         batch: list[Op] = []
         count = 0
         for entry in self.store.iter_log():
-            batch.append(self._open(entry))
+            op = self._open(entry, signed_already=True)
+            if until_ms is not None and op.hlc.wall_ms > until_ms:
+                continue
+            batch.append(op)
             if len(batch) >= REPLAY_CHUNK:
                 self.replica.apply(batch)
                 count += len(batch)
@@ -85,9 +91,12 @@ class Journal:
             self.clock.observe(latest, self._now())
         return count
 
-    def _open(self, entry: LogEntry) -> Op:
+    def _open(self, entry: LogEntry, signed_already: bool = False) -> Op:
+        # Entries in our store had their signature checked when they entered
+        # it; replay still decrypts each one, whose MAC (under a key derived
+        # from the secret) catches any change to the stored bytes.
         try:
-            op = decode_op(open_entry(self.keys, entry))
+            op = decode_op(open_entry(self.keys, entry, check_signature=not signed_already))
         except MalformedOp as exc:
             raise CorruptEntry(f"entry {entry.node[:4].hex()}/{entry.seq}: {exc}") from exc
         if op.hlc.node != entry.node:
@@ -110,7 +119,9 @@ class Journal:
     ) -> Changes:
         """Stamp, seal, store and merge the ops `make(stamp)` returns, with `blocks`,
         in one transaction."""
-        ops = make(self.stamp)
+        # In stamp order, so a node's seqs and stamps grow together (causal
+        # stability turns a stable seq into a stamp bound: `peer.gc`).
+        ops = sorted(make(self.stamp), key=lambda op: op.hlc)
         if not ops:
             return Changes(frozenset(), frozenset())
         entries = []
@@ -129,6 +140,8 @@ class Journal:
         self._next_seq = seq
         self.vv[self.identity.node_id] = seq - 1
         changes = self.replica.apply(ops)
+        if any(isinstance(op, Forget) for op in ops):
+            changes = self.enforce_forgets() or changes
         self._notify(changes)
         self._grown()
         return changes
@@ -152,7 +165,9 @@ class Journal:
         if ops is None:
             ops = self.open_entries(entries)
         fresh = [
-            (e, op) for e, op in zip(entries, ops, strict=True) if e.seq > self.vv.get(e.node, 0)
+            (e, op)
+            for e, op in zip(entries, ops, strict=True)
+            if e.seq > self.vv.get(e.node, 0) and self.accepts(e.node, e.seq)
         ]
         if not fresh:
             return Changes(frozenset(), frozenset())
@@ -174,9 +189,48 @@ class Journal:
         for _, op in fresh:
             self.clock.observe(op.hlc, now)
         changes = self.replica.apply(op for _, op in fresh)
+        if any(isinstance(op, Forget) for _, op in fresh):
+            changes = self.enforce_forgets() or changes
         self._notify(changes)
         self._grown()
         return changes
+
+    # -- forgotten nodes ---------------------------------------------------------
+    def accepts(self, node: bytes, seq: int) -> bool:
+        """False for an entry of a forgotten node past its cut (see `crdt.ops.Forget`)."""
+        cut = self.replica.forgotten().get(node)
+        return cut is None or seq <= cut or node == self.identity.node_id
+
+    def capped(self, vv: dict[bytes, int]) -> dict[bytes, int]:
+        """`vv` without what this node would refuse (forgotten nodes' tails)."""
+        cuts = self.replica.forgotten()
+        own = self.identity.node_id
+        return {n: min(s, cuts[n]) if n in cuts and n != own else s for n, s in vv.items()}
+
+    def enforce_forgets(self) -> Changes | None:
+        """Drop entries of forgotten nodes past their cut, if this node holds
+        any (it merged them before it learnt of the `Forget`), and rebuild the
+        replica from the log without them, so every node ends up with the
+        same operations. Returns what changed, or None if nothing was held."""
+        own = self.identity.node_id
+        over = {
+            n: cut
+            for n, cut in self.replica.forgotten().items()
+            if n != own and self.vv.get(n, 0) > cut
+        }
+        if not over:
+            return None
+        with self.store.transaction():
+            dropped = sum(self.store.delete_log_after(n, cut) for n, cut in over.items())
+        log.warning(
+            "dropped %d operation(s) of forgotten node(s) %s written after they were forgotten",
+            dropped,
+            ",".join(n.hex()[:8] for n in over),
+        )
+        self.vv = self.store.version_vector()
+        self.replica.reset()
+        self.replay()
+        return self.replica.everything()
 
     def _notify(self, changes: Changes) -> None:
         for listener in self.listeners:

@@ -19,19 +19,21 @@ import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import cbor2
 from aiohttp import web
 
 from crdt.merge import Changes, Replica
+from peer import gc, history
 from peer.auth import PROTOCOL
 from peer.blocks import Blocks
 from peer.errors import (
     DataDirLocked,
+    DfsError,
     ListenFailed,
     MountpointBusy,
     MountpointMissing,
@@ -46,7 +48,7 @@ from peer.identity import NodeIdentity, load_or_create
 from peer.journal import Journal
 from peer.keys import VolumeKeys
 from peer.sealing import check_opens, make_check
-from peer.store import Store
+from peer.store import ReadOnlyStore, Store
 from peer.sync import PeerStatistics, Sync
 from peer.volume import Volume
 
@@ -87,6 +89,10 @@ class NodeConfig:
     listen_port: int = DEFAULT_PORT
     peers: tuple[tuple[str, int], ...] = ()
     mdns: bool = True
+    # How long old versions stay restorable (`--keep-history`; GC keeps them).
+    keep_history_s: float = history.DEFAULT_KEEP_HISTORY_S
+    # `--at`: show the volume as it was at this unix time (ms), read-only.
+    at_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +120,8 @@ class NodeStatus:
     version_vector: dict[str, int]
     peers: list[PeerStatistics]
     sync: dict[str, int]
+    # Causal stability and collection: what is stable, who holds it back.
+    gc: dict[str, Any]
 
 
 def check_mountpoint(path: Path) -> None:
@@ -178,7 +186,10 @@ class Node:
         self.config = config
         self.keys = keys
         self.identity = identity
-        self.store = Store.open(config.data_dir / DB_NAME)
+        if config.at_ms is not None:
+            self.store = ReadOnlyStore.open(config.data_dir / DB_NAME)
+        else:
+            self.store = Store.open(config.data_dir / DB_NAME)
         self.replica = Replica()
         self.journal = Journal(self.store, keys, identity, self.replica)
         self.blocks = Blocks(self.store, keys)
@@ -192,6 +203,10 @@ class Node:
         )
         self.sync.on_peers_changed = self._remember_peers
         self.volume.refetch = self.sync.refetch
+        self.stability = gc.Stability(self.journal)
+        self.sync.attach(self.stability)
+        self.sync.fetch_history = config.keep_history_s > 0
+        self.collector = gc.Collector(self.stability, self.volume, config.keep_history_s)
 
     async def _remote_changed(self, changes: Changes) -> None:
         """Make the kernel forget what peers' operations changed."""
@@ -226,15 +241,32 @@ class Node:
 
     def start(self) -> None:
         t0 = time.monotonic()
-        count = self.journal.replay()
+        count = self.journal.replay(until_ms=self.config.at_ms)
         log.info("replayed ops=%d seconds=%.2f", count, time.monotonic() - t0)
+        if self.config.at_ms is None:
+            self.journal.enforce_forgets()  # a crash may have come between Forget and purge
+            if self.identity.node_id in self.replica.forgotten():
+                log.warning(gc.FORGOTTEN_WARNING)
         if not self.config.read_only:
             self.journal.ensure_member(self.config.name)
+
+    def forget(self, text: str) -> dict[str, Any]:
+        """Record that the member `text` names is gone for good (`dfs-peer forget`)."""
+        if self.config.read_only:
+            raise gc.ForgetReadOnly(data_dir=self.config.data_dir)
+        node = gc.resolve_member(self.stability, text)
+        cut = gc.forget_cut(self.stability, node)
+        name = self.replica.members().get(node, "?")
+        self.journal.commit(lambda stamp: [gc.Forget(stamp(), node, cut)])
+        log.info("forgot member node=%s name=%s upto=%d", node.hex()[:8], name, cut)
+        return {"id": node.hex(), "name": name, "upto": cut}
 
     def close(self) -> None:
         try:
             if not self.config.read_only:
                 self.volume.flush_all()
+            if self.config.at_ms is None:
+                self.stability.persist()
             self.store.sync()
         finally:
             self.store.close()
@@ -274,6 +306,7 @@ class Node:
                 "bytes_received": net.bytes_received,
                 "refused_requests": net.refused_requests,
             },
+            gc=self.collector.status(),
         )
 
 
@@ -285,11 +318,107 @@ async def _status(request: web.Request) -> web.Response:
     return web.json_response(asdict(node.statistics()))
 
 
+def _refused(exc: DfsError, status: int = 400) -> web.Response:
+    return web.json_response({"error": exc.message()}, status=status)
+
+
+def _asked_path(node: Node, body: Mapping[str, Any]) -> bytes:
+    """The volume path a client named (see `history.volume_path`)."""
+    return history.volume_path(
+        str(body.get("path", "")), str(body.get("cwd", "/")), str(node.config.mountpoint)
+    )
+
+
+async def _past(node: Node, at_ms: int) -> Replica:
+    # A full replay of the log: in a thread, so the mount keeps answering.
+    return await asyncio.to_thread(history.replica_at, node.store, node.keys, node.identity, at_ms)
+
+
+async def _history(request: web.Request) -> web.Response:
+    """GET /history?path=P&cwd=D[&at_ms=T]: the versions of a file."""
+    node = request.app[NODE_KEY]
+    query = request.query
+    try:
+        path = _asked_path(node, query)
+        at_ms = int(query["at_ms"]) if "at_ms" in query else None
+        past = await _past(node, at_ms) if at_ms is not None else None
+        versions = history.history(node.replica, path, node.store.has_blocks, past, at_ms)
+    except DfsError as exc:
+        return _refused(exc, 404)
+    except ValueError:
+        return web.json_response({"error": "at_ms must be an integer"}, status=400)
+    return web.json_response(
+        {"path": history.show_path(path), "versions": [v.to_json() for v in versions]}
+    )
+
+
+async def _restore(request: web.Request) -> web.Response:
+    """POST /restore {path, cwd, at_ms}: bring back the content a file had then."""
+    node = request.app[NODE_KEY]
+    try:
+        body = await request.json()
+        at_ms = int(body["at_ms"])
+    except (ValueError, KeyError, TypeError):
+        return web.json_response({"error": "expected JSON {path, cwd, at_ms}"}, status=400)
+    try:
+        if node.config.read_only:
+            raise history.NodeReadOnly(data_dir=node.config.data_dir)
+        path = _asked_path(node, body)
+        past = await _past(node, at_ms)
+        node.volume.flush_all()  # the restore must see what was written here
+        plan = history.plan_restore(node.replica, past, path, at_ms, node.store.has_blocks)
+        changes = node.journal.commit(plan.make)
+    except DfsError as exc:
+        return _refused(exc, 409)
+    log.info(
+        "restored path=%s version=%s created=%s",
+        history.show_path(path),
+        plan.version.short() if plan.version else "-",
+        plan.created,
+    )
+    # The kernel caches of this node's own mount must drop the old content too.
+    await node._remote_changed(changes)
+    return web.json_response(plan.to_json())
+
+
+async def _gc(request: web.Request) -> web.Response:
+    """POST /gc: collect now; what was freed and what holds collection back."""
+    node = request.app[NODE_KEY]
+    node.volume.flush_all()  # buffered writes pin old versions; publish them first
+    result = node.collector.collect(force=True)
+    return web.json_response(
+        {
+            **asdict(result),
+            "held_back_by": [asdict(m) for m in node.stability.held_back_by()],
+            "keep_history_s": node.config.keep_history_s,
+        }
+    )
+
+
+async def _forget(request: web.Request) -> web.Response:
+    """POST /forget {node}: a member is gone for good."""
+    node = request.app[NODE_KEY]
+    try:
+        body = await request.json()
+        text = str(body["node"])
+    except (ValueError, KeyError, TypeError):
+        return web.json_response({"error": "expected JSON {node}"}, status=400)
+    try:
+        done = node.forget(text)
+    except DfsError as exc:
+        return _refused(exc, 409)
+    return web.json_response(done)
+
+
 def make_control_app(node: Node) -> web.Application:
     """The local control API (a unix socket in the data dir, mode 0600)."""
     app = web.Application()
     app[NODE_KEY] = node
     app.router.add_get("/status", _status)
+    app.router.add_get("/history", _history)
+    app.router.add_post("/restore", _restore)
+    app.router.add_post("/gc", _gc)
+    app.router.add_post("/forget", _forget)
     return app
 
 
@@ -317,6 +446,9 @@ async def run(config: NodeConfig, keys: VolumeKeys, announce: bool = True) -> No
     from fuse.adapter import FuseOperations
     from fuse.mount import MountFailed, serve, terminate
 
+    if config.at_ms is not None:
+        await run_at(config, keys, announce)
+        return
     check_fuse_device()
     check_mountpoint(config.mountpoint)
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -348,6 +480,7 @@ async def run(config: NodeConfig, keys: VolumeKeys, announce: bool = True) -> No
                 asyncio.TaskGroup() as tasks,
             ):
                 progress = tasks.create_task(show_progress(node, announce))
+                collecting = tasks.create_task(node.collector.run_periodically())
                 try:
                     await serve(
                         operations,
@@ -360,10 +493,63 @@ async def run(config: NodeConfig, keys: VolumeKeys, announce: bool = True) -> No
                     raise MountRefused(path=config.mountpoint, reason=str(exc)) from exc
                 finally:
                     progress.cancel()
+                    collecting.cancel()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
         finally:
             node.close()
+    log.info("node stopped cleanly")
+
+
+async def run_at(config: NodeConfig, keys: VolumeKeys, announce: bool = True) -> None:
+    """Mount the volume as it was at `config.at_ms`, read-only, until SIGINT/SIGTERM.
+
+    Beside or instead of the live node of the same data dir: it takes no
+    lock, opens the store read-only, writes nothing there (no member op, no
+    inode rows, no control socket) and neither serves nor asks peers."""
+    from fuse.adapter import FuseOperations
+    from fuse.mount import MountFailed, serve, terminate
+
+    assert config.at_ms is not None
+    if not config.read_only:
+        raise history.AtNeedsReadOnly()
+    check_fuse_device()
+    check_mountpoint(config.mountpoint)
+    if not (config.data_dir / DB_NAME).exists() or not check_secret(config.data_dir, keys):
+        raise history.NoVolumeHere(data_dir=config.data_dir)
+    identity = load_or_create(config.data_dir)  # exists: a store without one is refused above
+    node = Node(config, keys, identity)
+    try:
+        node.start()
+        operations = FuseOperations(node.volume)
+        node.operations = operations
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, terminate)
+
+        def ready() -> None:
+            if announce:
+                print(
+                    f"dfs-peer: volume {keys.tag_hex} as it was at "
+                    f"{history.format_time(config.at_ms or 0)} mounted read-only at "
+                    f"{config.mountpoint}; Ctrl-C to stop",
+                    flush=True,
+                )
+
+        try:
+            await serve(
+                operations,
+                str(config.mountpoint),
+                read_only=True,
+                debug_fuse=config.debug_fuse,
+                ready=ready,
+            )
+        except MountFailed as exc:
+            raise MountRefused(path=config.mountpoint, reason=str(exc)) from exc
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    finally:
+        node.close()
     log.info("node stopped cleanly")
 
 
@@ -441,6 +627,35 @@ async def show_progress(node: Node, announce: bool) -> None:
 
 def default_name() -> str:
     return socket.gethostname().split(".")[0] or "node"
+
+
+async def ask_node(
+    data_dir: Path,
+    method: str,
+    path: str,
+    *,
+    params: dict[str, str] | None = None,
+    body: dict[str, object] | None = None,
+    timeout_s: float = 120,
+) -> dict[str, Any]:
+    """Call the control API of the node running on `data_dir`; a refusal
+    becomes `NodeAnswered` with the node's message; OSError if none runs."""
+    import aiohttp
+
+    connector = aiohttp.UnixConnector(path=str(data_dir / CONTROL_NAME))
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with (
+        aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
+        session.request(method, f"http://node{path}", params=params, json=body) as resp,
+    ):
+        text = await resp.text()
+        try:
+            data: dict[str, Any] = json.loads(text)
+        except ValueError:
+            data = {"error": text.strip() or f"HTTP {resp.status}"}
+        if resp.status >= 400:
+            raise history.NodeAnswered(message=str(data.get("error") or f"HTTP {resp.status}"))
+        return data
 
 
 async def query_status(data_dir: Path) -> dict[str, object]:

@@ -158,9 +158,14 @@ def verify_entry(entry: LogEntry) -> None:
         raise CorruptEntry(f"entry {where}: {exc}") from exc
 
 
-def open_entry(keys: VolumeKeys, entry: LogEntry) -> bytes:
-    """The operation bytes of a verified entry; `CorruptEntry` on any failure."""
-    verify_entry(entry)
+def open_entry(keys: VolumeKeys, entry: LogEntry, *, check_signature: bool = True) -> bytes:
+    """The operation bytes of a verified entry; `CorruptEntry` on any failure.
+
+    `check_signature=False` skips only the Ed25519 check (1.3 of 3.2 s of a
+    10,000-file restart), for entries whose signature was checked when they
+    entered this node's store; the AEAD tag is always checked."""
+    if check_signature:
+        verify_entry(entry)
     try:
         return unseal(keys.log, entry.sealed, _entry_aad(entry.node, entry.seq))
     except SealError as exc:

@@ -116,7 +116,13 @@ def _cbor(body: bytes) -> web.Response:
 
 
 async def hello(request: web.Request) -> web.Response:
+    """Who we are and what we hold. `?port=N` (authenticated with the rest of
+    the request) is where the caller serves peers: we sync back with it, so a
+    `--peer` given on one side only still syncs both ways."""
     sync = request.app[SYNC_KEY]
+    port = request.query.get("port", "")
+    if port.isdigit() and 0 < int(port) < 65536 and request.remote:
+        sync.add_peer(request.remote, int(port), "inbound")
     return _cbor(wire.encode_hello(sync.hello()))
 
 
@@ -143,7 +149,7 @@ async def watch(request: web.Request) -> web.Response:
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(wait):
             await sync.wait_log_differs(since)
-    return _cbor(wire.encode_vv(sync.journal.vv))
+    return _cbor(wire.encode_vv(sync.journal.vv, sync.gossip()))
 
 
 def make_peer_app(sync: Sync) -> web.Application:

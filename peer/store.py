@@ -31,7 +31,8 @@ from crdt.ops import ROOT
 from peer.errors import CorruptStore
 from peer.sealing import LogEntry
 
-SCHEMA_VERSION = 1
+# 2: incremental auto-vacuum, so collected blocks give their space back.
+SCHEMA_VERSION = 2
 ROOT_INODE = 1
 _BUSY_TIMEOUT_MS = 5000
 # Large pages because most bytes are 128 KiB sealed blocks: on this machine
@@ -120,6 +121,10 @@ class Store:
         conn = self._conn
         conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
         conn.execute(f"PRAGMA page_size = {_PAGE_SIZE}")
+        # Freed pages go back to the file system, a bit at a time, after each
+        # collection (`reclaim`). Takes effect only before the first table is
+        # made; older stores are converted once by `_migrate`.
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
         (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
         if str(mode).lower() != "wal":
             raise CorruptStore(path=self.path, detail=f"cannot use a WAL journal here (got {mode})")
@@ -169,7 +174,17 @@ class Store:
                         f"dfs-peer understands ({SCHEMA_VERSION}): upgrade dfs-peer"
                     ),
                 )
-            # Older versions would be migrated here; version 1 is the first.
+        if version < 2:
+            self._migrate_to_incremental_vacuum()
+
+    def _migrate_to_incremental_vacuum(self) -> None:
+        """Version 1 -> 2: switch on incremental auto-vacuum (a one-off VACUUM,
+        which rewrites the file; it cannot run inside a transaction)."""
+        with self._lock:
+            self._conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            self._conn.execute("VACUUM")
+        with self.transaction():
+            self.set_meta("schema_version", str(SCHEMA_VERSION).encode())
 
     def close(self) -> None:
         with self._lock:
@@ -364,6 +379,56 @@ class Store:
         cursor = self._conn.execute("DELETE FROM blocks WHERE id = ?", (block_id,))
         return cursor.rowcount > 0
 
+    def block_ids(self) -> list[bytes]:
+        """The id of every block held (read from the id index, not the blobs)."""
+        with self._lock:
+            return [bytes(bid) for (bid,) in self._conn.execute("SELECT id FROM blocks")]
+
+    def delete_blocks(self, ids: Iterable[bytes]) -> tuple[int, int]:
+        """Drop blocks (garbage); returns (blocks, sealed bytes) deleted."""
+        self._require_transaction()
+        wanted = list(dict.fromkeys(ids))
+        count = size = 0
+        for start in range(0, len(wanted), _IN_CHUNK):
+            chunk = wanted[start : start + _IN_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            n, b = self._conn.execute(
+                f"SELECT count(*), coalesce(sum(length(sealed)), 0) FROM blocks WHERE id IN ({marks})",
+                chunk,
+            ).fetchone()
+            self._conn.execute(f"DELETE FROM blocks WHERE id IN ({marks})", chunk)
+            count, size = count + int(n), size + int(b)
+        return count, size
+
+    def reclaim(self, max_pages: int | None = None) -> int:
+        """Give free pages back to the file system (incremental vacuum, then a
+        WAL checkpoint so the shorter file is the one on disk); returns the
+        bytes the store shrank by. Runs in its own transaction."""
+        before = self.stats().db_bytes
+        with self._lock:
+            if self._depth:
+                raise AssertionError("reclaim() cannot run inside a transaction")
+            arg = "" if max_pages is None else f"({int(max_pages)})"
+            # executescript, not execute: the module steps this pragma once,
+            # which frees one page; a script runs it to completion.
+            self._conn.executescript(f"PRAGMA incremental_vacuum{arg};")
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        return max(0, before - self.stats().db_bytes)
+
+    def free_bytes(self) -> int:
+        """Bytes of pages inside the file that hold nothing (reclaimable)."""
+        with self._lock:
+            (pages,) = self._conn.execute("PRAGMA freelist_count").fetchone()
+            (size,) = self._conn.execute("PRAGMA page_size").fetchone()
+        return int(pages) * int(size)
+
+    def delete_log_after(self, node: bytes, seq: int) -> int:
+        """Drop `node`'s entries past `seq` (a forgotten node's refused tail);
+        returns how many were dropped. Keeps the log contiguous."""
+        self._require_transaction()
+        cursor = self._conn.execute("DELETE FROM log WHERE node = ? AND seq > ?", (node, seq))
+        return cursor.rowcount
+
     # Inodes
 
     def inode_of(self, entry: bytes) -> int:
@@ -412,3 +477,74 @@ class Store:
             with contextlib.suppress(FileNotFoundError):
                 db_bytes += Path(f"{self.path}{suffix}").stat().st_size
         return StoreStats(int(log_entries), int(blocks), int(block_bytes), db_bytes)
+
+
+class ReadOnlyStore(Store):
+    """A store opened read-only (`dfs-peer join --read-only --at`): it can run
+    beside the node that owns the data dir and never changes a byte of it.
+
+    SQLite refuses every write on the connection; inode numbers for entries the
+    inode table does not list yet are handed out in memory, above every number
+    the table held when it was loaded, and forgotten at exit.
+    """
+
+    _next_inode = 0
+    _memory_inodes: dict[bytes, int]
+
+    @classmethod
+    def open(cls, path: Path) -> Store:
+        if not path.exists():
+            raise CorruptStore(path=path, detail="there is no store there")
+        try:
+            conn = sqlite3.connect(
+                path.absolute().as_uri() + "?mode=ro",
+                uri=True,
+                isolation_level=None,
+                check_same_thread=False,
+                timeout=_BUSY_TIMEOUT_MS / 1000,
+            )
+        except sqlite3.Error as exc:
+            raise CorruptStore(path=path, detail=str(exc)) from exc
+        store = cls(path, conn)
+        store._memory_inodes = {}
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA query_only = ON")
+            # Every version so far has the same tables; a newer one may not.
+            raw = store.get_meta("schema_version") or b""
+            if not raw.isdigit() or not 1 <= int(raw) <= SCHEMA_VERSION:
+                raise CorruptStore(path=path, detail=f"unknown schema version {raw!r}")
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise CorruptStore(path=path, detail=str(exc)) from exc
+        except BaseException:
+            conn.close()
+            raise
+        return store
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        # Nothing to commit: reads need no transaction, and writes fail.
+        with self._lock:
+            yield
+
+    def sync(self) -> None:
+        return None
+
+    def delete_block(self, block_id: bytes) -> bool:
+        return False  # a corrupt block stays for its owner to find and replace
+
+    def load_inodes(self) -> dict[bytes, int]:
+        table = super().load_inodes()
+        self._next_inode = max(self._next_inode, max(table.values(), default=ROOT_INODE) + 1)
+        return {**table, **self._memory_inodes}
+
+    def inode_of(self, entry: bytes) -> int:
+        with self._lock:
+            inode = self._memory_inodes.get(entry)
+            if inode is None:
+                if not self._next_inode:
+                    self.load_inodes()
+                inode = self._memory_inodes[entry] = self._next_inode
+                self._next_inode += 1
+            return inode

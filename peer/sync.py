@@ -1,10 +1,15 @@
 """Sync: pull peers' log suffixes and the blocks they reference, and serve ours.
 
 Invariant: a remote operation enters this node only together with every block
-it references, verified (signature and MAC of the entry; decryption and id of
-each block), in one store transaction (`Journal.merge_remote`). So every node
-that holds an operation holds its blocks, a reader never meets a block that
-has not arrived yet, and any peer that has an operation can serve its blocks.
+the merged state will show because of it (the block maps of its file's heads
+afterwards), verified (signature and MAC of the entry; decryption and id of
+each block), in one store transaction (`Journal.merge_remote`). So a reader
+never meets a block that has not arrived yet, and any peer that has an
+operation can serve the blocks of what it shows. Blocks only superseded
+versions reference (history) are fetched when some peer still has them and
+skipped otherwise: after collection (`peer.gc`) peers legitimately lack the
+blocks of superseded, stable versions past the retention, and answer without
+them.
 
 How it flows: each peer address gets a `Link`, a task that says hello, pulls
 whatever the peer has and we lack, then long-polls the peer's `/watch`, which
@@ -27,8 +32,9 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
+from crdt.content import Contents, Version
 from crdt.merge import Changes
-from crdt.ops import BLOCK_SIZE, Op, Write
+from crdt.ops import BLOCK_SIZE, TRASH, Move, Op, Write
 from peer import wire
 from peer.auth import (
     HEADER_MAC,
@@ -41,6 +47,7 @@ from peer.auth import (
 )
 from peer.blocks import Blocks
 from peer.errors import CorruptBlock, CorruptEntry
+from peer.gc import Stability
 from peer.identity import NodeIdentity
 from peer.journal import Journal
 from peer.keys import VolumeKeys
@@ -75,7 +82,7 @@ class SelfConnection(PeerError):
 
 
 class MissingBlocks(PeerError):
-    """No connected peer could provide some blocks."""
+    """No connected peer could provide some blocks the merged state needs."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,7 +185,9 @@ class PeerClient:
         raise PeerError("clock skew could not be corrected")
 
     async def hello(self) -> wire.Hello:
-        return wire.decode_hello(await self.call("GET", "/hello"))
+        port = self.sync.port
+        path = f"/hello?port={port}" if port else "/hello"
+        return wire.decode_hello(await self.call("GET", path))
 
     async def log(self, vv: dict[bytes, int]) -> wire.LogResponse:
         body = wire.encode_log_request(wire.LogRequest(vv, wire.LOG_BATCH_BYTES))
@@ -188,9 +197,9 @@ class PeerClient:
         body = wire.encode_blocks_request(wire.BlocksRequest(list(ids)))
         return wire.decode_blocks_response(await self.call("POST", "/blocks", body)).blocks
 
-    async def watch(self, since: str, wait: float) -> dict[bytes, int]:
+    async def watch(self, since: str, wait: float) -> wire.Watch:
         path = f"/watch?since={since}&wait={wait:g}"
-        return wire.decode_vv(await self.call("GET", path, limit_s=wait + 10))
+        return wire.decode_watch(await self.call("GET", path, limit_s=wait + 10))
 
 
 @dataclass(eq=False)
@@ -214,13 +223,19 @@ class Link:
     def address(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
+    def responsive(self) -> bool:
+        """Connected, and heard from within a long poll's time (a partition
+        leaves a poll hanging, not failed, until its timeout)."""
+        recent = self.last_seen is not None and time.time() - self.last_seen < WATCH_S + 5
+        return self.connected and recent
+
     def statistics(self) -> PeerStatistics:
         return PeerStatistics(
             id=self.node_id.hex() if self.node_id else None,
             name=self.name,
             address=self.address,
             source=self.source,
-            connected=self.connected,
+            connected=self.responsive(),
             version_vector=_hexvv(self.vv),
             last_seen=self.last_seen,
             last_error=self.last_error,
@@ -263,6 +278,12 @@ class Sync:
         self._refused_logged: dict[str, float] = {}
         self._inflight: dict[bytes, asyncio.Future[bytes | None]] = {}
         self.on_peers_changed: Callable[[], None] | None = None
+        # What this node knows of every member's version vector (set by the node).
+        self.stability: Stability | None = None
+        self._gossip_version = 0
+        # Fetch the blocks of superseded versions too (history for --at and
+        # restore); a node that keeps no history (`--keep-history 0`) skips them.
+        self.fetch_history = True
         journal.grew.append(self._log_grew)
 
     # -- lifetime ------------------------------------------------------------------
@@ -355,13 +376,16 @@ class Sync:
                 link.node_id, link.name, link.vv = hello.node, hello.name, hello.vv
                 link.connected, link.last_error = True, None
                 link.last_seen = time.time()
+                self._learn(hello.node, hello.vv, hello.known)
                 backoff = BACKOFF_MIN_S
                 self._peers_changed()
                 while True:
                     await self._pull(link)
                     since = wire.vv_digest(link.vv)
-                    link.vv = await client.watch(since, min(WATCH_S, MAX_WATCH_S))
+                    watched = await client.watch(since, min(WATCH_S, MAX_WATCH_S))
+                    link.vv = watched.vv
                     link.last_seen = time.time()
+                    self._learn(hello.node, watched.vv, watched.known)
             except asyncio.CancelledError:
                 link.connected = False
                 raise
@@ -389,6 +413,23 @@ class Sync:
             await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
             backoff = min(backoff * 2, BACKOFF_MAX_S)
 
+    def attach(self, stability: Stability) -> None:
+        """Learn and pass on members' version vectors through `stability`."""
+        self.stability = stability
+        stability.grew.append(self._gossip_grew)
+
+    def _learn(self, node: bytes, vv: dict[bytes, int], known: wire.Gossip) -> None:
+        if self.stability is not None:
+            self.stability.learn(node, vv)
+            self.stability.learn_gossip(known)
+
+    def _gossip_grew(self) -> None:
+        self._gossip_version += 1
+        self._log_grew()
+
+    def gossip(self) -> wire.Gossip:
+        return self.stability.gossip() if self.stability is not None else {}
+
     def _link_failed(self, link: Link, reason: str, level: int) -> None:
         first = link.connected or link.last_error != reason
         link.connected = False
@@ -401,10 +442,15 @@ class Sync:
         """Pull everything `link`'s peer has and we lack."""
         client = link.client
         assert client is not None
+        journal = self.journal
         async with self._pull_lock:
-            while _behind(link.vv, self.journal.vv) > 0:
-                resp = await client.log(dict(self.journal.vv))
-                entries = [e for e in resp.entries if e.seq > self.journal.vv.get(e.node, 0)]
+            while _behind(journal.capped(link.vv), journal.vv) > 0:
+                resp = await client.log(dict(journal.vv))
+                entries = [
+                    e
+                    for e in resp.entries
+                    if e.seq > journal.vv.get(e.node, 0) and journal.accepts(e.node, e.seq)
+                ]
                 if not entries:
                     if resp.entries or not resp.more:
                         return
@@ -412,29 +458,63 @@ class Sync:
                 ops = await asyncio.to_thread(self.journal.open_entries, entries)
                 await self._merge(link, entries, ops)
                 link.last_seen = time.time()
-                if not resp.more and _behind(link.vv, self.journal.vv) == 0:
+                if not resp.more and _behind(journal.capped(link.vv), journal.vv) == 0:
                     return
+
+    def _needed(self, ops: Sequence[Op]) -> tuple[set[bytes], set[bytes]]:
+        """(required, optional): the blocks merging `ops` needs that this node lacks.
+
+        Required: the block maps of the heads of every file `ops` write or
+        delete, in the state after the merge. Optional: the other blocks `ops`
+        list (superseded versions: history a peer may have collected)."""
+        contents = self.journal.replica.contents
+        files: set[bytes] = set()
+        fresh: list[Version] = []
+        for op in ops:
+            if isinstance(op, Write):
+                files.add(op.entry)
+                fresh.append(Version(op.hlc, op.entry, op.bases, op.size, op.blocks, False))
+            elif isinstance(op, Move) and op.parent == TRASH:
+                files.add(op.entry)
+                fresh.append(Version(op.hlc, op.entry, op.seen, 0, (), tombstone=True))
+        after = Contents()
+        for entry in files:
+            for h in contents.of(entry):
+                after.add(contents.versions[h])
+        for version in fresh:
+            after.add(version)
+        required: set[bytes] = set()
+        for entry in files:
+            for head in after.heads(entry):
+                if not after.versions[head].tombstone:
+                    required.update(after.block_map(head).values())
+        optional = set(referenced_blocks(ops)) - required if self.fetch_history else set()
+        held = self.store.has_blocks(required | optional)
+        return required - held, optional - held
 
     async def _merge(self, link: Link, entries: list[LogEntry], ops: list[Op]) -> None:
         """Fetch the blocks `entries` need and merge them, a bounded piece at a time."""
+        required, optional = self._needed(ops)
         start = 0
         while start < len(entries):
             end = start
-            needed: dict[bytes, int] = {}
+            want: set[bytes] = set()
             while end < len(entries):
-                refs = referenced_blocks([ops[end]])
-                missing = {b: n for b, n in refs.items() if b not in needed}
-                if missing:
-                    held = self.store.has_blocks(missing)
-                    missing = {b: n for b, n in missing.items() if b not in held}
-                if needed and sum(needed.values()) + sum(missing.values()) > MERGE_BLOCK_BYTES:
+                refs = [b for b in referenced_blocks([ops[end]]) if b in required or b in optional]
+                missing = [b for b in refs if b not in want]
+                if want and (len(want) + len(missing)) * BLOCK_SIZE > MERGE_BLOCK_BYTES:
                     break
-                needed.update(missing)
+                want.update(missing)
                 end += 1
-            self._missing_blocks = len(needed)
-            self._missing_bytes = sum(needed.values())
+            if end == len(entries):
+                want |= required  # heads' blocks from versions held before this batch
+            must = want & required
+            required -= want
+            optional -= want
+            self._missing_blocks = len(want)
+            self._missing_bytes = BLOCK_SIZE * len(want)
             try:
-                fetched = await self.fetch(list(needed), prefer=link)
+                fetched = await self.fetch(list(must), prefer=link, optional=list(want - must))
             finally:
                 self._missing_blocks = self._missing_bytes = 0
             changes = self.journal.merge_remote(entries[start:end], ops[start:end], fetched)
@@ -454,9 +534,14 @@ class Sync:
         random.shuffle(others)
         return ([prefer] if prefer is not None and prefer.client is not None else []) + others
 
-    async def fetch(self, ids: Sequence[bytes], prefer: Link | None) -> list[tuple[bytes, bytes]]:
-        """Sealed blocks for `ids`, each verified, from `prefer` first, then any
-        other connected peer. `MissingBlocks` if some cannot be had."""
+    async def fetch(
+        self, ids: Sequence[bytes], prefer: Link | None, optional: Sequence[bytes] = ()
+    ) -> list[tuple[bytes, bytes]]:
+        """Sealed blocks for `ids` and `optional`, each verified, from `prefer`
+        first, then any other connected peer. `MissingBlocks` if some of `ids`
+        cannot be had; `optional` ones no peer has are skipped."""
+        required = list(ids)
+        ids = required + [b for b in optional if b not in set(required)]
         if not ids:
             return []
         got: dict[bytes, bytes] = {}
@@ -496,9 +581,12 @@ class Sync:
         async with asyncio.TaskGroup() as group:
             for chunk in chunks:
                 group.create_task(one(chunk))
-        missing = [b for b in ids if b not in got]
+        missing = [b for b in required if b not in got]
         if missing:
             raise MissingBlocks(f"{len(missing)} block(s) not available from any peer")
+        skipped = len(ids) - len(got)
+        if skipped:
+            log.debug("skipped blocks no peer keeps any more (history): count=%d", skipped)
         return list(got.items())
 
     def _verify(
@@ -538,7 +626,9 @@ class Sync:
 
     # -- serving -------------------------------------------------------------------
     def hello(self) -> wire.Hello:
-        return wire.Hello(PROTOCOL, self.identity.node_id, self.name, dict(self.journal.vv))
+        return wire.Hello(
+            PROTOCOL, self.identity.node_id, self.name, dict(self.journal.vv), self.gossip()
+        )
 
     def entries_for(self, theirs: dict[bytes, int], max_bytes: int) -> wire.LogResponse:
         """Entries we hold past `theirs`, node by node, up to about `max_bytes`."""
@@ -580,7 +670,14 @@ class Sync:
         self._grew = asyncio.Event()
 
     async def wait_log_differs(self, since: str) -> None:
-        while wire.vv_digest(self.journal.vv) == since and not self._closing:
+        """Until our log differs from `since`, or we learnt that some member's
+        vector grew (news for the peer's causal stability)."""
+        gossip = self._gossip_version
+        while (
+            wire.vv_digest(self.journal.vv) == since
+            and self._gossip_version == gossip
+            and not self._closing
+        ):
             await self._grew.wait()
 
     def note_refused(self, remote: str, reason: str) -> None:
@@ -599,7 +696,11 @@ class Sync:
     def statistics(self) -> SyncStatistics:
         ours = self.journal.vv
         behind = max(
-            (_behind(link.vv, ours) for link in self.links.values() if link.connected),
+            (
+                _behind(self.journal.capped(link.vv), ours)
+                for link in self.links.values()
+                if link.connected
+            ),
             default=0,
         )
         return SyncStatistics(

@@ -755,6 +755,10 @@ class Volume:
         del self._open_count[handle.entry]
         self._flush(handle.entry)
 
+    def buffered_bases(self) -> list[Hlc | None]:
+        """The versions that writes buffered here build on (collection keeps them)."""
+        return [dirty.base for dirty in self._dirty.values()]
+
     def flush_all(self) -> None:
         """Flush every buffered file (shutdown)."""
         for entry in list(self._dirty):

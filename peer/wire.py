@@ -10,7 +10,7 @@ authenticity is checked by the receiver (signature, MAC, block id), not here.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import cbor2
@@ -31,8 +31,15 @@ BLOCKS_PER_REQUEST = 64
 MAX_SEALED_BYTES = 1024 * 1024
 MAX_NAME = 256
 MAX_VV_NODES = 100_000
+# Gossip: the vectors a node passes on of other members, and how many
+# (node, seq) pairs all of them may hold together.
+MAX_KNOWN_NODES = 1024
+MAX_KNOWN_PAIRS = 200_000
+MAX_TIME_MS = 2**53
 
 VersionVector = dict[bytes, int]
+# node -> (its version vector, when that was learnt from the node itself, unix ms)
+Gossip = dict[bytes, tuple[VersionVector, int]]
 
 
 class BadMessage(Exception):
@@ -45,6 +52,15 @@ class Hello:
     node: bytes
     name: str
     vv: VersionVector
+    known: Gossip = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Watch:
+    """A long poll's answer: the peer's vector, and the vectors it knows of."""
+
+    vv: VersionVector
+    known: Gossip = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,11 +124,42 @@ def _vv_out(vv: VersionVector) -> dict[bytes, int]:
     return dict(vv)
 
 
+def _known(obj: Any) -> Gossip:
+    """Optional gossip (older peers send none): bounded in nodes and pairs."""
+    if obj is None:
+        return {}
+    if not isinstance(obj, dict) or len(obj) > MAX_KNOWN_NODES:
+        raise BadMessage("malformed gossip")
+    out: Gossip = {}
+    pairs = 0
+    for node, item in obj.items():
+        if not isinstance(item, list) or len(item) != 2:
+            raise BadMessage("malformed gossip entry")
+        if isinstance(item[0], dict):
+            pairs += len(item[0])
+        if pairs > MAX_KNOWN_PAIRS:
+            raise BadMessage("gossip too large")
+        out[_bytes(node, NODE_ID_BYTES)] = (_vv(item[0]), _int(item[1], 0, MAX_TIME_MS))
+    return out
+
+
+def _known_out(known: Gossip) -> dict[bytes, list[Any]]:
+    return {node: [_vv_out(vv), seen] for node, (vv, seen) in known.items()}
+
+
 # -- hello -------------------------------------------------------------------------
 
 
 def encode_hello(hello: Hello) -> bytes:
-    return encode({"v": hello.protocol, "node": hello.node, "name": hello.name, "vv": hello.vv})
+    return encode(
+        {
+            "v": hello.protocol,
+            "node": hello.node,
+            "name": hello.name,
+            "vv": hello.vv,
+            "known": _known_out(hello.known),
+        }
+    )
 
 
 def decode_hello(body: bytes) -> Hello:
@@ -120,7 +167,9 @@ def decode_hello(body: bytes) -> Hello:
     name = m["name"]
     if not isinstance(name, str) or len(name) > MAX_NAME:
         raise BadMessage("malformed name")
-    return Hello(_int(m["v"]), _bytes(m["node"], NODE_ID_BYTES), name, _vv(m["vv"]))
+    return Hello(
+        _int(m["v"]), _bytes(m["node"], NODE_ID_BYTES), name, _vv(m["vv"]), _known(m.get("known"))
+    )
 
 
 # -- log ---------------------------------------------------------------------------
@@ -200,12 +249,17 @@ def decode_blocks_response(body: bytes) -> BlocksResponse:
 # -- watch -------------------------------------------------------------------------
 
 
-def encode_vv(vv: VersionVector) -> bytes:
-    return encode({"vv": _vv_out(vv)})
+def encode_vv(vv: VersionVector, known: Gossip | None = None) -> bytes:
+    return encode({"vv": _vv_out(vv), "known": _known_out(known or {})})
 
 
 def decode_vv(body: bytes) -> VersionVector:
-    return _vv(_map(_load(body), {"vv"})["vv"])
+    return decode_watch(body).vv
+
+
+def decode_watch(body: bytes) -> Watch:
+    m = _map(_load(body), {"vv"})
+    return Watch(_vv(m["vv"]), _known(m.get("known")))
 
 
 def vv_digest(vv: VersionVector) -> str:

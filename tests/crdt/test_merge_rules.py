@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from crdt.clock import MAX_FORWARD_MS
 from crdt.merge import Replica, conflict_copy_id
-from crdt.ops import BLOCK_SIZE, NAME_MAX, ROOT, TRASH, Member, Move, Write
+from crdt.ops import BLOCK_SIZE, NAME_MAX, ROOT, TRASH, Forget, Member, Move, Write
 from tests.crdt.model import (
     EPOCH_MS,
     SimNode,
@@ -492,3 +492,27 @@ def test_trash_is_never_shown() -> None:
     assert alice.replica.entry(TRASH) is None
     assert alice.replica.lookup(ROOT, b"f") is None
     assert alice.replica.tree.places[f].parent == TRASH  # where the tree keeps it
+
+
+# --- members and Forget -----------------------------------------------------------------------
+
+
+def test_forget_removes_a_member_in_any_order_and_the_greatest_cut_wins() -> None:
+    alice, bob = alice_and_bob()
+    carol = SimNode.named("carol")
+    sync(alice, bob, carol)
+    early = Forget(alice.stamp(), carol.node, 3)
+    late = Forget(bob.stamp(), carol.node, 5)
+    alice.commit(early)
+    bob.commit(late)
+    ops = [*alice.held.values(), *bob.held.values(), *carol.held.values(), early, late]
+    replicas = [Replica() for _ in range(3)]
+    replicas[0].apply(ops)
+    replicas[1].apply(reversed(ops))
+    for op in ops[::2] + ops[1::2] + ops:
+        replicas[2].apply([op])
+    for replica in replicas:
+        assert replica.forgotten() == {carol.node: 5}
+        assert replica.current_members() == {alice.node: "alice", bob.node: "bob"}
+        assert replica.members()[carol.node] == "carol"  # its name still names its copies
+        assert replica.snapshot() == replicas[0].snapshot()

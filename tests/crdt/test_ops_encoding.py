@@ -26,6 +26,7 @@ from crdt.ops import (
     TRASH,
     XATTR_PREFIX,
     Create,
+    Forget,
     MalformedOp,
     Member,
     Move,
@@ -53,6 +54,9 @@ names = st.binary(min_size=1, max_size=NAME_MAX).filter(
 block_ids = st.binary(min_size=BLOCK_ID_BYTES, max_size=BLOCK_ID_BYTES)
 
 members = st.builds(Member, hlcs, st.text(max_size=64))
+forgets = st.builds(
+    Forget, hlcs, st.binary(min_size=NODE_ID_BYTES, max_size=NODE_ID_BYTES), st.integers(0, I64[1])
+)
 creates = st.builds(
     Create,
     hlcs,
@@ -84,7 +88,7 @@ writes = st.builds(
     st.integers(0, MAX_FILE_SIZE),
     st.lists(st.tuples(st.integers(0, 1 << 40), st.none() | block_ids), max_size=6).map(tuple),
 )
-ops = st.one_of(members, creates, moves, set_attrs, writes)
+ops = st.one_of(members, creates, moves, set_attrs, writes, forgets)
 
 H = Hlc(1_704_164_645_000, 3, b"\x07" * NODE_ID_BYTES)
 E = b"\x01" * ENTRY_ID_BYTES
@@ -97,6 +101,7 @@ SAMPLES: list[Op] = [
     SetAttr(H, E, "xattr:user.tag", b"blue"),
     SetAttr(H, E, "xattr:user.tag", None),
     Write(H, E, (H,), 5, ((0, b"\x02" * BLOCK_ID_BYTES), (1, None))),
+    Forget(H, b"\x09" * NODE_ID_BYTES, 42),
 ]
 
 
@@ -221,6 +226,10 @@ BAD_OPS: list[Any] = [
     Write(H, E, (), 0, ((1 << 41, None),)),
     Write(H, E, (), 0, ((0, None),) * (MAX_BLOCKS_PER_WRITE + 1)),
     Move(H, E, ROOT, b"a", (H,) * 1025),
+    Forget(H, b"short", 1),
+    Forget(H, H.node, -1),
+    Forget(H, H.node, 1 << 63),
+    Forget(H, H.node, True),
 ]
 
 
@@ -238,6 +247,7 @@ def test_out_of_range_fields_are_malformed(op: Any) -> None:
         [FORMAT_VERSION, 9, [1, 0, H.node]],  # unknown operation
         [FORMAT_VERSION, 0, [1, 0, H.node]],  # a Member without its name
         [FORMAT_VERSION, 0, [1, 0, H.node], "a", "b"],  # one field too many
+        [FORMAT_VERSION, 5, [1, 0, H.node], H.node],  # a Forget without its cut
         [FORMAT_VERSION, 2, [1, 0, H.node], E, ROOT, b"a", [[1, 0]]],  # short stamp in seen
         [FORMAT_VERSION, 4, [1, 0, H.node], E, [], 0, [[0]]],  # block entry without id
         [FORMAT_VERSION, 4, [1, 0, H.node], E, [], 0, {}],  # block map not a list

@@ -255,3 +255,14 @@ async def test_bytes_on_the_wire_hold_no_plaintext_name_or_content(
         assert len(wire_bytes) > len(content) // 2, "the capture saw no sync traffic"
         for secret in (name, name.hex().encode(), b"PLAINTEXT CONTENT", b"quarterly-plan"):
             assert secret not in wire_bytes, f"{secret!r} travelled in plaintext"
+
+
+async def test_a_peer_named_on_one_side_only_syncs_both_ways(
+    tmp_path: Path, keys: VolumeKeys
+) -> None:
+    a, b = make_node(tmp_path, "a", keys), make_node(tmp_path, "b", keys)
+    async with running(a, b) as (sa, sb):
+        sb.add_peer("127.0.0.1", sa.port, "static")  # A is told nothing about B
+        write_file(b, b"from-b", b"B wrote this")
+        await wait_until(lambda: read_file(a, b"from-b") == b"B wrote this", "A to pull from B")
+        assert [link.source for link in sa.links.values()] == ["inbound"]

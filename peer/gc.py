@@ -1,0 +1,558 @@
+"""Causal stability and garbage collection of blocks.
+
+Invariant: a block leaves this node's store only if no version this node keeps
+references it, where a version is kept when it is
+
+- a head of its file (the current content, a conflict copy, a write on a
+  deleted file), or the content a delete hid while the delete is not stable,
+  not past the retention, no longer in force, or the file is visible again;
+- superseded, unless one of the versions superseding it is *stable* (every
+  current member holds it) and was written at least the history retention ago
+  (`NodeConfig.keep_history_s`, by the superseding stamp's wall time);
+- the base of a write still buffered here (an open file), or incomplete (its
+  lineage has not arrived: every block it lists is kept).
+
+Stability is an elementwise minimum: the *stable version vector* is the
+minimum, over this node and every current member (nodes that announced
+themselves with a `Member` op and were not forgotten), of the version vector
+this node knows for it: learnt directly from the peer (`/hello`, `/watch`) or
+through gossip (every peer passes on the vectors it knows, with the time it
+learnt them). A member this node never heard from counts as holding nothing,
+so it holds everything back. Known vectors only grow (they are merged
+elementwise by max) and are persisted in the store, so a restart does not
+forget that a member is behind. A node's seqs grow with its stamps
+(`Journal.commit` seals in stamp order), so "entry (n, s) is stable" becomes
+"a stamp of n at or below the stamp of (n, s) is stable".
+
+Why this is safe for a node that is away (C in the `gc_safety` scenario):
+everything written after C's version vector is unstable, so every version C
+may still show, or build on, stays here with its blocks. A write made on top
+of an old version by a node that still buffered it (an open file) lists only
+the blocks it changed; its other blocks are the old version's, which that node
+keeps (its buffer pins them), and peers fetch them from it with the write.
+
+`Forget` (`dfs-peer forget`) removes a member for good: it stops holding back
+stability, and its entries past the cut recorded in the op are refused by
+every node (`Journal.accepts`), because what it writes after being forgotten
+may build on history the others have already collected. It must join again
+with a fresh data dir, under a new id.
+
+What this module does not do: drop log entries. Operations are small next to
+blocks (a 20 MiB write is one op of 160 block ids), `--at` replays the log,
+and a write buffered on another node may still name any older version as its
+base, so the operations of superseded versions stay; their blocks go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import cbor2
+
+from crdt.clock import Hlc
+from crdt.content import Contents
+from crdt.merge import Replica
+from crdt.ops import Forget, MalformedOp, decode_op
+from peer.errors import CorruptEntry, DfsError
+from peer.journal import Journal
+from peer.sealing import open_entry
+
+if TYPE_CHECKING:
+    from peer.volume import Volume
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Collection", "Collector", "Forget", "Stability", "keep_plan", "resolve_member"]
+
+FORGOTTEN_WARNING = (
+    "this node was forgotten by the other members of the volume (`dfs-peer forget`): "
+    "what it writes now is refused by them; join again with a fresh --data-dir"
+)
+KNOWN_META = "gc_known"
+KNOWN_FORMAT = 1
+# Periodic collection: every this often, sooner after a big merge, and never
+# more often than the minimum spacing.
+COLLECT_EVERY_S = 60.0
+CHECK_EVERY_S = 5.0
+BIG_MERGE_OPS = 500
+# Pages given back per collection; the rest next time (a 20 MiB file is 320
+# pages of 64 KiB). None: all at once.
+RECLAIM_PAGES: int | None = None
+
+VersionVector = dict[bytes, int]
+
+
+def wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(slots=True)
+class Known:
+    """What this node knows of one member's version vector."""
+
+    vv: VersionVector
+    seen_ms: int  # when its newest part was learnt from the member itself (its clock)
+
+    def merge(self, vv: VersionVector, seen_ms: int) -> bool:
+        """Fold in a report; True if the vector grew."""
+        grew = False
+        for node, seq in vv.items():
+            if seq > self.vv.get(node, 0):
+                self.vv[node] = seq
+                grew = True
+        self.seen_ms = max(self.seen_ms, seen_ms)
+        return grew
+
+
+@dataclass(frozen=True, slots=True)
+class MemberStatus:
+    id: str
+    name: str
+    last_seen: float | None  # unix seconds; None: never heard of
+    behind: int  # operations this node holds that the member is not known to hold
+    forgotten: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Collection:
+    """What one collection did."""
+
+    at: float
+    seconds: float
+    ran: bool  # False: skipped, nothing changed since the last run
+    blocks_freed: int
+    bytes_freed: int
+    blocks_kept: int
+    versions_kept: int
+    versions_unstable: int  # superseded, but not by anything stable yet
+    versions_in_retention: int  # superseded stably, kept as history
+    log_entries_folded: int
+    store_bytes_before: int
+    store_bytes_after: int
+    store_bytes_reclaimed: int
+
+
+class Stability:
+    """Every member's version vector as this node knows it, and what is stable."""
+
+    def __init__(self, journal: Journal, now_ms: Callable[[], int] = wall_ms) -> None:
+        self.journal = journal
+        self.store = journal.store
+        self.replica: Replica = journal.replica
+        self._now = now_ms
+        self.known: dict[bytes, Known] = self._load()
+        self._dirty = False
+        self._stamp_cache: dict[tuple[bytes, int], Hlc] = {}
+        # Called when a member's known vector grew (sync wakes its long polls,
+        # so the news travels on at once rather than at the next anti-entropy).
+        self.grew: list[Callable[[], None]] = []
+
+    # -- learning --------------------------------------------------------------------
+    def learn(self, node: bytes, vv: VersionVector, seen_ms: int | None = None) -> None:
+        """`node` told us directly that it holds `vv`."""
+        if node == self.journal.identity.node_id:
+            return
+        seen = self._now() if seen_ms is None else seen_ms
+        known = self.known.get(node)
+        if known is None:
+            self.known[node] = Known(dict(vv), seen)
+        elif not known.merge(vv, seen):
+            return
+        self._dirty = True
+        for callback in self.grew:
+            callback()
+
+    def learn_gossip(self, gossip: dict[bytes, tuple[VersionVector, int]]) -> None:
+        """Vectors a peer passed on (node -> (vv, when the peer's source learnt it))."""
+        for node, (vv, seen_ms) in gossip.items():
+            # A reported time in our future is capped: it only orders reports.
+            self.learn(node, vv, min(seen_ms, self._now()))
+
+    def gossip(self) -> dict[bytes, tuple[VersionVector, int]]:
+        """What to pass on to peers: every vector known, ours included."""
+        out = {node: (dict(k.vv), k.seen_ms) for node, k in self.known.items()}
+        out[self.journal.identity.node_id] = (dict(self.journal.vv), self._now())
+        return out
+
+    # -- persistence -----------------------------------------------------------------
+    def _load(self) -> dict[bytes, Known]:
+        raw = self.store.get_meta(KNOWN_META)
+        if raw is None:
+            return {}
+        try:
+            version, items = cbor2.loads(raw)
+            if version != KNOWN_FORMAT:
+                raise ValueError(f"format {version}")
+            return {
+                bytes(node): Known({bytes(n): int(s) for n, s in vv.items()}, int(seen))
+                for node, (vv, seen) in items.items()
+            }
+        except (ValueError, TypeError, cbor2.CBORDecodeError) as exc:
+            # Safe to lose: an unknown member holds everything back.
+            log.warning("ignoring malformed known version vectors: %s", exc)
+            return {}
+
+    def persist(self) -> None:
+        """Save the known vectors if they changed (called now and then, and at exit)."""
+        if not self._dirty:
+            return
+        items = {node: [k.vv, k.seen_ms] for node, k in self.known.items()}
+        with self.store.transaction():
+            self.store.set_meta(KNOWN_META, cbor2.dumps([KNOWN_FORMAT, items], canonical=True))
+        self._dirty = False
+
+    # -- stability -------------------------------------------------------------------
+    def vv_of(self, node: bytes) -> VersionVector:
+        if node == self.journal.identity.node_id:
+            return self.journal.vv
+        known = self.known.get(node)
+        return known.vv if known is not None else {}
+
+    def stable_vv(self) -> VersionVector:
+        """Elementwise minimum of our vector and every current member's."""
+        stable = dict(self.journal.vv)
+        for member in self.replica.current_members():
+            theirs = self.vv_of(member)
+            for node, seq in stable.items():
+                if theirs.get(node, 0) < seq:
+                    stable[node] = theirs.get(node, 0)
+        return {node: seq for node, seq in stable.items() if seq > 0}
+
+    def stable_stamps(self, stable: VersionVector | None = None) -> dict[bytes, Hlc]:
+        """node -> the stamp of its last stable entry: its ops at or below are stable."""
+        out: dict[bytes, Hlc] = {}
+        for node, seq in (self.stable_vv() if stable is None else stable).items():
+            stamp = self._stamp_of(node, seq)
+            if stamp is not None:
+                out[node] = stamp
+        return out
+
+    def _stamp_of(self, node: bytes, seq: int) -> Hlc | None:
+        cached = self._stamp_cache.get((node, seq))
+        if cached is not None:
+            return cached
+        entries = self.store.log_after(node, seq - 1, 1)
+        if not entries or entries[0].seq != seq:
+            return None
+        try:
+            op = decode_op(open_entry(self.journal.keys, entries[0], check_signature=False))
+        except (MalformedOp, CorruptEntry) as exc:
+            log.error("cannot read log entry %s/%d: %s", node.hex()[:8], seq, exc)
+            return None
+        if len(self._stamp_cache) > 4096:
+            self._stamp_cache.clear()
+        self._stamp_cache[(node, seq)] = op.hlc
+        return op.hlc
+
+    def members(self) -> list[MemberStatus]:
+        """Every member (forgotten ones too), with how far behind each is known to be."""
+        ours = self.journal.vv
+        forgotten = self.replica.forgotten()
+        own = self.journal.identity.node_id
+        out = []
+        for node, name in sorted(self.replica.members().items(), key=lambda kv: kv[1]):
+            theirs = self.vv_of(node)
+            behind = sum(max(0, seq - theirs.get(n, 0)) for n, seq in ours.items())
+            known = self.known.get(node)
+            if node == own:
+                seen: float | None = self._now() / 1000
+            else:
+                seen = known.seen_ms / 1000 if known is not None else None
+            out.append(MemberStatus(node.hex(), name, seen, behind, node in forgotten))
+        return out
+
+    def held_back_by(self) -> list[MemberStatus]:
+        """The current members that keep some operation we hold from being stable."""
+        return [m for m in self.members() if m.behind > 0 and not m.forgotten]
+
+
+# -- forget ------------------------------------------------------------------------------
+
+
+class NoSuchMember(DfsError):
+    """no member of this volume is called {text} (`dfs-peer status --json` lists
+    them under gc.members): give a name or the start of an id."""
+
+
+class AmbiguousMember(DfsError):
+    """{text} could be any of {choices}: give more of the id."""
+
+
+class CannotForgetSelf(DfsError):
+    """{text} is this node itself: run `dfs-peer forget` on another node."""
+
+
+class ForgetReadOnly(DfsError):
+    """the node in {data_dir} is read-only: run `dfs-peer forget` on a node
+    mounted read-write."""
+
+
+class AlreadyForgotten(DfsError):
+    """{text} ({short}) is already forgotten."""
+
+
+def resolve_member(stability: Stability, text: str) -> bytes:
+    """The member `text` names: its display name, or a prefix of its hex id."""
+    replica = stability.replica
+    members = replica.members()
+    candidates = set(members) | set(stability.known)
+    wanted = text.strip().lower()
+    by_name = {n for n in candidates if members.get(n, "").lower() == wanted}
+    by_id = {n for n in candidates if wanted and n.hex().startswith(wanted)}
+    found = by_name or by_id
+    if not found:
+        raise NoSuchMember(text=text)
+    if len(found) > 1:
+        choices = ", ".join(sorted(f"{members.get(n, '?')} ({n.hex()[:8]})" for n in found))
+        raise AmbiguousMember(text=text, choices=choices)
+    (node,) = found
+    if node == stability.journal.identity.node_id:
+        raise CannotForgetSelf(text=text)
+    if node in replica.forgotten():
+        raise AlreadyForgotten(text=text, short=node.hex()[:8])
+    return node
+
+
+def forget_cut(stability: Stability, node: bytes) -> int:
+    """The last seq of `node` that still counts: the most anyone is known to hold."""
+    cut = stability.journal.vv.get(node, 0)
+    for known in stability.known.values():
+        cut = max(cut, known.vv.get(node, 0))
+    return cut
+
+
+# -- what to keep ------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class KeepPlan:
+    """The blocks to keep and why; `next_expiry_ms` is when retention next lets go."""
+
+    blocks: set[bytes] = field(default_factory=set)
+    versions_kept: int = 0
+    versions_unstable: int = 0
+    versions_in_retention: int = 0
+    next_expiry_ms: int | None = None
+
+    def _expires(self, at_ms: int) -> None:
+        if self.next_expiry_ms is None or at_ms < self.next_expiry_ms:
+            self.next_expiry_ms = at_ms
+
+
+def keep_plan(
+    replica: Replica,
+    stable: dict[bytes, Hlc],
+    now_ms: int,
+    keep_ms: int,
+    pins: Iterable[Hlc] = (),
+) -> KeepPlan:
+    """The blocks every version this node keeps references (module docstring)."""
+    contents = replica.contents
+    plan = KeepPlan()
+
+    def is_stable(h: Hlc) -> bool:
+        bound = stable.get(h.node)
+        return bound is not None and h <= bound
+
+    kept: list[Hlc] = []
+    for entry in contents.entries():
+        _plan_entry(contents, replica, entry, is_stable, now_ms, keep_ms, plan, kept)
+    for pin in pins:
+        if pin in contents.versions and contents.complete(pin):
+            kept.append(pin)
+    # Oldest first, so a version's map extends its (cached) base's.
+    for h in sorted(set(kept)):
+        plan.blocks.update(contents.block_map(h).values())
+    plan.versions_kept = len(set(kept))
+    return plan
+
+
+def _plan_entry(
+    contents: Contents,
+    replica: Replica,
+    entry: bytes,
+    is_stable: Callable[[Hlc], bool],
+    now_ms: int,
+    keep_ms: int,
+    plan: KeepPlan,
+    kept: list[Hlc],
+) -> None:
+    versions = contents.of(entry)
+    superseders: dict[Hlc, list[Hlc]] = {}
+    for h in versions:
+        if not contents.complete(h):
+            # Its lineage has not arrived: keep what it lists; it supersedes nothing yet.
+            plan.blocks.update(b for _, b in contents.versions[h].blocks if b is not None)
+            continue
+        for base in contents.versions[h].bases:
+            superseders.setdefault(base, []).append(h)
+    heads = set(contents.heads(entry))
+    for h in versions:
+        if not contents.complete(h):
+            continue
+        v = contents.versions[h]
+        if h in heads:
+            if not v.tombstone:
+                kept.append(h)
+                continue
+            # A delete's head: the content it hid is history once the delete
+            # is stable, in force, past the retention and the file is gone.
+            if (
+                not contents.in_force(v)
+                or replica.visible(entry)
+                or not is_stable(h)
+                or now_ms - h.wall_ms < keep_ms
+            ):
+                if is_stable(h) and contents.in_force(v) and not replica.visible(entry):
+                    plan.versions_in_retention += 1
+                    plan._expires(h.wall_ms + keep_ms)
+                kept.append(h)
+            continue
+        stable_by = [w.wall_ms for w in superseders.get(h, ()) if is_stable(w)]
+        if not stable_by:
+            plan.versions_unstable += 1
+            kept.append(h)
+            continue
+        superseded_ms = min(stable_by)
+        if now_ms - superseded_ms < keep_ms:
+            plan.versions_in_retention += 1
+            plan._expires(superseded_ms + keep_ms)
+            kept.append(h)
+
+
+# -- the collector -------------------------------------------------------------------------
+
+
+class Collector:
+    """Runs collections (periodically and on demand) and remembers the last one."""
+
+    def __init__(
+        self,
+        stability: Stability,
+        volume: Volume,
+        keep_history_s: float,
+        now_ms: Callable[[], int] = wall_ms,
+    ) -> None:
+        self.stability = stability
+        self.journal = stability.journal
+        self.store = stability.store
+        self.volume = volume
+        self.keep_ms = max(0, int(keep_history_s * 1000))
+        self._now = now_ms
+        self.last: Collection | None = None
+        self._signature: object = None
+        self._next_expiry_ms: int | None = None
+        self._ops_at_last = 0
+        self._wake = asyncio.Event()
+        self._warned_forgotten = False
+
+    def _pins(self) -> list[Hlc]:
+        return [h for h in self.volume.buffered_bases() if h is not None]
+
+    def _current_signature(self, stable: VersionVector) -> object:
+        return (
+            tuple(sorted(self.journal.vv.items())),
+            tuple(sorted(stable.items())),
+            tuple(sorted(self._pins())),
+        )
+
+    def collect(self, force: bool = True) -> Collection:
+        """Delete every block no kept version references; give the space back.
+
+        Synchronous from start to delete, so no commit or merge can slip in
+        between deciding what is live and deleting the rest."""
+        t0 = time.monotonic()
+        now = self._now()
+        stable = self.stability.stable_vv()
+        signature = self._current_signature(stable)
+        expired = self._next_expiry_ms is not None and now >= self._next_expiry_ms
+        if not force and signature == self._signature and not expired and self.last is not None:
+            return self.last
+        before = self.store.stats().db_bytes
+        plan = keep_plan(
+            self.journal.replica,
+            self.stability.stable_stamps(stable),
+            now,
+            self.keep_ms,
+            self._pins(),
+        )
+        garbage = [bid for bid in self.store.block_ids() if bid not in plan.blocks]
+        freed = freed_bytes = 0
+        if garbage:
+            with self.store.transaction():
+                freed, freed_bytes = self.store.delete_blocks(garbage)
+        reclaimed = self.store.reclaim(RECLAIM_PAGES) if freed or self.store.free_bytes() else 0
+        self.stability.persist()
+        self._signature = signature
+        self._next_expiry_ms = plan.next_expiry_ms
+        self._ops_at_last = sum(self.journal.vv.values())
+        result = Collection(
+            at=time.time(),
+            seconds=round(time.monotonic() - t0, 4),
+            ran=True,
+            blocks_freed=freed,
+            bytes_freed=freed_bytes,
+            blocks_kept=len(plan.blocks),
+            versions_kept=plan.versions_kept,
+            versions_unstable=plan.versions_unstable,
+            versions_in_retention=plan.versions_in_retention,
+            log_entries_folded=0,
+            store_bytes_before=before,
+            store_bytes_after=self.store.stats().db_bytes,
+            store_bytes_reclaimed=reclaimed,
+        )
+        self.last = result
+        if freed:
+            log.info(
+                "collected blocks=%d bytes=%d kept=%d seconds=%.3f",
+                freed,
+                freed_bytes,
+                len(plan.blocks),
+                result.seconds,
+            )
+        return result
+
+    def nudge(self) -> None:
+        """Wake the periodic task early (a big merge happened)."""
+        self._wake.set()
+
+    async def run_periodically(self) -> None:
+        """Collect every `COLLECT_EVERY_S`, or sooner after many new operations;
+        cheap when nothing changed (see `collect(force=False)`)."""
+        last_run = time.monotonic()
+        while True:
+            try:
+                async with asyncio.timeout(CHECK_EVERY_S):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            self.stability.persist()
+            own = self.journal.identity.node_id
+            if not self._warned_forgotten and own in self.journal.replica.forgotten():
+                self._warned_forgotten = True
+                log.warning(FORGOTTEN_WARNING)
+            grown = sum(self.journal.vv.values()) - self._ops_at_last
+            if time.monotonic() - last_run < COLLECT_EVERY_S and grown < BIG_MERGE_OPS:
+                continue
+            last_run = time.monotonic()
+            self.collect(force=False)
+
+    def status(self) -> dict[str, Any]:
+        """The `gc` object of `status --json`."""
+        stable = self.stability.stable_vv()
+        ours = self.journal.vv
+        return {
+            "keep_history_s": self.keep_ms / 1000,
+            "stable_version_vector": {n.hex(): s for n, s in sorted(stable.items())},
+            "operations_not_stable": sum(max(0, s - stable.get(n, 0)) for n, s in ours.items()),
+            "members": [asdict(m) for m in self.stability.members()],
+            "held_back_by": [asdict(m) for m in self.stability.held_back_by()],
+            "forgotten": self.journal.identity.node_id in self.journal.replica.forgotten(),
+            "last_collection": asdict(self.last) if self.last is not None else None,
+        }
