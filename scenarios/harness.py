@@ -2,23 +2,38 @@
 
 Invariant: a `NodeProcess` that was started is always stopped and unmounted by
 `stop()` (also when the node died or hangs): `fusermount3 -u -z`, then
-SIGTERM, then SIGKILL, after pyfuse3's own test harness. Waiting is always on a
-condition with a deadline, never a bare sleep.
+SIGTERM, then SIGKILL, after pyfuse3's own test harness. A node also gets
+SIGTERM if the process that started it dies, so a harness killed outright
+leaves no node behind. Waiting is always on a condition with a deadline, never
+a bare sleep.
 """
 
 from __future__ import annotations
 
+import ctypes
+import http.client
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 MOUNT_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 20.0
+STATUS_TIMEOUT_S = 10.0
+# The node's local control socket in its data dir, and what `dfs-peer status`
+# asks it; asked directly here, because starting the CLI costs ~0.3 s a query.
+CONTROL_SOCKET = "control.sock"
+STATUS_PATH = "/status"
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class HarnessError(AssertionError):
@@ -27,12 +42,14 @@ class HarnessError(AssertionError):
 
 def wait_for(
     condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.02
-) -> None:
-    """Poll `condition` until true, or raise HarnessError naming `what`."""
-    deadline = time.monotonic() + timeout
+) -> float:
+    """Poll `condition` until true and return the seconds it took, or raise
+    HarnessError naming `what`."""
+    start = time.monotonic()
+    deadline = start + timeout
     while True:
         if condition():
-            return
+            return time.monotonic() - start
         if time.monotonic() > deadline:
             raise HarnessError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(interval)
@@ -60,6 +77,49 @@ def dfs_peer_command() -> list[str]:
 def new_secret() -> str:
     out = subprocess.run([*dfs_peer_command(), "init"], check=True, capture_output=True, text=True)
     return out.stdout.strip()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the thread that started it ends.
+
+    So a harness killed outright (SIGKILL, OOM) does not leave nodes running
+    and mounted; they unmount themselves on SIGTERM.
+    """
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__("node", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(str(self._path))
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def query_status(data_dir: Path, timeout: float = STATUS_TIMEOUT_S) -> dict[str, Any]:
+    """What `dfs-peer status --json --data-dir D` prints, asked over the control socket.
+
+    Raises OSError if no node answers there.
+    """
+    conn = _UnixHTTPConnection(data_dir / CONTROL_SOCKET, timeout)
+    try:
+        conn.request("GET", STATUS_PATH)
+        resp = conn.getresponse()
+        body = resp.read()
+    finally:
+        conn.close()
+    if resp.status != 200:
+        raise HarnessError(f"status of the node in {data_dir}: HTTP {resp.status} {body[:200]!r}")
+    data: dict[str, Any] = json.loads(body)
+    return data
 
 
 @dataclass
@@ -95,7 +155,9 @@ class NodeProcess:
         ]
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         try:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+            )
         finally:
             log.close()
         if wait:
@@ -153,3 +215,7 @@ class NodeProcess:
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def status(self, timeout: float = STATUS_TIMEOUT_S) -> dict[str, Any]:
+        """The running node's status (see `query_status`)."""
+        return query_status(self.data_dir, timeout)

@@ -1,0 +1,94 @@
+"""A member that leaves for good holds collection back until it is forgotten.
+
+A, B and C (with `--keep-history 0`) share a volume; C writes a small file,
+then stops for good. A overwrites a 20 MiB file five times. Expected: `gc`
+frees nothing and names C as holding collection back; `dfs-peer forget C`
+refuses ambiguity and the node itself with one clear line, then records that C
+is gone; B learns it; `gc` on A and B then frees the old versions and each
+store shrinks to near the live data (the 20 MiB file and C's small one). The
+report gives the store sizes before and after.
+"""
+
+from __future__ import annotations
+
+from scenarios.cluster import Cluster
+from scenarios.gc_safety import BLOCK, cli, gc, held_back_by, start_nodes, store
+from scenarios.trees import human_bytes
+from scenarios.workload import write_file, write_large
+
+NEEDS_REAL_LAN = False
+SIZE = 20 << 20
+OVERWRITES = 5
+
+
+def run(c: Cluster) -> None:
+    with c.report.step("start A, B, C (--keep-history 0)"):
+        a, b, nc = start_nodes(c, "A", "B", "C")
+        c.wait_connected([a, b, nc])
+    with c.report.step("C wrote notes.txt; all three converged"):
+        write_file(nc.path("notes.txt"), b"C was here\n")
+        c.wait_converged([a, b, nc])
+    with c.report.step("C stopped for good"):
+        c.stop(nc)
+
+    with c.report.step(f"A wrote and overwrote big.bin {OVERWRITES} times") as step:
+        for i in range(OVERWRITES + 1):
+            write_large(a.path("big.bin"), SIZE, seed=f"forget-{i}")
+        c.wait_converged([a, b], timeout=120)
+        step.text = (
+            f"A wrote big.bin and overwrote it {OVERWRITES} times "
+            f"({human_bytes((OVERWRITES + 1) * SIZE)} written)"
+        )
+    with c.report.step("gc on A frees nothing: C holds collection back") as step:
+        c.wait_until(lambda: held_back_by(a) == ["C"], "A to name C as behind")
+        result = gc(a)
+        assert result["blocks_freed"] == 0, f"A freed blocks while C is a member: {result}"
+        held = [m["name"] for m in result["held_back_by"]]
+        assert held == ["C"], f"A's gc says collection is held back by {held}"
+        step.text = f"gc on A freed nothing: held back by {', '.join(held)}"
+    before = {n.name: store(n)[1] for n in (a, b)}
+
+    with c.report.step("forget refuses this node itself and unknown names, in one line") as step:
+        own = cli(a, "forget", "A")
+        unknown = cli(a, "forget", "nobody")
+        for done in (own, unknown):
+            assert done.returncode != 0, f"forget should have failed: {done}"
+            lines = done.stderr.strip().splitlines()
+            assert len(lines) == 1, f"expected one line, got: {done.stderr!r}"
+            assert lines[0].startswith("dfs-peer: "), lines
+        step.text = f"forget refused: {own.stderr.strip()!r}; {unknown.stderr.strip()!r}"
+    with c.report.step("dfs-peer forget C on A") as step:
+        done = cli(a, "forget", "C")
+        assert done.returncode == 0, f"forget C failed: {done.stderr}"
+        step.text = f"dfs-peer forget C on A: {done.stdout.strip()}"
+    with c.report.step("B learnt that C is forgotten; nobody holds collection back"):
+        c.wait_until(
+            lambda: not held_back_by(a) and not held_back_by(b),
+            "A and B to stop waiting for C",
+            detail=lambda: f"  A: {held_back_by(a)}  B: {held_back_by(b)}",
+        )
+
+    live = SIZE + len(b"C was here\n")
+    with c.report.step("gc on A and B freed the old versions") as step:
+        lines = []
+        for n in (a, b):
+            result = gc(n)
+            blocks, size = store(n)
+            assert blocks == SIZE // BLOCK + 1, f"{n.name} holds {blocks} blocks"
+            assert size < live * 1.25, (
+                f"{n.name}'s store is {human_bytes(size)}, not near the live {human_bytes(live)}"
+            )
+            lines.append(
+                f"{n.name}: freed {result['blocks_freed']} blocks "
+                f"({human_bytes(result['bytes_freed'])}), store {human_bytes(before[n.name])} -> "
+                f"{human_bytes(size)}"
+            )
+            c.report.figure(f"store_bytes_before_{n.name}", before[n.name])
+            c.report.figure(f"store_bytes_after_{n.name}", size)
+        step.text = f"gc freed the old versions (live data {human_bytes(live)}): " + "; ".join(
+            lines
+        )
+    with c.report.step("A and B still converge, C's file included") as step:
+        tree = c.wait_converged([a, b])
+        assert "notes.txt" in tree, sorted(tree)
+        step.text = f"A and B converged ({len(tree)} entries, C's notes.txt included)"
