@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 DEMO ?= /tmp/dfs-peer-demo
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint fmt demo bench
+.PHONY: setup test lint fmt demo node bench
 
 setup:
 	@bash .ci/setup
@@ -30,9 +30,14 @@ fmt: setup
 	$(BIN)/ruff check --select I --fix .
 	$(BIN)/ruff format .
 
-# A single node on this machine. The secret is made once and kept in $(DEMO),
-# so running the demo again reopens the same volume.
+# Three nodes of one new volume, each with its own mount (as root each in its
+# own network namespace, found by mDNS); Ctrl-C stops them and removes it all.
 demo: setup
+	$(BIN)/python -m scenarios.demo
+
+# A single node on this machine. The secret is made once and kept in $(DEMO),
+# so running it again reopens the same volume.
+node: setup
 	@if grep -qs " $(DEMO)/mnt fuse" /proc/mounts && ! stat $(DEMO)/mnt >/dev/null 2>&1; then \
 		echo "demo: unmounting the dead mount a killed node left at $(DEMO)/mnt"; \
 		fusermount3 -u -z $(DEMO)/mnt; \
@@ -48,3 +53,4 @@ demo: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks.single_node
+	$(BIN)/python -m benchmarks.network
