@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from benchmarks.single_node import drop_caches
 from scenarios.harness import NodeProcess, new_secret, query_status, wait_for
 
 CHUNK = 1 << 20
@@ -93,14 +94,6 @@ def random_writes(path: Path, count: int, file_mib: int = 64) -> None:
             if n % 100 == 99:
                 os.fsync(f.fileno())
         os.fsync(f.fileno())
-
-
-def drop_caches() -> None:
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-    except OSError:
-        pass
 
 
 @contextmanager
