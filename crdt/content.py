@@ -25,6 +25,11 @@ from crdt.ops import BLOCK_SIZE
 
 BlockMap = dict[int, bytes]
 
+# A file's versions are kept as the bare stamp when there is one (the usual
+# case), in a tuple until there are more than this many, then in a set (216
+# bytes even for one, but constant-time adds).
+SMALL_VERSIONS = 8
+
 # Materialised block maps kept for reuse; a new version usually extends a
 # cached one (its base), so a small cache avoids walking long lineages.
 MAP_CACHE_SIZE = 512
@@ -50,7 +55,7 @@ class Contents:
 
     def __init__(self) -> None:
         self.versions: dict[Hlc, Version] = {}
-        self._by_entry: dict[bytes, set[Hlc]] = {}
+        self._by_entry: dict[bytes, Hlc | tuple[Hlc, ...] | set[Hlc]] = {}
         self._complete: set[Hlc] = set()
         # version -> whether its lineage passes through a tombstone in force
         self._doomed: dict[Hlc, bool] = {}
@@ -63,7 +68,17 @@ class Contents:
         if version.hlc in self.versions:
             return
         self.versions[version.hlc] = version
-        self._by_entry.setdefault(version.entry, set()).add(version.hlc)
+        mine = self._by_entry.get(version.entry)
+        if mine is None:
+            self._by_entry[version.entry] = version.hlc
+        elif isinstance(mine, Hlc):
+            self._by_entry[version.entry] = (mine, version.hlc)
+        elif isinstance(mine, set):
+            mine.add(version.hlc)
+        elif len(mine) < SMALL_VERSIONS:
+            self._by_entry[version.entry] = (*mine, version.hlc)
+        else:
+            self._by_entry[version.entry] = {*mine, version.hlc}
         self._heads.pop(version.entry, None)
 
     def entries(self) -> set[bytes]:
@@ -71,7 +86,11 @@ class Contents:
 
     def of(self, entry: bytes) -> frozenset[Hlc]:
         """Every version of `entry` held, complete or not."""
-        return frozenset(self._by_entry.get(entry, ()))
+        return frozenset(self._held(entry))
+
+    def _held(self, entry: bytes) -> tuple[Hlc, ...] | set[Hlc]:
+        mine = self._by_entry.get(entry, ())
+        return (mine,) if isinstance(mine, Hlc) else mine
 
     def placed(self, entry: bytes, hlc: Hlc) -> bool:
         """Note a move (or the creation) of `entry` outside the trash; True if
@@ -80,7 +99,7 @@ class Contents:
         if cur is not None and cur >= hlc:
             return False
         self._placed[entry] = hlc
-        for h in self._by_entry.get(entry, ()):
+        for h in self._held(entry):
             self._doomed.pop(h, None)
         return True
 
@@ -90,6 +109,9 @@ class Contents:
 
     # -- lineage ---------------------------------------------------------------
     def complete(self, hlc: Hlc) -> bool:
+        v = self.versions.get(hlc)
+        if v is not None and not v.bases:
+            return True  # its own whole lineage; not cached, to keep the set small
         chain: list[Hlc] = []
         cur: Hlc | None = hlc
         entry = self.versions[hlc].entry if hlc in self.versions else None
@@ -104,8 +126,11 @@ class Contents:
 
     def dead(self, hlc: Hlc) -> bool:
         """True for a tombstone, or a complete version written on top of one in force."""
-        if self.versions[hlc].tombstone:
+        v = self.versions[hlc]
+        if v.tombstone:
             return True
+        if not v.bases:
+            return False  # no lineage to pass through a tombstone; not cached
         chain: list[Hlc] = []
         cur: Hlc | None = hlc
         result = False
@@ -129,14 +154,21 @@ class Contents:
         cached = self._heads.get(entry)
         if cached is not None:
             return cached
-        mine = [h for h in self._by_entry.get(entry, ()) if self.complete(h)]
+        held = self._by_entry.get(entry, ())
+        if isinstance(held, Hlc):
+            # its one version: not cached (~100 bytes a file)
+            return (held,) if self.complete(held) else ()
+        mine = [h for h in held if self.complete(h)]
         superseded = {b for h in mine for b in self.versions[h].bases}
         heads = tuple(sorted((h for h in mine if h not in superseded), reverse=True))
         self._heads[entry] = heads
         return heads
 
     def live_heads(self, entry: bytes) -> tuple[Hlc, ...]:
-        return tuple(h for h in self.heads(entry) if not self.dead(h))
+        heads = self.heads(entry)
+        if len(heads) == 1:
+            return () if self.dead(heads[0]) else heads
+        return tuple(h for h in heads if not self.dead(h))
 
     def shown(self, entry: bytes) -> Hlc | None:
         """The version a file shows: its newest live head, else its newest head."""

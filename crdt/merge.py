@@ -11,6 +11,7 @@ answer every query identically (DESIGN §4):
    appears beside it as a conflict copy with a deterministic id and name;
 4. a deleted entry comes back where it was if it holds something the delete did
    not see: a file with a live head, or a directory with a live child;
+   an entry cut off from ROOT by no delete at all comes back too (`_detached`);
 5. attributes are last-writer-wins per key.
 """
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from crdt.clock import Hlc
 from crdt.content import Contents, Version
@@ -72,9 +73,26 @@ class Changes:
 
 @dataclass(frozen=True, slots=True)
 class _Info:
+    """An entry's creation: kind and target from its earliest `Create` (`hlc`),
+    and the mode, uid and gid of its latest (`made`).
+
+    A `Create` sets three attributes with one stamp, so last-writer-wins over
+    Creates is just the latest one; keeping it here, not as three entries of
+    `Replica._attrs`, saves ~400 bytes per entry (`_attr` merges the two).
+    """
+
     hlc: Hlc
     kind: Kind
     target: bytes
+    made: Hlc
+    mode: int
+    uid: int
+    gid: int
+
+
+# The attributes a `Create` sets, kept in `_Info`.
+_CREATE_ATTRS = frozenset({"mode", "uid", "gid"})
+_NO_ATTRS: dict[str, tuple[Hlc, int | bytes | None]] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,11 +106,12 @@ class _Listing:
     """One directory's entries, kept up to date child by child.
 
     `groups` holds, per name, every entry placed under it as (placed stamp,
-    id); rule 2 turns a group into shown names, so a change to one child only
-    renames within its group.
+    id), each once; rule 2 turns a group into shown names, so a change to one
+    child only renames within its group. A group is a tuple, not a set: almost
+    every group has one member, and a tuple of one is a fifth of a set's size.
     """
 
-    groups: dict[bytes, set[tuple[Hlc, bytes]]] = field(default_factory=dict)
+    groups: dict[bytes, tuple[tuple[Hlc, bytes], ...]] = field(default_factory=dict)
     by_name: dict[bytes, bytes] = field(default_factory=dict)
     names: dict[bytes, bytes] = field(default_factory=dict)  # child id -> shown name
     raw: dict[bytes, bytes] = field(default_factory=dict)  # child id -> its name
@@ -149,6 +168,7 @@ class Replica:
         self._members: dict[bytes, tuple[Hlc, str]] = {}
         self._forgotten: dict[bytes, int] = {}  # node -> greatest `upto` forgetting it
         self._info: dict[bytes, _Info] = {}
+        # Attributes set by `SetAttr` (those a `Create` sets are in `_info`).
         self._attrs: dict[bytes, dict[str, tuple[Hlc, int | bytes | None]]] = {}
         self._touched: dict[bytes, Hlc] = {}
         self.tree = Tree()
@@ -156,6 +176,8 @@ class Replica:
         # Derived views, recomputed when what they depend on changes.
         self._revived: dict[bytes, Place] = {}
         self._revived_into: dict[bytes, set[bytes]] = {}
+        # Entries cut off from ROOT though no delete put them out (see `_is_detached`).
+        self._detached: set[bytes] = set()
         self._copies: dict[bytes, _Copy] = {}
         self._copies_of: dict[bytes, tuple[bytes, ...]] = {}
         self._lists: dict[bytes, _Listing] = {}
@@ -173,6 +195,7 @@ class Replica:
         moves: list[TreeMove] = []
         entries: set[bytes] = set()
         files: set[bytes] = set()
+        created: set[bytes] = set()
         for op in ops:
             if op.hlc in self._ops:
                 continue
@@ -191,11 +214,8 @@ class Replica:
             entries.add(op.entry)
             self._touch(op.entry, op.hlc)
             if isinstance(op, Create):
-                info = self._info.get(op.entry)
-                if info is None or op.hlc < info.hlc:
-                    self._info[op.entry] = _Info(op.hlc, op.kind, op.target)
-                for key, value in (("mode", op.mode), ("uid", op.uid), ("gid", op.gid)):
-                    self._set_attr(op.entry, key, op.hlc, value)
+                self._created(op)
+                created.add(op.entry)
                 moves.append(TreeMove(op.hlc, op.entry, op.parent, op.name))
                 if op.parent != TRASH:
                     self.contents.placed(op.entry, op.hlc)
@@ -217,6 +237,7 @@ class Replica:
                 self.contents.add(Version(op.hlc, op.entry, op.bases, op.size, op.blocks, False))
                 files.add(op.entry)
         touched = self.tree.apply(moves)
+        self._update_detached(touched, created)
         return self._refresh(touched, entries, files)
 
     def _lww_member(self, op: Member) -> None:
@@ -224,6 +245,17 @@ class Replica:
         cur = self._members.get(node)
         if cur is None or op.hlc > cur[0]:
             self._members[node] = (op.hlc, op.name)
+
+    def _created(self, op: Create) -> None:
+        info = self._info.get(op.entry)
+        if info is None:
+            info = _Info(op.hlc, op.kind, op.target, op.hlc, op.mode, op.uid, op.gid)
+        else:
+            if op.hlc < info.hlc:
+                info = replace(info, hlc=op.hlc, kind=op.kind, target=op.target)
+            if op.hlc > info.made:
+                info = replace(info, made=op.hlc, mode=op.mode, uid=op.uid, gid=op.gid)
+        self._info[op.entry] = info
 
     def _touch(self, entry: bytes, hlc: Hlc) -> None:
         cur = self._touched.get(entry)
@@ -237,6 +269,33 @@ class Replica:
             attrs[key] = (hlc, value)
 
     # -- derived views -----------------------------------------------------------
+    def _is_detached(self, entry: bytes) -> bool:
+        """True for a created entry that the tree cuts off from ROOT without a
+        delete: one with no place at all (its `Create` and every move of it
+        were skipped as cycles: a move into it that sorts before its creation,
+        made by a node whose clock could not follow the creator's ahead of
+        MAX_FORWARD_MS, can put its own ancestors below it), or one placed in
+        a file or symlink (only a faulty peer makes such ops)."""
+        if entry in (ROOT, TRASH) or entry not in self._info:
+            return False
+        place = self.tree.places.get(entry)
+        if place is None:
+            return True
+        parent = self._info.get(place.parent)
+        return parent is not None and parent.kind != "dir"
+
+    def _update_detached(self, touched: set[bytes], created: set[bytes]) -> None:
+        """Keep `_detached` up to date: it changes only for an entry whose place
+        changed or that was created, or a child of one created (its kind)."""
+        todo = touched | created
+        for entry in created:
+            todo.update(self.tree.children.get(entry, ()))
+        for entry in todo:
+            if self._is_detached(entry):
+                self._detached.add(entry)
+            else:
+                self._detached.discard(entry)
+
     def _refresh(self, touched: set[bytes], entries: set[bytes], files: set[bytes]) -> Changes:
         dirs: set[bytes] = set(touched)
         relist: set[bytes] = set(touched) | files
@@ -308,8 +367,8 @@ class Replica:
             if want is not None:
                 parent, name, hlc = want
                 listing = self._lists.setdefault(parent, _Listing())
-                group = listing.groups.setdefault(name, set())
-                group.add((hlc, child))
+                # not in the group: `_unlist` took it out, or it was nowhere
+                listing.groups[name] = (*listing.groups.get(name, ()), (hlc, child))
                 listing.raw[child] = name
                 self._listed_in[child] = parent
                 if self.kind(child) == "dir":
@@ -325,9 +384,10 @@ class Replica:
     def _unlist(self, child: bytes, where: bytes, dirty: set[tuple[bytes, bytes]]) -> None:
         listing = self._lists[where]
         raw = listing.raw.pop(child)
-        group = listing.groups[raw]
-        group.difference_update([m for m in group if m[1] == child])
-        if not group:
+        group = tuple(m for m in listing.groups[raw] if m[1] != child)
+        if group:
+            listing.groups[raw] = group
+        else:
             del listing.groups[raw]
         shown = listing.names.pop(child, None)
         if shown is not None and listing.by_name.get(shown) == child:
@@ -342,7 +402,7 @@ class Replica:
         listing = self._lists.get(parent)
         if listing is None:
             return
-        group = listing.groups.get(name, set())
+        group = listing.groups.get(name, ())
         for _, child in group:
             shown = listing.names.pop(child, None)
             if shown is not None and listing.by_name.get(shown) == child:
@@ -371,21 +431,32 @@ class Replica:
         return False
 
     def _trash_relevant(self, ids: set[bytes]) -> bool:
-        return bool(self._revived) or any(self._in_trash(i) for i in ids if i not in (ROOT, TRASH))
+        if self._revived or self._detached:
+            return True
+        return any(self._in_trash(i) for i in ids if i not in (ROOT, TRASH))
 
     def _revive(self) -> None:
-        """Recompute which deleted entries come back (rule 4), deterministically."""
+        """Recompute which deleted entries come back (rule 4), deterministically.
+
+        Detached entries (`_is_detached`) come back first, whatever they hold:
+        no delete removed them, so what they hold must stay reachable.
+        """
         self._revived = {}
         self._revived_into = {}
         trashed = sorted(self.tree.children.get(TRASH, ()))
-        queue = [e for e in trashed if self.contents.live_heads(e) or self._has_live_child(e)]
+        queue = sorted(self._detached)
+        queue += [e for e in trashed if self.contents.live_heads(e) or self._has_live_child(e)]
         seen: set[bytes] = set()
         while queue:
             entry = queue.pop(0)
             if entry in seen:
                 continue
             seen.add(entry)
-            old = self._place_before_trash(entry)
+            old: Place | None
+            if entry in self._detached:
+                old = self._place_of_detached(entry)
+            else:
+                old = self._place_before_trash(entry)
             if old is None:
                 old = Place(ROOT, self.tree.places[entry].name, self.tree.places[entry].hlc)
             if self._eff_is_ancestor(entry, old.parent):
@@ -396,6 +467,20 @@ class Replica:
             holder = self._trash_holder(old.parent)
             if holder is not None and holder not in self._revived:
                 queue.append(holder)
+
+    def _place_of_detached(self, entry: bytes) -> Place:
+        """Where a detached entry comes back: where its first `Create` put it
+        if that is a directory outside its own subtree and the trash, else ROOT."""
+        place = self.tree.places.get(entry)
+        if place is None:
+            info = self._info[entry]
+            logged = self.tree.logged(info.hlc)
+            name = logged.move.name if logged is not None else entry.hex().encode()
+            place = Place(logged.move.parent if logged is not None else ROOT, name, info.hlc)
+        parent = self._info.get(place.parent)
+        if place.parent == TRASH or (parent is not None and parent.kind != "dir"):
+            return Place(ROOT, place.name, place.hlc)
+        return place
 
     def _place_before_trash(self, entry: bytes) -> Place | None:
         """Where `entry` was before the moves that keep it in TRASH: a file
@@ -416,8 +501,8 @@ class Replica:
         cur = entry
         steps = 0
         while steps <= len(self.tree.places) + 1:
-            if cur in (ROOT, TRASH):
-                return None
+            if cur in (ROOT, TRASH) or (cur in self._detached and cur not in self._revived):
+                return None  # a detached entry comes back anyway
             place = self._eff_place(cur)
             if place is None:
                 return None
@@ -498,7 +583,14 @@ class Replica:
         return info.kind if info is not None else None
 
     def _attr(self, entry: bytes, key: str) -> tuple[Hlc, int | bytes | None] | None:
-        return self._attrs.get(entry, {}).get(key)
+        """The last write of attribute `key`: by a `SetAttr` or a `Create`."""
+        explicit = self._attrs.get(entry, _NO_ATTRS).get(key)
+        if key in _CREATE_ATTRS:
+            info = self._info.get(entry)
+            if info is not None and (explicit is None or info.made > explicit[0]):
+                value: int = getattr(info, key)
+                return info.made, value
+        return explicit
 
     def _int_attr(self, entry: bytes, key: str, default: int) -> int:
         got = self._attr(entry, key)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable
 from dataclasses import dataclass
+from operator import attrgetter
 
 from crdt.clock import Hlc
 from crdt.ops import ROOT, TRASH
@@ -49,12 +50,20 @@ class LogMove:
     applied: bool
 
 
+# The order of `TreeMove` as a key, compared in C: sorting a batch of moves
+# with the dataclass's own `__lt__` cost a million Python calls per 100,000
+# files replayed.
+_MOVE_ORDER = attrgetter("hlc", "child", "parent", "name")
+
+
 class Tree:
     """Mutable move-op tree; see the module docstring for its invariant."""
 
     def __init__(self) -> None:
         self.places: dict[bytes, Place] = {}
-        self.children: dict[bytes, set[bytes]] = {}
+        # Each directory's children as the keys of a dict: a third smaller
+        # than a set of the same size (4.7 vs 8.4 KB for 100).
+        self.children: dict[bytes, dict[bytes, None]] = {}
         self.log: list[LogMove] = []
         # Stamps of the applied moves that brought a child into or took one out
         # of each directory (its mtime follows them), with their maximum.
@@ -93,10 +102,10 @@ class Tree:
         if skip:
             return LogMove(move, old, applied=False)
         if old is not None:
-            self.children[old.parent].discard(move.child)
+            self.children[old.parent].pop(move.child, None)
             self._add_event(old.parent, move.hlc)
         self.places[move.child] = Place(move.parent, move.name, move.hlc)
-        self.children.setdefault(move.parent, set()).add(move.child)
+        self.children.setdefault(move.parent, {})[move.child] = None
         self._add_event(move.parent, move.hlc)
         return LogMove(move, old, applied=True)
 
@@ -125,13 +134,13 @@ class Tree:
         if not entry.applied:
             return
         move = entry.move
-        self.children[move.parent].discard(move.child)
+        self.children[move.parent].pop(move.child, None)
         self._drop_event(move.parent, move.hlc)
         if entry.old is None:
             del self.places[move.child]
         else:
             self.places[move.child] = entry.old
-            self.children.setdefault(entry.old.parent, set()).add(move.child)
+            self.children.setdefault(entry.old.parent, {})[move.child] = None
             self._drop_event(entry.old.parent, move.hlc)
 
     def redo_op(self, entry: LogMove) -> LogMove:
@@ -141,7 +150,7 @@ class Tree:
     def apply(self, moves: Iterable[TreeMove]) -> set[bytes]:
         """Apply moves (any order, duplicates ignored); return every id whose
         place changed or that gained or lost a child."""
-        batch = sorted(set(moves))
+        batch = sorted(set(moves), key=_MOVE_ORDER)
         if not batch:
             return set()
         touched: set[bytes] = set()
@@ -154,7 +163,9 @@ class Tree:
             self.undo_op(entry)
             self._touch(entry, touched)
         known = {e.move.hlc for e in undone}
-        pending = sorted([e.move for e in undone] + [m for m in batch if m.hlc not in known])
+        pending = sorted(
+            [e.move for e in undone] + [m for m in batch if m.hlc not in known], key=_MOVE_ORDER
+        )
         last: Hlc | None = None
         for move in pending:
             if move.hlc == last:

@@ -427,6 +427,54 @@ def test_a_delete_that_sorts_before_the_create_does_not_doom_the_file() -> None:
     }
 
 
+def test_a_subtree_cut_off_by_a_skipped_create_comes_back() -> None:
+    """No delete, yet a whole subtree fell out of view, with a write inside.
+
+    carol's clock runs more than MAX_FORWARD_MS ahead; she makes directory c
+    inside a. bob sees c and moves b into it, but his clock follows carol's
+    only up to the bound, so his move sorts *before* c's creation. alice,
+    concurrently, moves a into b. In clock order (rule 1): a goes into b, b
+    goes into c (not created yet, so no cycle is seen), then creating c inside
+    a would close the cycle c -> a -> b -> c and is skipped. c never gets a
+    place, so c, b, a and the file f in a, with content no delete ever saw,
+    hung off nothing and were shown nowhere, on every replica. A created
+    entry that the tree leaves with no place is cut off by no delete, so it
+    comes back like a deleted entry does (rule 4): where its creation put it,
+    or in ROOT when that is inside its own subtree, as here.
+    """
+    alice, bob = alice_and_bob()
+    carol = SimNode.named("carol", wall_ms=EPOCH_MS + MAX_FORWARD_MS + 60_000)
+    a, b = alice.mkdir(ROOT, b"a"), alice.mkdir(ROOT, b"b")
+    f = alice.create(a, b"f.txt")
+    alice.write(f, {0: block(1)}, 1)
+    sync(alice, bob, carol)
+    c = carol.mkdir(a, b"c")
+    bob.sync_from(carol)
+    into_c = bob.rename(b, c, b"b")
+    assert into_c.hlc < carol.replica.tree.places[c].hlc
+    alice.rename(a, b, b"a")
+    sync(alice, bob, carol)
+    assert c not in replay(moves_of(alice.held.values()))  # rule 1 skipped c's creation
+    assert names(alice) == {b"c": c}
+    assert names(alice, c) == {b"b": b}
+    assert names(alice, b) == {b"a": a}
+    assert names(alice, a) == {b"f.txt": f}
+    assert alice.content(f) == {0: block(1)}
+
+
+def test_an_entry_placed_in_a_file_is_shown_in_root() -> None:
+    """Only a faulty peer puts an entry in a file (a node refuses with
+    ENOTDIR), but what is written to it must not vanish: it shows in ROOT."""
+    alice, bob = alice_and_bob()
+    f, g = alice.create(ROOT, b"f"), alice.create(ROOT, b"g.txt")
+    edit = alice.write(g, {0: block(1)}, 1)
+    sync(alice, bob)
+    alice.commit(Move(alice.stamp(), g, f, b"g.txt"))
+    sync(alice, bob)
+    assert names(bob) == {b"f": f, b"g.txt": g}
+    assert bob.view(g).version == edit.hlc
+
+
 # --- rule 5: attributes ---------------------------------------------------------------------------
 
 
