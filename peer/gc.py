@@ -37,10 +37,14 @@ every node (`Journal.accepts`), because what it writes after being forgotten
 may build on history the others have already collected. It must join again
 with a fresh data dir, under a new id.
 
-What this module does not do: drop log entries. Operations are small next to
-blocks (a 20 MiB write is one op of 160 block ids), `--at` replays the log,
-and a write buffered on another node may still name any older version as its
-base, so the operations of superseded versions stay; their blocks go.
+Log entries are not dropped here one by one: a collection also folds the
+stable prefix of the log into the checkpoint (`Journal.fold`, once
+`FOLD_MIN_ENTRIES` more entries are stable; `peer.checkpoint`), which keeps
+every operation that can still matter (all but attributes and member names a
+later stable op overrides: `crdt.compact`) with its stamp, so merges, `--at`
+and writes buffered elsewhere on old bases behave as with the whole log. What
+the checkpoint folds leaves the log in the same transaction; a node that
+joins late is sent the checkpoint and the entries after it.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ from crdt.ops import Forget, MalformedOp, decode_op
 from peer.errors import CorruptEntry, DfsError
 from peer.journal import Journal
 from peer.sealing import open_entry
+from peer.store import ReadOnlyStore
 
 if TYPE_CHECKING:
     from peer.volume import Volume
@@ -238,6 +243,10 @@ class Stability:
             return cached
         entries = self.store.log_after(node, seq - 1, 1)
         if not entries or entries[0].seq != seq:
+            if seq == self.store.covers().get(node):
+                # Folded into the checkpoint: its newest op of `node` is a
+                # lower bound of the entry's stamp, so at worst less is stable.
+                return self.journal.folded_stamp(node)
             return None
         try:
             op = decode_op(open_entry(self.journal.keys, entries[0], check_signature=False))
@@ -443,6 +452,7 @@ class Collector:
         self.store = stability.store
         self.volume = volume
         self.keep_ms = max(0, int(keep_history_s * 1000))
+        self.journal.history_ms = self.keep_ms
         self._now = now_ms
         self.last: Collection | None = None
         self._signature: object = None
@@ -486,7 +496,12 @@ class Collector:
         if garbage:
             with self.store.transaction():
                 freed, freed_bytes = self.store.delete_blocks(garbage)
-        reclaimed = self.store.reclaim(RECLAIM_PAGES) if freed or self.store.free_bytes() else 0
+        folded = 0
+        if not isinstance(self.store, ReadOnlyStore):
+            folded = self.journal.fold(stable)
+        reclaimed = (
+            self.store.reclaim(RECLAIM_PAGES) if freed or folded or self.store.free_bytes() else 0
+        )
         self.stability.persist()
         self._signature = signature
         self._next_expiry_ms = plan.next_expiry_ms
@@ -501,7 +516,7 @@ class Collector:
             versions_kept=plan.versions_kept,
             versions_unstable=plan.versions_unstable,
             versions_in_retention=plan.versions_in_retention,
-            log_entries_folded=0,
+            log_entries_folded=folded,
             store_bytes_before=before,
             store_bytes_after=self.store.stats().db_bytes,
             store_bytes_reclaimed=reclaimed,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import fcntl
 import ipaddress
@@ -122,6 +123,13 @@ class NodeStatus:
     sync: dict[str, int]
     # Causal stability and collection: what is stable, who holds it back.
     gc: dict[str, Any]
+
+
+def give_back_memory() -> None:
+    """Return the heap replay freed to the system (glibc keeps it otherwise:
+    ~25 MiB of a 100,000-file restart's transient decoding)."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def check_mountpoint(path: Path) -> None:
@@ -242,6 +250,7 @@ class Node:
     def start(self) -> None:
         t0 = time.monotonic()
         count = self.journal.replay(until_ms=self.config.at_ms)
+        give_back_memory()
         log.info("replayed ops=%d seconds=%.2f", count, time.monotonic() - t0)
         if self.config.at_ms is None:
             self.journal.enforce_forgets()  # a crash may have come between Forget and purge

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
+import cbor2
+
 from crdt.ops import ROOT
 from peer.errors import CorruptStore
 from peer.sealing import LogEntry
@@ -45,6 +47,10 @@ _PAGE_SIZE = 65536
 # under SQLite's bound-parameter limit).
 _LOG_CHUNK = 1000
 _IN_CHUNK = 500
+# The checkpoint (`peer.checkpoint`, sealed) and the vector it covers (public,
+# like the log's (node, seq) keys), kept in `meta`: one row each.
+_CHECKPOINT_META = "checkpoint"
+_COVERS_META = "checkpoint_covers"
 
 _SCHEMA = (
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB) WITHOUT ROWID",
@@ -92,6 +98,7 @@ class Store:
         self._depth = 0
         self._owner: int | None = None
         self._unsynced = False
+        self._covers: dict[bytes, int] | None = None
 
     @classmethod
     def open(cls, path: Path) -> Store:
@@ -222,6 +229,7 @@ class Store:
             except BaseException:
                 if self._conn.in_transaction:
                     self._conn.execute("ROLLBACK")
+                self._covers = None  # re-read: a rolled-back checkpoint never was
                 raise
             finally:
                 self._depth, self._owner = 0, None
@@ -276,8 +284,10 @@ class Store:
         )
         inserted = self._conn.total_changes - before
         keys = {(e.node, e.seq) for e in batch}
+        covers = self.covers()
         for node, seq in keys:
-            if seq == 1 or (node, seq - 1) in keys:
+            # After a checkpoint a node's log goes on at covers + 1.
+            if seq == 1 or (node, seq - 1) in keys or seq - 1 <= covers.get(node, 0):
                 continue
             row = self._conn.execute(
                 "SELECT 1 FROM log WHERE node = ? AND seq = ?", (node, seq - 1)
@@ -333,13 +343,53 @@ class Store:
         return 0 if row is None else int(row[0])
 
     def version_vector(self) -> dict[bytes, int]:
-        """{node: highest seq held}; contiguous by `append_log`'s invariant."""
+        """{node: highest seq held}, in the log or folded into the checkpoint;
+        contiguous by `append_log`'s invariant."""
         with self._lock:
-            return {node: self._last_seq(node) for node in self._nodes()}
+            vv = dict(self.covers())
+            for node in self._nodes():
+                vv[node] = max(vv.get(node, 0), self._last_seq(node))
+            return vv
 
     def next_seq(self, node: bytes) -> int:
         """The seq the next entry of `node`'s log takes."""
-        return self._last_seq(node) + 1
+        return max(self._last_seq(node), self.covers().get(node, 0)) + 1
+
+    # Checkpoint
+
+    def covers(self) -> dict[bytes, int]:
+        """{node: last seq folded into the checkpoint}; empty without one."""
+        with self._lock:
+            if self._covers is None:
+                raw = self.get_meta(_COVERS_META)
+                self._covers = {}
+                if raw is not None:
+                    try:
+                        items = cbor2.loads(raw)
+                        self._covers = {bytes(n): int(s) for n, s in items.items()}
+                    except (ValueError, TypeError, AttributeError, cbor2.CBORDecodeError) as exc:
+                        raise CorruptStore(
+                            path=self.path, detail=f"its checkpoint vector is malformed ({exc})"
+                        ) from exc
+            return dict(self._covers)
+
+    def get_checkpoint(self) -> bytes | None:
+        """The sealed checkpoint, if this node has one."""
+        return self.get_meta(_CHECKPOINT_META)
+
+    def set_checkpoint(self, sealed: bytes, covers: dict[bytes, int]) -> int:
+        """Store a checkpoint covering `covers` and drop the log entries it
+        folds (seq <= covers[node]); returns how many were dropped. The caller's
+        transaction makes the two one change."""
+        self._require_transaction()
+        self.set_meta(_CHECKPOINT_META, sealed)
+        self.set_meta(_COVERS_META, cbor2.dumps(dict(covers), canonical=True))
+        dropped = 0
+        for node, seq in covers.items():
+            cursor = self._conn.execute("DELETE FROM log WHERE node = ? AND seq <= ?", (node, seq))
+            dropped += cursor.rowcount
+        self._covers = dict(covers)
+        return dropped
 
     # Blocks
 

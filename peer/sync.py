@@ -46,6 +46,7 @@ from peer.auth import (
     wall_ms,
 )
 from peer.blocks import Blocks
+from peer.checkpoint import covered, open_checkpoint
 from peer.errors import CorruptBlock, CorruptEntry
 from peer.gc import Stability
 from peer.identity import NodeIdentity
@@ -446,13 +447,15 @@ class Sync:
         async with self._pull_lock:
             while _behind(journal.capped(link.vv), journal.vv) > 0:
                 resp = await client.log(dict(journal.vv))
+                if resp.checkpoint is not None:
+                    await self._adopt(link, resp.checkpoint)
                 entries = [
                     e
                     for e in resp.entries
                     if e.seq > journal.vv.get(e.node, 0) and journal.accepts(e.node, e.seq)
                 ]
                 if not entries:
-                    if resp.entries or not resp.more:
+                    if (resp.entries or not resp.more) and resp.checkpoint is None:
                         return
                     continue
                 ops = await asyncio.to_thread(self.journal.open_entries, entries)
@@ -460,6 +463,22 @@ class Sync:
                 link.last_seen = time.time()
                 if not resp.more and _behind(journal.capped(link.vv), journal.vv) == 0:
                     return
+
+    async def _adopt(self, link: Link, blob: bytes) -> None:
+        """Verify a peer's checkpoint, fetch the blocks its heads need, merge it."""
+        cp = await asyncio.to_thread(open_checkpoint, self.journal.keys, blob)
+        if covered(self.journal.vv, cp.covers):
+            return  # what it folds arrived meanwhile
+        ops = list(cp.ops)
+        required, optional = self._needed(ops)
+        fetched = await self.fetch(list(required), prefer=link, optional=list(optional))
+        changes = self.journal.adopt_checkpoint(cp, fetched)
+        self.ops_in += len(ops)
+        self.blocks_in += len(fetched)
+        log.info(
+            "merged a checkpoint: from=%s ops=%d blocks=%d", link.address, len(ops), len(fetched)
+        )
+        await self.on_remote(changes)
 
     def _needed(self, ops: Sequence[Op]) -> tuple[set[bytes], set[bytes]]:
         """(required, optional): the blocks merging `ops` needs that this node lacks.
@@ -631,13 +650,20 @@ class Sync:
         )
 
     def entries_for(self, theirs: dict[bytes, int], max_bytes: int) -> wire.LogResponse:
-        """Entries we hold past `theirs`, node by node, up to about `max_bytes`."""
+        """Entries we hold past `theirs`, node by node, up to about `max_bytes`;
+        first our checkpoint if `theirs` does not cover it, and then only the
+        entries after it (what it folds is no longer in our log)."""
         out: list[LogEntry] = []
         size = 0
         more = False
         own = self.identity.node_id
+        covers = self.store.covers()
+        checkpoint = None
+        if not covered(theirs, covers):
+            checkpoint = self.store.get_checkpoint()
+            size = len(checkpoint) if checkpoint is not None else 0
         for node, seq in sorted(self.journal.vv.items()):
-            after = theirs.get(node, 0)
+            after = max(theirs.get(node, 0), covers.get(node, 0))
             while after < seq:
                 if size >= max_bytes:
                     more = True
@@ -655,7 +681,7 @@ class Sync:
                 break
         if any(e.node == own for e in out):
             self.store.sync()  # never serve an own entry a crash could take back
-        return wire.LogResponse(out, more or size >= max_bytes)
+        return wire.LogResponse(out, more or size >= max_bytes, checkpoint)
 
     def sealed_blocks(self, ids: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
         out = []

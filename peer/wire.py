@@ -29,6 +29,7 @@ MAX_RESPONSE_BYTES = 48 * 1024 * 1024
 LOG_BATCH_BYTES = 4 * 1024 * 1024
 BLOCKS_PER_REQUEST = 64
 MAX_SEALED_BYTES = 1024 * 1024
+MAX_CHECKPOINT_BYTES = 32 * 1024 * 1024  # peer.checkpoint.MAX_CHECKPOINT_BYTES
 MAX_NAME = 256
 MAX_VV_NODES = 100_000
 # Gossip: the vectors a node passes on of other members, and how many
@@ -73,6 +74,9 @@ class LogRequest:
 class LogResponse:
     entries: list[LogEntry]
     more: bool
+    # The sender's sealed checkpoint (`peer.checkpoint`), sent first when the
+    # caller's vector does not cover it; `entries` then follow its `covers`.
+    checkpoint: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,12 +189,13 @@ def decode_log_request(body: bytes) -> LogRequest:
 
 
 def encode_log_response(resp: LogResponse) -> bytes:
-    return encode(
-        {
-            "entries": [[e.node, e.seq, e.sealed, e.sig] for e in resp.entries],
-            "more": resp.more,
-        }
-    )
+    body: dict[str, Any] = {
+        "entries": [[e.node, e.seq, e.sealed, e.sig] for e in resp.entries],
+        "more": resp.more,
+    }
+    if resp.checkpoint is not None:
+        body["checkpoint"] = resp.checkpoint
+    return encode(body)
 
 
 def decode_log_response(body: bytes) -> LogResponse:
@@ -211,7 +216,10 @@ def decode_log_response(body: bytes) -> LogResponse:
                 _bytes(sig, SIGNATURE_BYTES),
             )
         )
-    return LogResponse(entries, m["more"])
+    checkpoint = m.get("checkpoint")
+    if checkpoint is not None:
+        checkpoint = _bytes(checkpoint, limit=MAX_CHECKPOINT_BYTES)
+    return LogResponse(entries, m["more"], checkpoint)
 
 
 # -- blocks ------------------------------------------------------------------------
