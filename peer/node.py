@@ -451,10 +451,6 @@ async def control_server(node: Node) -> AsyncIterator[Path]:
 
 async def run(config: NodeConfig, keys: VolumeKeys, announce: bool = True) -> None:
     """Run a node in the foreground until SIGINT/SIGTERM; unmounts on every way out."""
-    # imported here so `init` and `status` work without libfuse
-    from fuse.adapter import FuseOperations
-    from fuse.mount import MountFailed, serve, terminate
-
     if config.at_ms is not None:
         await run_at(config, keys, announce)
         return
@@ -469,20 +465,6 @@ async def run(config: NodeConfig, keys: VolumeKeys, announce: bool = True) -> No
         node = Node(config, keys, identity)
         try:
             node.start()
-            operations = FuseOperations(node.volume)
-            node.operations = operations
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, terminate)
-
-            def ready() -> None:
-                if announce:
-                    print(
-                        f"dfs-peer: node {identity.short} ({config.name}) mounted volume "
-                        f"{keys.tag_hex} at {config.mountpoint}; Ctrl-C to stop",
-                        flush=True,
-                    )
-
             async with (
                 peer_network(node) as _,
                 control_server(node),
@@ -491,20 +473,19 @@ async def run(config: NodeConfig, keys: VolumeKeys, announce: bool = True) -> No
                 progress = tasks.create_task(show_progress(node, announce))
                 collecting = tasks.create_task(node.collector.run_periodically())
                 try:
-                    await serve(
-                        operations,
-                        str(config.mountpoint),
+                    await serve_mount(
+                        node,
                         read_only=config.read_only,
-                        debug_fuse=config.debug_fuse,
-                        ready=ready,
+                        ready_line=(
+                            f"dfs-peer: node {identity.short} ({config.name}) mounted volume "
+                            f"{keys.tag_hex} at {config.mountpoint}; Ctrl-C to stop"
+                        )
+                        if announce
+                        else None,
                     )
-                except MountFailed as exc:
-                    raise MountRefused(path=config.mountpoint, reason=str(exc)) from exc
                 finally:
                     progress.cancel()
                     collecting.cancel()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
         finally:
             node.close()
     log.info("node stopped cleanly")
@@ -516,9 +497,6 @@ async def run_at(config: NodeConfig, keys: VolumeKeys, announce: bool = True) ->
     Beside or instead of the live node of the same data dir: it takes no
     lock, opens the store read-only, writes nothing there (no member op, no
     inode rows, no control socket) and neither serves nor asks peers."""
-    from fuse.adapter import FuseOperations
-    from fuse.mount import MountFailed, serve, terminate
-
     assert config.at_ms is not None
     if not config.read_only:
         raise history.AtNeedsReadOnly()
@@ -530,36 +508,51 @@ async def run_at(config: NodeConfig, keys: VolumeKeys, announce: bool = True) ->
     node = Node(config, keys, identity)
     try:
         node.start()
-        operations = FuseOperations(node.volume)
-        node.operations = operations
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, terminate)
-
-        def ready() -> None:
-            if announce:
-                print(
-                    f"dfs-peer: volume {keys.tag_hex} as it was at "
-                    f"{history.format_time(config.at_ms or 0)} mounted read-only at "
-                    f"{config.mountpoint}; Ctrl-C to stop",
-                    flush=True,
-                )
-
-        try:
-            await serve(
-                operations,
-                str(config.mountpoint),
-                read_only=True,
-                debug_fuse=config.debug_fuse,
-                ready=ready,
+        await serve_mount(
+            node,
+            read_only=True,
+            ready_line=(
+                f"dfs-peer: volume {keys.tag_hex} as it was at "
+                f"{history.format_time(config.at_ms)} mounted read-only at "
+                f"{config.mountpoint}; Ctrl-C to stop"
             )
-        except MountFailed as exc:
-            raise MountRefused(path=config.mountpoint, reason=str(exc)) from exc
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+            if announce
+            else None,
+        )
     finally:
         node.close()
     log.info("node stopped cleanly")
+
+
+async def serve_mount(node: Node, *, read_only: bool, ready_line: str | None) -> None:
+    """Mount `node`'s volume and serve it until SIGINT/SIGTERM or an unmount;
+    prints `ready_line` once the mount exists."""
+    # imported here so `init` and `status` work without libfuse
+    from fuse.adapter import FuseOperations
+    from fuse.mount import MountFailed, serve, terminate
+
+    node.operations = FuseOperations(node.volume)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, terminate)
+
+    def ready() -> None:
+        if ready_line is not None:
+            print(ready_line, flush=True)
+
+    try:
+        await serve(
+            node.operations,
+            str(node.config.mountpoint),
+            read_only=read_only,
+            debug_fuse=node.config.debug_fuse,
+            ready=ready,
+        )
+    except MountFailed as exc:
+        raise MountRefused(path=node.config.mountpoint, reason=str(exc)) from exc
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
 @contextlib.asynccontextmanager
