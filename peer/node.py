@@ -210,6 +210,7 @@ class Node:
             self.journal, self.blocks, keys, identity, config.name, self._remote_changed
         )
         self.sync.on_peers_changed = self._remember_peers
+        self.sync.after_bulk = give_back_memory
         self.volume.refetch = self.sync.refetch
         self.stability = gc.Stability(self.journal)
         self.sync.attach(self.stability)

@@ -279,6 +279,8 @@ class Sync:
         self._refused_logged: dict[str, float] = {}
         self._inflight: dict[bytes, asyncio.Future[bytes | None]] = {}
         self.on_peers_changed: Callable[[], None] | None = None
+        # Called after a bulk merge (a checkpoint) freed its transient memory.
+        self.after_bulk: Callable[[], None] | None = None
         # What this node knows of every member's version vector (set by the node).
         self.stability: Stability | None = None
         self._gossip_version = 0
@@ -478,6 +480,9 @@ class Sync:
         log.info(
             "merged a checkpoint: from=%s ops=%d blocks=%d", link.address, len(ops), len(fetched)
         )
+        del cp, ops, fetched
+        if self.after_bulk is not None:
+            self.after_bulk()
         await self.on_remote(changes)
 
     def _needed(self, ops: Sequence[Op]) -> tuple[set[bytes], set[bytes]]:
