@@ -16,7 +16,6 @@ import argparse
 import os
 import random
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -25,15 +24,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from benchmarks.single_node import drop_caches
-from scenarios.harness import NodeProcess, new_secret, query_status, wait_for
+from scenarios.harness import NodeProcess, free_port, new_secret, query_status, wait_for
 
 CHUNK = 1 << 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def rss_mib(pid: int) -> float:

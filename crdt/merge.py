@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
@@ -196,6 +197,7 @@ class Replica:
         entries: set[bytes] = set()
         files: set[bytes] = set()
         created: set[bytes] = set()
+        renamed = False
         for op in ops:
             if op.hlc in self._ops:
                 continue
@@ -204,7 +206,7 @@ class Replica:
                 self._latest = op.hlc
             if isinstance(op, Member):
                 self._lww_member(op)
-                files.update(self._copies_of)  # conflict copies are named after members
+                renamed = True
                 continue
             if isinstance(op, Forget):
                 # The greatest cut wins: a function of the set of Forget ops.
@@ -236,6 +238,8 @@ class Replica:
             else:
                 self.contents.add(Version(op.hlc, op.entry, op.bases, op.size, op.blocks, False))
                 files.add(op.entry)
+        if renamed:
+            files.update(self._copies_of)  # conflict copies are named after members
         touched = self.tree.apply(moves)
         self._update_detached(touched, created)
         return self._refresh(touched, entries, files)
@@ -298,10 +302,11 @@ class Replica:
 
     def _refresh(self, touched: set[bytes], entries: set[bytes], files: set[bytes]) -> Changes:
         dirs: set[bytes] = set(touched)
-        relist: set[bytes] = set(touched) | files
+        changed = touched | files
+        relist = set(changed)
         for entry in files:
             relist.update(self._refresh_copies(entry))
-        if self._trash_relevant(touched | files):
+        if self._trash_relevant(changed):
             before = dict(self._revived)
             self._revive()
             for entry in set(before) | set(self._revived):
@@ -310,7 +315,7 @@ class Replica:
                     relist.add(entry)
                     relist.update(self._refresh_copies(entry))  # copies follow their file
         dirs |= self._relist(relist)
-        return Changes(frozenset(dirs), frozenset(entries | files | touched))
+        return Changes(frozenset(dirs), frozenset(entries | changed))
 
     def _refresh_copies(self, file: bytes) -> tuple[bytes, ...]:
         """Recompute a file's conflict copies; return the old and new copy ids."""
@@ -444,11 +449,11 @@ class Replica:
         self._revived = {}
         self._revived_into = {}
         trashed = sorted(self.tree.children.get(TRASH, ()))
-        queue = sorted(self._detached)
+        queue = deque(sorted(self._detached))
         queue += [e for e in trashed if self.contents.live_heads(e) or self._has_live_child(e)]
         seen: set[bytes] = set()
         while queue:
-            entry = queue.pop(0)
+            entry = queue.popleft()
             if entry in seen:
                 continue
             seen.add(entry)
@@ -458,7 +463,8 @@ class Replica:
             else:
                 old = self._place_before_trash(entry)
             if old is None:
-                old = Place(ROOT, self.tree.places[entry].name, self.tree.places[entry].hlc)
+                place = self.tree.places[entry]
+                old = Place(ROOT, place.name, place.hlc)
             if self._eff_is_ancestor(entry, old.parent):
                 old = Place(ROOT, old.name, old.hlc)
             self._revived[entry] = old
@@ -596,9 +602,6 @@ class Replica:
         got = self._attr(entry, key)
         return got[1] if got is not None and isinstance(got[1], int) else default
 
-    def _dir_changed(self, entry: bytes) -> Hlc | None:
-        return self.tree.latest_event(entry)
-
     def subdirs(self, entry: bytes) -> int:
         """How many directories a directory holds (for its link count)."""
         return self._listing(entry).subdirs
@@ -630,7 +633,7 @@ class Replica:
             version = self.contents.shown(entry)
             event = version
         elif kind == "dir":
-            event = self._dir_changed(entry)
+            event = self.tree.latest_event(entry)
         if version is not None:
             size = self.contents.size(version)
         if kind == "symlink" and info is not None:

@@ -14,6 +14,7 @@ in a `LogMove` (and skips cycles), `undo_op` restores it, `redo_op` re-applies.
 from __future__ import annotations
 
 import bisect
+import heapq
 from collections.abc import Iterable
 from dataclasses import dataclass
 from operator import attrgetter
@@ -162,10 +163,13 @@ class Tree:
         for entry in reversed(undone):
             self.undo_op(entry)
             self._touch(entry, touched)
-        known = {e.move.hlc for e in undone}
-        pending = sorted(
-            [e.move for e in undone] + [m for m in batch if m.hlc not in known], key=_MOVE_ORDER
-        )
+        pending: Iterable[TreeMove] = batch
+        if undone:
+            # Both runs are already in order: merge them rather than sort again.
+            known = {e.move.hlc for e in undone}
+            pending = heapq.merge(
+                [e.move for e in undone], [m for m in batch if m.hlc not in known], key=_MOVE_ORDER
+            )
         last: Hlc | None = None
         for move in pending:
             if move.hlc == last:

@@ -33,7 +33,7 @@ from peer.sealing import MAX_SEQ, NODE_ID_BYTES, SIGNATURE_BYTES, SealError, sea
 # Bounded so a checkpoint fits one log response beside a batch of entries
 # (`wire.MAX_CHECKPOINT_BYTES`); a node whose checkpoint would grow past it
 # stops folding (its log keeps the rest).
-from peer.wire import MAX_CHECKPOINT_BYTES
+from peer.wire import CBOR_ERRORS, MAX_CHECKPOINT_BYTES
 
 FORMAT_VERSION = 1
 MAX_COVERS_NODES = 100_000
@@ -157,5 +157,5 @@ def _decode_ops(raw_ops: list[bytes], covers: dict[bytes, int], stored_here: boo
 def _cbor(data: bytes) -> Any:
     try:
         return cbor2.loads(data)
-    except (cbor2.CBORDecodeError, ValueError, TypeError, RecursionError, MemoryError) as exc:
+    except CBOR_ERRORS as exc:
         raise _fail(f"not CBOR: {exc}") from None

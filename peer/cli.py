@@ -117,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Ask a running node (through its control socket) for its status.",
     )
     s.add_argument("--json", action="store_true", help="machine-readable output")
-    s.add_argument("--data-dir", type=Path, help="the node to ask (default: the only one running)")
+    _asks_node(s)
 
     h = sub.add_parser(
         "history",
@@ -131,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument(
         "--at", metavar="TIME", help="the file that was at PATH at TIME (e.g. since deleted)"
     )
-    h.add_argument("--data-dir", type=Path, help="the node to ask (default: the only one running)")
+    _asks_node(h)
 
     r = sub.add_parser(
         "restore",
@@ -142,7 +142,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     r.add_argument("path", metavar="PATH")
     r.add_argument("--at", metavar="TIME", required=True, help="TIME: " + TIME_HELP)
-    r.add_argument("--data-dir", type=Path, help="the node to ask (default: the only one running)")
+    _asks_node(r)
 
     g = sub.add_parser(
         "gc",
@@ -153,7 +153,7 @@ def _parser() -> argparse.ArgumentParser:
         "freed and which members hold collection back.",
     )
     g.add_argument("--json", action="store_true", help="machine-readable output")
-    g.add_argument("--data-dir", type=Path, help="the node to ask (default: the only one running)")
+    _asks_node(g)
 
     f = sub.add_parser(
         "forget",
@@ -164,8 +164,15 @@ def _parser() -> argparse.ArgumentParser:
         "fresh data dir.",
     )
     f.add_argument("node", metavar="NODE")
-    f.add_argument("--data-dir", type=Path, help="the node to ask (default: the only one running)")
+    _asks_node(f)
     return p
+
+
+def _asks_node(sub: argparse.ArgumentParser) -> None:
+    """The option of every subcommand that talks to a running node."""
+    sub.add_argument(
+        "--data-dir", type=Path, help="the node to ask (default: the only one running)"
+    )
 
 
 def _init() -> int:
@@ -222,21 +229,7 @@ def _running_data_dirs() -> list[Path]:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from peer import node
-
-    if args.data_dir is not None:
-        data_dir = args.data_dir
-    else:
-        running = _running_data_dirs()
-        if len(running) != 1:
-            raise NodeNotRunning(
-                data_dir="(none given)" if not running else "several; use --data-dir"
-            )
-        data_dir = running[0]
-    try:
-        status = asyncio.run(node.query_status(data_dir))
-    except OSError:
-        raise NodeNotRunning(data_dir=data_dir) from None
+    status = _ask(_node_data_dir(args), "GET", "/status", timeout_s=10)
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
     else:
@@ -277,11 +270,15 @@ def _ask(
     *,
     params: dict[str, str] | None = None,
     body: dict[str, object] | None = None,
+    timeout_s: float = 120,
 ) -> dict[str, Any]:
+    """Call the running node's control API; `NodeNotRunning` if it is not there."""
     from peer import node
 
     try:
-        return asyncio.run(node.ask_node(data_dir, method, path, params=params, body=body))
+        return asyncio.run(
+            node.ask_node(data_dir, method, path, params=params, body=body, timeout_s=timeout_s)
+        )
     except OSError:
         raise NodeNotRunning(data_dir=data_dir) from None
 

@@ -62,6 +62,7 @@ from crdt.clock import Hlc
 from crdt.content import Contents
 from crdt.merge import Replica
 from crdt.ops import Forget, MalformedOp, decode_op
+from peer.auth import wall_ms
 from peer.errors import CorruptEntry, DfsError
 from peer.journal import Journal
 from peer.sealing import open_entry
@@ -90,10 +91,6 @@ BIG_MERGE_OPS = 500
 RECLAIM_PAGES: int | None = None
 
 VersionVector = dict[bytes, int]
-
-
-def wall_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 @dataclass(slots=True)
@@ -275,9 +272,11 @@ class Stability:
             out.append(MemberStatus(node.hex(), name, seen, behind, node in forgotten))
         return out
 
-    def held_back_by(self) -> list[MemberStatus]:
-        """The current members that keep some operation we hold from being stable."""
-        return [m for m in self.members() if m.behind > 0 and not m.forgotten]
+    def held_back_by(self, members: list[MemberStatus] | None = None) -> list[MemberStatus]:
+        """The current members that keep some operation we hold from being stable
+        (of `members`, if already computed)."""
+        members = self.members() if members is None else members
+        return [m for m in members if m.behind > 0 and not m.forgotten]
 
 
 # -- forget ------------------------------------------------------------------------------
@@ -464,11 +463,11 @@ class Collector:
     def _pins(self) -> list[Hlc]:
         return [h for h in self.volume.buffered_bases() if h is not None]
 
-    def _current_signature(self, stable: VersionVector) -> object:
+    def _current_signature(self, stable: VersionVector, pins: list[Hlc]) -> object:
         return (
             tuple(sorted(self.journal.vv.items())),
             tuple(sorted(stable.items())),
-            tuple(sorted(self._pins())),
+            tuple(sorted(pins)),
         )
 
     def collect(self, force: bool = True) -> Collection:
@@ -479,7 +478,8 @@ class Collector:
         t0 = time.monotonic()
         now = self._now()
         stable = self.stability.stable_vv()
-        signature = self._current_signature(stable)
+        pins = self._pins()
+        signature = self._current_signature(stable, pins)
         expired = self._next_expiry_ms is not None and now >= self._next_expiry_ms
         if not force and signature == self._signature and not expired and self.last is not None:
             return self.last
@@ -489,7 +489,7 @@ class Collector:
             self.stability.stable_stamps(stable),
             now,
             self.keep_ms,
-            self._pins(),
+            pins,
         )
         garbage = [bid for bid in self.store.block_ids() if bid not in plan.blocks]
         freed = freed_bytes = 0
@@ -562,12 +562,13 @@ class Collector:
         """The `gc` object of `status --json`."""
         stable = self.stability.stable_vv()
         ours = self.journal.vv
+        members = self.stability.members()
         return {
             "keep_history_s": self.keep_ms / 1000,
             "stable_version_vector": {n.hex(): s for n, s in sorted(stable.items())},
             "operations_not_stable": sum(max(0, s - stable.get(n, 0)) for n, s in ours.items()),
-            "members": [asdict(m) for m in self.stability.members()],
-            "held_back_by": [asdict(m) for m in self.stability.held_back_by()],
+            "members": [asdict(m) for m in members],
+            "held_back_by": [asdict(m) for m in self.stability.held_back_by(members)],
             "forgotten": self.journal.identity.node_id in self.journal.replica.forgotten(),
             "last_collection": asdict(self.last) if self.last is not None else None,
         }

@@ -9,11 +9,12 @@ log alone (the log is the truth; the `Replica` is derived).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from crdt.clock import Clock, Hlc
@@ -116,20 +117,9 @@ class Journal:
     def _replay(self, until_ms: int | None) -> int:
         batch: list[Op] = []
         count = 0
-        blob = self.store.get_checkpoint()
-        if blob is not None:
+        for op in self._stored_ops():
             # Folded ops keep their stamps, so `until_ms` filters them as it
             # does entries (history older than the retention is gone anyway).
-            for op in iter_checkpoint_ops(self.keys, blob):
-                if until_ms is not None and op.hlc.wall_ms > until_ms:
-                    continue
-                batch.append(op)
-                if len(batch) >= REPLAY_CHUNK:
-                    self.replica.apply(batch)
-                    count += len(batch)
-                    batch = []
-        for entry in self.store.iter_log():
-            op = self._open(entry, signed_already=True)
             if until_ms is not None and op.hlc.wall_ms > until_ms:
                 continue
             batch.append(op)
@@ -143,6 +133,14 @@ class Journal:
         if latest is not None:
             self.clock.observe(latest, self._now())
         return count
+
+    def _stored_ops(self) -> Iterator[Op]:
+        """Every op this store holds: the checkpoint's, then the log's."""
+        blob = self.store.get_checkpoint()
+        if blob is not None:
+            yield from iter_checkpoint_ops(self.keys, blob)
+        for entry in self.store.iter_log():
+            yield self._open(entry, signed_already=True)
 
     def _open(self, entry: LogEntry, signed_already: bool = False) -> Op:
         # Entries in our store had their signature and canonical encoding
@@ -165,6 +163,26 @@ class Journal:
         if self.replica.members().get(self.identity.node_id) != name:
             self.commit(lambda stamp: [Member(stamp(), name)])
 
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """One store transaction; a full disk becomes `NoSpace` (ENOSPC)."""
+        try:
+            with self.store.transaction():
+                yield
+        except sqlite3.OperationalError as exc:
+            if "full" in str(exc):
+                raise NoSpace() from exc
+            raise
+
+    def _apply(self, ops: Sequence[Op]) -> Changes:
+        """Merge stored `ops` into the replica, then tell who listens."""
+        changes = self.replica.apply(ops)
+        if any(isinstance(op, Forget) for op in ops):
+            changes = self.enforce_forgets() or changes
+        self._notify(changes)
+        self._grown()
+        return changes
+
     # -- local operations ------------------------------------------------------
     def stamp(self) -> Hlc:
         return self.clock.tick(self._now())
@@ -186,22 +204,12 @@ class Journal:
         for op in ops:
             entries.append(seal_entry(self.keys, self.identity, seq, encode_op(op)))
             seq += 1
-        try:
-            with self.store.transaction():
-                self.store.put_blocks(blocks)
-                self.store.append_log(entries)
-        except sqlite3.OperationalError as exc:
-            if "full" in str(exc):
-                raise NoSpace() from exc
-            raise
+        with self._writing():
+            self.store.put_blocks(blocks)
+            self.store.append_log(entries)
         self._next_seq = seq
         self.vv[self.identity.node_id] = seq - 1
-        changes = self.replica.apply(ops)
-        if any(isinstance(op, Forget) for op in ops):
-            changes = self.enforce_forgets() or changes
-        self._notify(changes)
-        self._grown()
-        return changes
+        return self._apply(ops)
 
     # -- remote operations -------------------------------------------------------
     def open_entries(self, entries: Sequence[LogEntry]) -> list[Op]:
@@ -221,21 +229,17 @@ class Journal:
         (opened here if not given). Entries already held are skipped."""
         if ops is None:
             ops = self.open_entries(entries)
+        cuts = self.replica.forgotten()
         fresh = [
             (e, op)
             for e, op in zip(entries, ops, strict=True)
-            if e.seq > self.vv.get(e.node, 0) and self.accepts(e.node, e.seq)
+            if e.seq > self.vv.get(e.node, 0) and self._within(cuts, e.node, e.seq)
         ]
         if not fresh:
             return Changes(frozenset(), frozenset())
-        try:
-            with self.store.transaction():
-                self.store.put_blocks(blocks)
-                self.store.append_log(e for e, _ in fresh)
-        except sqlite3.OperationalError as exc:
-            if "full" in str(exc):
-                raise NoSpace() from exc
-            raise
+        with self._writing():
+            self.store.put_blocks(blocks)
+            self.store.append_log(e for e, _ in fresh)
         for e, _ in fresh:
             if e.seq > self.vv.get(e.node, 0):
                 self.vv[e.node] = e.seq
@@ -245,12 +249,7 @@ class Journal:
         now = self._now()
         for _, op in fresh:
             self.clock.observe(op.hlc, now)
-        changes = self.replica.apply(op for _, op in fresh)
-        if any(isinstance(op, Forget) for _, op in fresh):
-            changes = self.enforce_forgets() or changes
-        self._notify(changes)
-        self._grown()
-        return changes
+        return self._apply([op for _, op in fresh])
 
     # -- checkpoint --------------------------------------------------------------
     def fold(self, stable: dict[bytes, int], min_entries: int | None = None) -> int:
@@ -324,14 +323,9 @@ class Journal:
         old = current.ops if current is not None else ()
         merged = Checkpoint(new_covers, tuple(compact([*old, *mine, *cp.ops], self._horizon())))
         sealed = seal_checkpoint(self.keys, self.identity, merged)
-        try:
-            with self.store.transaction():
-                self.store.put_blocks(blocks)
-                self.store.set_checkpoint(sealed, new_covers)
-        except sqlite3.OperationalError as exc:
-            if "full" in str(exc):
-                raise NoSpace() from exc
-            raise
+        with self._writing():
+            self.store.put_blocks(blocks)
+            self.store.set_checkpoint(sealed, new_covers)
         self._set_checkpoint()
         for node, seq in new_covers.items():
             self.vv[node] = max(self.vv.get(node, 0), seq)
@@ -339,12 +333,7 @@ class Journal:
         now = self._now()
         for op in cp.ops:
             self.clock.observe(op.hlc, now)
-        changes = self.replica.apply(cp.ops)
-        if any(isinstance(op, Forget) for op in cp.ops):
-            changes = self.enforce_forgets() or changes
-        self._notify(changes)
-        self._grown()
-        return changes
+        return self._apply(cp.ops)
 
     def _horizon(self) -> int:
         return self._now() - self.history_ms
@@ -367,7 +356,10 @@ class Journal:
     # -- forgotten nodes ---------------------------------------------------------
     def accepts(self, node: bytes, seq: int) -> bool:
         """False for an entry of a forgotten node past its cut (see `crdt.ops.Forget`)."""
-        cut = self.replica.forgotten().get(node)
+        return self._within(self.replica.forgotten(), node, seq)
+
+    def _within(self, cuts: dict[bytes, int], node: bytes, seq: int) -> bool:
+        cut = cuts.get(node)
         return cut is None or seq <= cut or node == self.identity.node_id
 
     def capped(self, vv: dict[bytes, int]) -> dict[bytes, int]:

@@ -21,7 +21,7 @@ import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -307,14 +307,11 @@ class Node:
             listen=net.listen,
             version_vector=net.version_vector,
             peers=net.peers,
+            # The counters; the rest of the snapshot has fields of its own above.
             sync={
-                "operations_behind": net.operations_behind,
-                "blocks_missing": net.blocks_missing,
-                "bytes_missing": net.bytes_missing,
-                "operations_received": net.operations_received,
-                "blocks_received": net.blocks_received,
-                "bytes_received": net.bytes_received,
-                "refused_requests": net.refused_requests,
+                f.name: getattr(net, f.name)
+                for f in fields(net)
+                if f.name not in ("listen", "version_vector", "peers")
             },
             gc=self.collector.status(),
         )
@@ -583,7 +580,6 @@ async def peer_network(node: Node) -> AsyncIterator[Sync]:
 async def mdns(node: Node, sync: Sync) -> AsyncIterator[None]:
     from discovery import Discovery
 
-    host = node.config.listen_host
     discovery = Discovery(
         volume_tag=node.keys.tag_hex,
         node_id=node.identity.node_id.hex(),
@@ -591,7 +587,7 @@ async def mdns(node: Node, sync: Sync) -> AsyncIterator[None]:
         port=sync.port,
         protocol=PROTOCOL,
         mdns=True,
-        addresses=[host] if _is_ip(host) and host not in ("0.0.0.0", "::") else None,
+        addresses=_advertised(node.config.listen_host),
         on_found=lambda peer: sync.add_peer(peer.host, peer.port, peer.source),
         on_lost=lambda peer: sync.remove_peer(peer.host, peer.port),
     )
@@ -602,12 +598,13 @@ async def mdns(node: Node, sync: Sync) -> AsyncIterator[None]:
         await discovery.close()
 
 
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
+def _advertised(host: str) -> list[str] | None:
+    """The address to advertise: the one we listen on if it is one IP address;
+    None (every address of this host) for a wildcard or a host name."""
+    with contextlib.suppress(ValueError):
+        if not ipaddress.ip_address(host).is_unspecified:
+            return [host]
+    return None
 
 
 async def show_progress(node: Node, announce: bool) -> None:
@@ -661,17 +658,6 @@ async def ask_node(
         return data
 
 
-async def query_status(data_dir: Path) -> dict[str, object]:
+async def query_status(data_dir: Path) -> dict[str, Any]:
     """Ask the node running on `data_dir` for its status."""
-    import aiohttp
-
-    path = data_dir / CONTROL_NAME
-    connector = aiohttp.UnixConnector(path=str(path))
-    timeout = aiohttp.ClientTimeout(total=10)
-    async with (
-        aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
-        session.get("http://node/status") as resp,
-    ):
-        resp.raise_for_status()
-        data: dict[str, object] = json.loads(await resp.text())
-        return data
+    return await ask_node(data_dir, "GET", "/status", timeout_s=10)

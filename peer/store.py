@@ -103,9 +103,16 @@ class Store:
     @classmethod
     def open(cls, path: Path) -> Store:
         """Open (creating if new) the store at `path`; `CorruptStore` if unusable."""
+        return cls._connect(path, str(path))
+
+    @classmethod
+    def _connect(cls, path: Path, database: str, *, uri: bool = False) -> Store:
+        """Connect to `database` (a path, or a URI with `uri`) as the store at
+        `path`, then `_configure` and `_migrate`; `CorruptStore` if unusable."""
         try:
             conn = sqlite3.connect(
-                path,
+                database,
+                uri=uri,
                 isolation_level=None,
                 check_same_thread=False,
                 timeout=_BUSY_TIMEOUT_MS / 1000,
@@ -538,39 +545,26 @@ class ReadOnlyStore(Store):
     the table held when it was loaded, and forgotten at exit.
     """
 
-    _next_inode = 0
-    _memory_inodes: dict[bytes, int]
+    def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
+        super().__init__(path, conn)
+        self._next_inode = 0
+        self._memory_inodes: dict[bytes, int] = {}
 
     @classmethod
     def open(cls, path: Path) -> Store:
         if not path.exists():
             raise CorruptStore(path=path, detail="there is no store there")
-        try:
-            conn = sqlite3.connect(
-                path.absolute().as_uri() + "?mode=ro",
-                uri=True,
-                isolation_level=None,
-                check_same_thread=False,
-                timeout=_BUSY_TIMEOUT_MS / 1000,
-            )
-        except sqlite3.Error as exc:
-            raise CorruptStore(path=path, detail=str(exc)) from exc
-        store = cls(path, conn)
-        store._memory_inodes = {}
-        try:
-            conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-            conn.execute("PRAGMA query_only = ON")
-            # Every version so far has the same tables; a newer one may not.
-            raw = store.get_meta("schema_version") or b""
-            if not raw.isdigit() or not 1 <= int(raw) <= SCHEMA_VERSION:
-                raise CorruptStore(path=path, detail=f"unknown schema version {raw!r}")
-        except sqlite3.DatabaseError as exc:
-            conn.close()
-            raise CorruptStore(path=path, detail=str(exc)) from exc
-        except BaseException:
-            conn.close()
-            raise
-        return store
+        return cls._connect(path, path.absolute().as_uri() + "?mode=ro", uri=True)
+
+    def _configure(self) -> None:
+        self._conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+        self._conn.execute("PRAGMA query_only = ON")
+
+    def _migrate(self) -> None:
+        # Every version so far has the same tables; a newer one may not.
+        raw = self.get_meta("schema_version") or b""
+        if not raw.isdigit() or not 1 <= int(raw) <= SCHEMA_VERSION:
+            raise CorruptStore(path=self.path, detail=f"unknown schema version {raw!r}")
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:

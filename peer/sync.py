@@ -120,15 +120,9 @@ def _behind(theirs: dict[bytes, int], ours: dict[bytes, int]) -> int:
     return sum(max(0, seq - ours.get(node, 0)) for node, seq in theirs.items())
 
 
-def referenced_blocks(ops: Iterable[Op]) -> dict[bytes, int]:
-    """{block id: plaintext size estimate} of the blocks `ops` reference."""
-    out: dict[bytes, int] = {}
-    for op in ops:
-        if isinstance(op, Write):
-            for _, bid in op.blocks:
-                if bid is not None:
-                    out[bid] = BLOCK_SIZE
-    return out
+def referenced_blocks(ops: Iterable[Op]) -> set[bytes]:
+    """The ids of the blocks `ops` reference."""
+    return {bid for op in ops if isinstance(op, Write) for _, bid in op.blocks if bid is not None}
 
 
 class PeerClient:
@@ -471,7 +465,7 @@ class Sync:
         cp = await asyncio.to_thread(open_checkpoint, self.journal.keys, blob)
         if covered(self.journal.vv, cp.covers):
             return  # what it folds arrived meanwhile
-        ops = list(cp.ops)
+        ops = cp.ops
         required, optional = self._needed(ops)
         fetched = await self.fetch(list(required), prefer=link, optional=list(optional))
         changes = self.journal.adopt_checkpoint(cp, fetched)
@@ -512,7 +506,7 @@ class Sync:
             for head in after.heads(entry):
                 if not after.versions[head].tombstone:
                     required.update(after.block_map(head).values())
-        optional = set(referenced_blocks(ops)) - required if self.fetch_history else set()
+        optional = referenced_blocks(ops) - required if self.fetch_history else set()
         held = self.store.has_blocks(required | optional)
         return required - held, optional - held
 
@@ -565,7 +559,8 @@ class Sync:
         first, then any other connected peer. `MissingBlocks` if some of `ids`
         cannot be had; `optional` ones no peer has are skipped."""
         required = list(ids)
-        ids = required + [b for b in optional if b not in set(required)]
+        asked = set(required)
+        ids = required + [b for b in optional if b not in asked]
         if not ids:
             return []
         got: dict[bytes, bytes] = {}

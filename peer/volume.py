@@ -361,17 +361,15 @@ class Volume:
         rows = []
         for name, child in self.replica.listing(view.id):
             child_view = self.replica.entry(child)
-            if child_view is None:
+            # Earlier pages' entries are skipped before their attributes are
+            # built: a large directory is read in many pages.
+            if child_view is None or self.inode_of(child) <= after:
                 continue
-            attrs = self._attrs(child_view)
-            if attrs.inode > after:
-                rows.append((name, attrs))
+            rows.append((name, self._attrs(child_view)))
         rows.sort(key=lambda r: r[1].inode)
         # READDIRPLUS hands the kernel a dentry for each name: remember them
         # as lookups, so a remote change can invalidate them.
-        known = self._kernel_names.setdefault(inode, {})
-        for name, attrs in rows:
-            known[name] = attrs.inode
+        self._kernel_names.setdefault(inode, {}).update((n, a.inode) for n, a in rows)
         return rows
 
     def releasedir(self, fh: int) -> None:

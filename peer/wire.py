@@ -15,12 +15,8 @@ from typing import Any
 
 import cbor2
 
-from peer.sealing import LogEntry
+from peer.sealing import BLOCK_ID_BYTES, MAX_SEQ, NODE_ID_BYTES, SIGNATURE_BYTES, LogEntry
 
-NODE_ID_BYTES = 32
-BLOCK_ID_BYTES = 32
-SIGNATURE_BYTES = 64
-MAX_SEQ = 2**63 - 1
 # A request body is small (a version vector or a list of block ids).
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
 # A response is bounded by what the server packs into it (`LOG_BATCH_BYTES`,
@@ -29,7 +25,7 @@ MAX_RESPONSE_BYTES = 48 * 1024 * 1024
 LOG_BATCH_BYTES = 4 * 1024 * 1024
 BLOCKS_PER_REQUEST = 64
 MAX_SEALED_BYTES = 1024 * 1024
-MAX_CHECKPOINT_BYTES = 32 * 1024 * 1024  # peer.checkpoint.MAX_CHECKPOINT_BYTES
+MAX_CHECKPOINT_BYTES = 32 * 1024 * 1024  # a sealed checkpoint (`peer.checkpoint`)
 MAX_NAME = 256
 MAX_VV_NODES = 100_000
 # Gossip: the vectors a node passes on of other members, and how many
@@ -93,10 +89,14 @@ def encode(obj: object) -> bytes:
     return cbor2.dumps(obj, canonical=True)
 
 
+# What `cbor2.loads` raises on hostile bytes (deep nesting, huge lengths included).
+CBOR_ERRORS = (cbor2.CBORDecodeError, ValueError, TypeError, RecursionError, MemoryError)
+
+
 def _load(body: bytes) -> Any:
     try:
         return cbor2.loads(body)
-    except (cbor2.CBORDecodeError, ValueError, TypeError, RecursionError, MemoryError) as exc:
+    except CBOR_ERRORS as exc:
         raise BadMessage(f"not CBOR: {exc}") from None
 
 
@@ -124,10 +124,6 @@ def _vv(obj: Any) -> VersionVector:
     return {_bytes(k, NODE_ID_BYTES): _int(v) for k, v in obj.items()}
 
 
-def _vv_out(vv: VersionVector) -> dict[bytes, int]:
-    return dict(vv)
-
-
 def _known(obj: Any) -> Gossip:
     """Optional gossip (older peers send none): bounded in nodes and pairs."""
     if obj is None:
@@ -148,7 +144,7 @@ def _known(obj: Any) -> Gossip:
 
 
 def _known_out(known: Gossip) -> dict[bytes, list[Any]]:
-    return {node: [_vv_out(vv), seen] for node, (vv, seen) in known.items()}
+    return {node: [vv, seen] for node, (vv, seen) in known.items()}
 
 
 # -- hello -------------------------------------------------------------------------
@@ -180,7 +176,7 @@ def decode_hello(body: bytes) -> Hello:
 
 
 def encode_log_request(req: LogRequest) -> bytes:
-    return encode({"vv": _vv_out(req.vv), "max_bytes": req.max_bytes})
+    return encode({"vv": req.vv, "max_bytes": req.max_bytes})
 
 
 def decode_log_request(body: bytes) -> LogRequest:
@@ -258,7 +254,7 @@ def decode_blocks_response(body: bytes) -> BlocksResponse:
 
 
 def encode_vv(vv: VersionVector, known: Gossip | None = None) -> bytes:
-    return encode({"vv": _vv_out(vv), "known": _known_out(known or {})})
+    return encode({"vv": vv, "known": _known_out(known or {})})
 
 
 def decode_vv(body: bytes) -> VersionVector:
@@ -272,7 +268,7 @@ def decode_watch(body: bytes) -> Watch:
 
 def vv_digest(vv: VersionVector) -> str:
     """A short stable name of a version vector (the long poll's `since`)."""
-    return hashlib.blake2b(encode(_vv_out(vv)), digest_size=16).hexdigest()
+    return hashlib.blake2b(encode(vv), digest_size=16).hexdigest()
 
 
 def encode_error(message: str) -> bytes:

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import FrameType
 
 from scenarios.catalog import SCENARIOS, ScenarioSkipped, run_scenario
-from scenarios.harness import HarnessError
+from scenarios.harness import HarnessError, mount_points
 from scenarios.network import can_use_namespaces, remove_stale
 from scenarios.report import duration
 
@@ -61,8 +61,7 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 
 def _mounted_under(path: Path) -> bool:
     prefix = str(path.resolve()).rstrip("/") + "/"
-    with open("/proc/mounts") as f:
-        return any(line.split()[1].startswith(prefix) for line in f)
+    return any(mount.startswith(prefix) for mount in mount_points())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,10 +55,26 @@ def wait_for(
         time.sleep(interval)
 
 
-def is_mounted(path: Path) -> bool:
-    target = os.path.realpath(path)
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free just now.
+
+    Chosen before a node starts (rather than `--listen 127.0.0.1:0`) so that
+    nodes started earlier can be given it as a static peer. Another process
+    could take it before the node binds it; the node then exits saying so.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def mount_points() -> list[str]:
+    """Every mount point now in /proc/mounts."""
     with open("/proc/mounts") as f:
-        return any(line.split()[1] == target for line in f)
+        return [line.split()[1] for line in f]
+
+
+def is_mounted(path: Path) -> bool:
+    return os.path.realpath(path) in mount_points()
 
 
 def unmount(path: Path) -> None:

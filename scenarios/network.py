@@ -21,13 +21,12 @@ import os
 import random
 import secrets
 import shutil
-import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from scenarios.harness import HarnessError, unmount
+from scenarios.harness import HarnessError, free_port, mount_points, unmount
 
 PORT = 7654
 NETNS_DIR = Path("/run/netns")
@@ -117,14 +116,9 @@ class LoopbackLan:
     description = "loopback (no root: static peers, no mDNS, no partitions)"
 
     def add_host(self, name: str) -> Host:
-        # Chosen now rather than with `--listen 127.0.0.1:0`, so that nodes
-        # started earlier can be given this one as a static peer. Another
-        # process could take the port before the node binds it; the node then
-        # exits saying so, and the scenario fails at its start.
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        return Host(name=name, ip="127.0.0.1", port=port)
+        # If another process takes the port first, the node exits saying so,
+        # and the scenario fails at its start.
+        return Host(name=name, ip="127.0.0.1", port=free_port())
 
     def cut(self, host: Host) -> None:
         raise HarnessError("partitions need network namespaces (run as root)")
@@ -278,9 +272,7 @@ def remove_stale() -> list[str]:
                 removed.append(f"link {name}")
         workdir = str(info.get("workdir", ""))
         if workdir:
-            with open("/proc/mounts") as f:
-                mounts = [line.split()[1] for line in f]
-            for mount in mounts:
+            for mount in mount_points():
                 if mount.startswith(workdir.rstrip("/") + "/"):
                     unmount(Path(mount))
                     removed.append(f"mount {mount}")

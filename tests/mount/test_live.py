@@ -14,17 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from scenarios.harness import NodeProcess, wait_for
+from scenarios.harness import NodeProcess, free_port, wait_for
 
 pytestmark = pytest.mark.mount
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

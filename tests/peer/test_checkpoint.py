@@ -26,16 +26,11 @@ from peer.node import Node
 from peer.sealing import LogEntry, seal_entry
 from peer.secret import new_secret
 from peer.volume import ROOT_INODE
-from tests.peer.test_gc import link, make_node, serving
-from tests.peer.test_sync import CALLER, read_file, wait_until, write_file
+from tests.peer.test_gc import make_node, serving
+from tests.peer.test_sync import CALLER, link, read_file, wait_until, write_file
 
 FILES = 20
 CHMODS = 600  # per node
-
-
-@pytest.fixture
-def keys() -> VolumeKeys:
-    return VolumeKeys.from_root(new_secret())
 
 
 def log_size(node: Node) -> tuple[int, int]:

@@ -21,18 +21,12 @@ from peer.gc import AmbiguousMember, CannotForgetSelf, NoSuchMember
 from peer.identity import load_or_create
 from peer.keys import VolumeKeys
 from peer.node import Node, NodeConfig
-from peer.secret import new_secret
 from peer.store import Store
 from peer.sync import Sync
 from peer.volume import ROOT_INODE
-from tests.peer.test_sync import CALLER, read_file, wait_until, write_file
+from tests.peer.test_sync import CALLER, link, read_file, wait_until, write_file
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def keys() -> VolumeKeys:
-    return VolumeKeys.from_root(new_secret())
 
 
 def make_node(tmp: Path, name: str, keys: VolumeKeys, keep_history_s: float = 0.0) -> Node:
@@ -57,11 +51,6 @@ async def serving(node: Node, port: int = 0) -> AsyncIterator[Sync]:
             yield sync
     finally:
         node.close()
-
-
-def link(a: Sync, b: Sync) -> None:
-    a.add_peer("127.0.0.1", b.port, "static")
-    b.add_peer("127.0.0.1", a.port, "static")
 
 
 def current_blocks(node: Node, name: bytes) -> set[bytes]:

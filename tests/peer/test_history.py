@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,10 +24,9 @@ from peer import cli, history
 from peer.identity import load_or_create
 from peer.keys import VolumeKeys
 from peer.node import Node, NodeConfig, ask_node, control_server
-from peer.secret import new_secret
 from peer.store import ReadOnlyStore
 from peer.volume import ROOT_INODE
-from tests.peer.test_sync import CALLER, read_file, running, wait_until, write_file
+from tests.peer.test_sync import CALLER, link, read_file, running, wait_until, write_file
 
 # 2023-11-14T22:13:20Z, and one version a minute after it: well in the past of
 # the real clock, so a restore (stamped by the real clock) sorts after them.
@@ -41,11 +40,6 @@ class FakeClock:
 
     def __call__(self) -> int:
         return self.ms
-
-
-@pytest.fixture
-def keys() -> VolumeKeys:
-    return VolumeKeys.from_root(new_secret())
 
 
 def make_node(tmp: Path, name: str, keys: VolumeKeys, clock_ms: int | None = T0 - 1) -> Node:
@@ -97,114 +91,89 @@ def write_versions(node: Node) -> FakeClock:
     return clock
 
 
-def test_history_lists_every_version_with_time_node_and_size(
-    tmp_path: Path, keys: VolumeKeys
-) -> None:
-    a = make_node(tmp_path, "a", keys)
+@pytest.fixture
+def a(tmp_path: Path, keys: VolumeKeys) -> Iterator[Node]:
+    """Node "a" after `write_versions`; closed at teardown."""
+    node = make_node(tmp_path, "a", keys)
     try:
-        write_versions(a)
-        versions = history.history(a.replica, b"notes.txt", a.store.has_blocks)
-        # a create alone makes no version: the file's first write does
-        assert [(v.time_ms, v.size, v.kind) for v in versions] == [
-            (T0, 3, "write"),
-            (T0 + MINUTE, 5, "write"),
-            (T0 + 2 * MINUTE, 7, "write"),
-        ]
-        assert {(v.node, v.node_name) for v in versions} == {(a.identity.short, "a")}
-        assert [v.current for v in versions] == [False, False, True]
-        assert all(v.available and not v.conflict for v in versions)
-        assert versions[0].to_json()["time"] == "2023-11-14T22:13:20.000Z"
-        assert versions[0].to_json()["unix"] == T0 / 1000
+        write_versions(node)
+        yield node
     finally:
-        a.close()
+        node.close()
 
 
-def test_history_of_a_deleted_file_needs_a_time_it_existed(
-    tmp_path: Path, keys: VolumeKeys
-) -> None:
-    a = make_node(tmp_path, "a", keys)
+def test_history_lists_every_version_with_time_node_and_size(a: Node) -> None:
+    versions = history.history(a.replica, b"notes.txt", a.store.has_blocks)
+    # a create alone makes no version: the file's first write does
+    assert [(v.time_ms, v.size, v.kind) for v in versions] == [
+        (T0, 3, "write"),
+        (T0 + MINUTE, 5, "write"),
+        (T0 + 2 * MINUTE, 7, "write"),
+    ]
+    assert {(v.node, v.node_name) for v in versions} == {(a.identity.short, "a")}
+    assert [v.current for v in versions] == [False, False, True]
+    assert all(v.available and not v.conflict for v in versions)
+    assert versions[0].to_json()["time"] == "2023-11-14T22:13:20.000Z"
+    assert versions[0].to_json()["unix"] == T0 / 1000
+
+
+def test_history_of_a_deleted_file_needs_a_time_it_existed(a: Node) -> None:
+    with pytest.raises(history.NoSuchPath, match=r"/gone\.txt does not exist"):
+        history.history(a.replica, b"gone.txt", a.store.has_blocks)
+    past = history.replica_at(a.store, a.keys, a.identity, T0 + MINUTE)
+    versions = history.history(a.replica, b"gone.txt", a.store.has_blocks, past, T0 + MINUTE)
+    assert [(v.kind, v.size) for v in versions] == [("write", 13), ("delete", 13)]
+    with pytest.raises(history.NotAFile, match="is a directory"):
+        history.history(a.replica, b"", a.store.has_blocks)
+
+
+def test_a_version_whose_blocks_are_gone_is_marked_unavailable(a: Node) -> None:
+    entry = history.resolve(a.replica, b"notes.txt")
+    assert entry is not None
+    v1 = min(h for h, v in a.replica.contents.versions.items() if v.entry == entry)
+    collected = a.replica.block_map(v1)[0]
+
+    def held(ids: Iterable[bytes]) -> set[bytes]:
+        return a.store.has_blocks(ids) - {collected}
+
+    versions = history.history(a.replica, b"notes.txt", held)
+    assert [v.available for v in versions] == [False, True, True]
+
+
+def test_the_past_replica_holds_exactly_the_ops_up_to_the_time(a: Node) -> None:
+    past = history.replica_at(a.store, a.keys, a.identity, T0 + MINUTE + 30_000)
+    names = {name for name, _ in past.listing(ROOT)}
+    assert names == {b"notes.txt", b"gone.txt"}  # later.txt not yet, gone.txt not yet gone
+    notes = history.resolve(past, b"notes.txt")
+    assert notes is not None
+    view = past.entry(notes)
+    assert view is not None
+    assert (view.size, view.version and view.version.wall_ms) == (5, T0 + MINUTE)
+    # the same as a replica given those ops and no others
+    assert history.replica_at(a.store, a.keys, a.identity, 10**15).snapshot() == (
+        a.replica.snapshot()
+    )
+    assert history.replica_at(a.store, a.keys, a.identity, T0 - 1).snapshot() == {}
+
+
+def test_an_at_node_shows_the_past_read_only_and_writes_nothing(a: Node, keys: VolumeKeys) -> None:
+    config = replace(a.config, read_only=True, at_ms=T0 + 30_000)
+    past = Node(config, keys, load_or_create(a.config.data_dir))
     try:
-        write_versions(a)
-        with pytest.raises(history.NoSuchPath, match=r"/gone\.txt does not exist"):
-            history.history(a.replica, b"gone.txt", a.store.has_blocks)
-        past = history.replica_at(a.store, a.keys, a.identity, T0 + MINUTE)
-        versions = history.history(a.replica, b"gone.txt", a.store.has_blocks, past, T0 + MINUTE)
-        assert [(v.kind, v.size) for v in versions] == [("write", 13), ("delete", 13)]
-        with pytest.raises(history.NotAFile, match="is a directory"):
-            history.history(a.replica, b"", a.store.has_blocks)
+        assert isinstance(past.store, ReadOnlyStore)
+        past.start()
+        assert read_file(past, b"notes.txt") == b"one"
+        assert read_file(past, b"gone.txt") == b"deleted later"
+        assert read_file(past, b"later.txt") is None
+        with pytest.raises(ReadOnly):
+            past.volume.create(ROOT_INODE, b"new", 0o644, os.O_RDWR, CALLER)
+        # the live node beside it goes on writing, the past stays put
+        overwrite(a, b"notes.txt", b"four-4-4")
+        assert read_file(a, b"notes.txt") == b"four-4-4"
+        assert read_file(past, b"notes.txt") == b"one"
     finally:
-        a.close()
-
-
-def test_a_version_whose_blocks_are_gone_is_marked_unavailable(
-    tmp_path: Path, keys: VolumeKeys
-) -> None:
-    a = make_node(tmp_path, "a", keys)
-    try:
-        write_versions(a)
-
-        entry = history.resolve(a.replica, b"notes.txt")
-        assert entry is not None
-        v1 = min(h for h, v in a.replica.contents.versions.items() if v.entry == entry)
-        collected = a.replica.block_map(v1)[0]
-
-        def held(ids: Iterable[bytes]) -> set[bytes]:
-            return a.store.has_blocks(ids) - {collected}
-
-        versions = history.history(a.replica, b"notes.txt", held)
-        assert [v.available for v in versions] == [False, True, True]
-    finally:
-        a.close()
-
-
-def test_the_past_replica_holds_exactly_the_ops_up_to_the_time(
-    tmp_path: Path, keys: VolumeKeys
-) -> None:
-    a = make_node(tmp_path, "a", keys)
-    try:
-        write_versions(a)
-        past = history.replica_at(a.store, a.keys, a.identity, T0 + MINUTE + 30_000)
-        names = {name for name, _ in past.listing(ROOT)}
-        assert names == {b"notes.txt", b"gone.txt"}  # later.txt not yet, gone.txt not yet gone
-        notes = history.resolve(past, b"notes.txt")
-        assert notes is not None
-        view = past.entry(notes)
-        assert view is not None
-        assert (view.size, view.version and view.version.wall_ms) == (5, T0 + MINUTE)
-        # the same as a replica given those ops and no others
-        assert history.replica_at(a.store, a.keys, a.identity, 10**15).snapshot() == (
-            a.replica.snapshot()
-        )
-        assert history.replica_at(a.store, a.keys, a.identity, T0 - 1).snapshot() == {}
-    finally:
-        a.close()
-
-
-def test_an_at_node_shows_the_past_read_only_and_writes_nothing(
-    tmp_path: Path, keys: VolumeKeys
-) -> None:
-    a = make_node(tmp_path, "a", keys)
-    try:
-        write_versions(a)
-        config = replace(a.config, read_only=True, at_ms=T0 + 30_000)
-        past = Node(config, keys, load_or_create(a.config.data_dir))
-        try:
-            assert isinstance(past.store, ReadOnlyStore)
-            past.start()
-            assert read_file(past, b"notes.txt") == b"one"
-            assert read_file(past, b"gone.txt") == b"deleted later"
-            assert read_file(past, b"later.txt") is None
-            with pytest.raises(ReadOnly):
-                past.volume.create(ROOT_INODE, b"new", 0o644, os.O_RDWR, CALLER)
-            # the live node beside it goes on writing, the past stays put
-            overwrite(a, b"notes.txt", b"four-4-4")
-            assert read_file(a, b"notes.txt") == b"four-4-4"
-            assert read_file(past, b"notes.txt") == b"one"
-        finally:
-            past.close()
-        assert a.replica.members() == {a.identity.node_id: "a"}  # no member op from the past
-    finally:
-        a.close()
+        past.close()
+    assert a.replica.members() == {a.identity.node_id: "a"}  # no member op from the past
 
 
 def test_an_at_node_leaves_the_store_bytes_unchanged(tmp_path: Path, keys: VolumeKeys) -> None:
@@ -240,8 +209,7 @@ async def test_restore_on_another_node_brings_back_the_old_content_everywhere(
         write_versions(a)
         set_clock(a, T0 + 3 * MINUTE)
         overwrite(a, b"big.bin", b"small now")
-        sb.add_peer("127.0.0.1", sa.port, "static")
-        sa.add_peer("127.0.0.1", sb.port, "static")
+        link(sb, sa)
         await wait_until(lambda: read_file(b, b"later.txt") == b"made later", "B to sync")
         await wait_until(lambda: read_file(b, b"big.bin") == b"small now" + big[9:], "B big")
 

@@ -52,6 +52,12 @@ async def running(*nodes: Node) -> AsyncIterator[list[Sync]]:
         n.close()
 
 
+def link(a: Sync, b: Sync) -> None:
+    """Tell each of two running nodes about the other, as static peers."""
+    a.add_peer("127.0.0.1", b.port, "static")
+    b.add_peer("127.0.0.1", a.port, "static")
+
+
 async def wait_until(condition: Callable[[], bool], what: str, limit_s: float = 10.0) -> None:
     """Poll `condition` (state changed by other tasks) until true, or fail naming `what`."""
     deadline = asyncio.get_running_loop().time() + limit_s
@@ -81,16 +87,10 @@ def read_file(node: Node, name: bytes) -> bytes | None:
         vol.release(fh)
 
 
-@pytest.fixture
-def keys() -> VolumeKeys:
-    return VolumeKeys.from_root(new_secret())
-
-
 async def test_a_write_on_one_node_appears_on_the_other(tmp_path: Path, keys: VolumeKeys) -> None:
     a, b = make_node(tmp_path, "a", keys), make_node(tmp_path, "b", keys)
     async with running(a, b) as (sa, sb):
-        sb.add_peer("127.0.0.1", sa.port, "static")
-        sa.add_peer("127.0.0.1", sb.port, "static")
+        link(sb, sa)
         payload = os.urandom(300_000)  # three blocks
         write_file(a, b"hello.bin", payload)
         await wait_until(lambda: read_file(b, b"hello.bin") == payload, "B to see A's file")
@@ -115,8 +115,7 @@ async def test_a_peer_with_another_secret_gets_nothing_and_changes_nothing(
         write_file(a, b"secret.txt", b"private")
         write_file(outsider, b"junk.txt", b"junk")
         before = dict(a.journal.vv)
-        sx.add_peer("127.0.0.1", sa.port, "static")
-        sa.add_peer("127.0.0.1", sx.port, "static")
+        link(sx, sa)
         await wait_until(lambda: sa.refused >= 1 and sx.refused >= 1, "both to refuse")
         await wait_until(
             lambda: all(p.last_error for p in sa.statistics().peers), "A to give up on X"
