@@ -184,7 +184,10 @@ class Volume(Protocol):
         ...
 
     def open(self, inode: int, flags: int, caller: Caller) -> int:
-        """Open a file; `flags` as in open(2) without O_CREAT/O_EXCL/O_NOCTTY/O_TRUNC."""
+        """Open a file; `flags` as in open(2) without O_CREAT/O_EXCL/O_NOCTTY.
+
+        O_TRUNC does arrive (the kernel negotiates atomic O_TRUNC and then sends
+        no setattr): the volume truncates the file, setting mtime and ctime."""
         ...
 
     def read(self, fh: int, offset: int, size: int) -> bytes:

@@ -564,10 +564,15 @@ class Volume:
         view = self._view(entry)
         if view.kind == "dir":
             raise IsADirectory()
-        if flags & os.O_ACCMODE != os.O_RDONLY:
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             self._writable()
             if view.conflict_of is not None:
                 raise AccessDenied()  # conflict copies are read-only: rename to keep one
+        if flags & os.O_TRUNC and view.kind == "file":
+            # The kernel negotiates atomic O_TRUNC and sends no setattr: the
+            # truncate is ours. Like Linux, it sets mtime and ctime even when
+            # the file was empty already (a new version is a new mtime).
+            self._truncate(entry, 0)
         return self._open_handle(entry, inode, flags)
 
     def _open_handle(self, entry: bytes, inode: int, flags: int) -> int:

@@ -438,6 +438,9 @@ class MemVolume:
         node = self._node(inode)
         if node.kind == "dir":
             raise IsADirectory()
+        if flags & os.O_TRUNC and node.kind == "file":
+            del node.data[:]
+            self._touch(node)
         return self._open_handle(node)
 
     @_failable

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -72,3 +73,12 @@ def test_an_open_handle_reads_the_latest_version(pair: tuple[Path, Path]) -> Non
                 break
             assert time.monotonic() < deadline, "B's open handle never saw A's write"
             time.sleep(0.02)
+
+
+def test_a_file_rewritten_with_o_trunc_replicates_truncated(pair: tuple[Path, Path]) -> None:
+    a, b = pair
+    subprocess.run(
+        ["sh", "-c", "printf 'hello world\\n' > f; printf 'hi\\n' > f"], cwd=a, check=True
+    )
+    assert (a / "f").read_bytes() == b"hi\n"
+    wait_for(lambda: read(b / "f") == b"hi\n", 10, "B to read exactly 'hi\\n'")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -315,3 +316,18 @@ def test_default_permissions_give_eacces(mnt: Path) -> None:
     os.close(root)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_o_trunc_on_an_existing_file_truncates_it(mnt: Path) -> None:
+    # The kernel negotiates atomic O_TRUNC: it sends no setattr, open must truncate.
+    subprocess.run(
+        ["sh", "-c", "printf 'hello world\\n' > f; printf 'hi\\n' > f"], cwd=mnt, check=True
+    )
+    assert (mnt / "f").read_bytes() == b"hi\n"
+    os.utime(mnt / "f", ns=(1_000_000_000, 1_000_000_000))
+    before = os.stat(mnt / "f")
+    os.close(os.open(mnt / "f", os.O_WRONLY | os.O_TRUNC))
+    after = os.stat(mnt / "f")
+    assert after.st_size == 0
+    assert after.st_mtime_ns > before.st_mtime_ns, "O_TRUNC must update mtime"
+    assert after.st_ctime_ns > before.st_ctime_ns, "O_TRUNC must update ctime"
