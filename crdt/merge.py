@@ -61,6 +61,7 @@ class EntryView:
     target: bytes
     version: Hlc | None
     conflict_of: bytes | None
+    rdev: int = 0  # device number of a character or block device node
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +75,7 @@ class Changes:
 
 @dataclass(frozen=True, slots=True)
 class _Info:
-    """An entry's creation: kind and target from its earliest `Create` (`hlc`),
+    """An entry's creation: kind, target and rdev from its earliest `Create` (`hlc`),
     and the mode, uid and gid of its latest (`made`).
 
     A `Create` sets three attributes with one stamp, so last-writer-wins over
@@ -89,6 +90,7 @@ class _Info:
     mode: int
     uid: int
     gid: int
+    rdev: int = 0
 
 
 # The attributes a `Create` sets, kept in `_Info`.
@@ -253,10 +255,10 @@ class Replica:
     def _created(self, op: Create) -> None:
         info = self._info.get(op.entry)
         if info is None:
-            info = _Info(op.hlc, op.kind, op.target, op.hlc, op.mode, op.uid, op.gid)
+            info = _Info(op.hlc, op.kind, op.target, op.hlc, op.mode, op.uid, op.gid, op.rdev)
         else:
             if op.hlc < info.hlc:
-                info = replace(info, hlc=op.hlc, kind=op.kind, target=op.target)
+                info = replace(info, hlc=op.hlc, kind=op.kind, target=op.target, rdev=op.rdev)
             if op.hlc > info.made:
                 info = replace(info, made=op.hlc, mode=op.mode, uid=op.uid, gid=op.gid)
         self._info[op.entry] = info
@@ -666,6 +668,7 @@ class Replica:
             target=info.target if info is not None else b"",
             version=version,
             conflict_of=copy.file if copy is not None else None,
+            rdev=info.rdev if info is not None else 0,
         )
 
     def xattrs(self, entry: bytes) -> dict[str, bytes]:
@@ -733,6 +736,7 @@ class Replica:
                     view.mode,
                     view.size,
                     view.target,
+                    view.rdev,
                     content,
                     view.mtime_ns,
                     tuple(sorted(self.xattrs(child).items())),

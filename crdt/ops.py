@@ -33,8 +33,12 @@ BLOCK_SIZE = 128 * 1024
 ROOT = b"\x00" * ENTRY_ID_BYTES
 TRASH = b"\xff" * ENTRY_ID_BYTES
 
-Kind = Literal["file", "dir", "symlink"]
-KINDS: tuple[Kind, ...] = ("file", "dir", "symlink")
+Kind = Literal["file", "dir", "symlink", "fifo", "socket", "chardev", "blockdev"]
+KINDS: tuple[Kind, ...] = ("file", "dir", "symlink", "fifo", "socket", "chardev", "blockdev")
+# Kinds whose Create carries `rdev` in the encoding (added after the first
+# three, so a Create of those keeps the eight fields it always had).
+SPECIAL_KINDS: frozenset[Kind] = frozenset({"fifo", "socket", "chardev", "blockdev"})
+RDEV_MAX = 0xFFFF_FFFF  # FUSE carries a 32-bit device number
 
 # Attribute keys; "xattr:<name>" carries extended attributes.
 ATTR_KEYS = ("mode", "uid", "gid", "mtime_ns")
@@ -72,7 +76,12 @@ class Forget:
 
 @dataclass(frozen=True, slots=True)
 class Create:
-    """A new entry `entry` of `kind` named `name` in directory `parent`."""
+    """A new entry `entry` of `kind` named `name` in directory `parent`.
+
+    `rdev` is the device number of a character or block device node (0 for
+    every other kind). Only special kinds (or a non-zero `rdev`) encode it, as
+    a ninth field, so Creates stored before it existed decode unchanged.
+    """
 
     hlc: Hlc
     entry: bytes
@@ -83,6 +92,7 @@ class Create:
     uid: int
     gid: int
     target: bytes = b""  # symlink target; empty for other kinds
+    rdev: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +153,8 @@ def encode_op(op: Op) -> bytes:
         body = [op.name]
     elif isinstance(op, Create):
         body = [op.entry, op.parent, op.name, op.kind, op.mode, op.uid, op.gid, op.target]
+        if op.kind in SPECIAL_KINDS or op.rdev:
+            body.append(op.rdev)
     elif isinstance(op, Move):
         body = [op.entry, op.parent, op.name, [_hlc_out(h) for h in op.seen]]
     elif isinstance(op, SetAttr):
@@ -239,8 +251,9 @@ def decode_op(data: bytes, *, check_canonical: bool = True) -> Op:
             if type(body[0]) is not str or len(body[0]) > 64:
                 raise MalformedOp("bad member name")
             op = Member(hlc, body[0])
-        elif tag == 1 and len(body) == 8:
-            entry, parent, name, kind, mode, uid, gid, target = body
+        elif tag == 1 and len(body) in (8, 9):
+            entry, parent, name, kind, mode, uid, gid, target = body[:8]
+            rdev = _int(body[8], hi=RDEV_MAX) if len(body) == 9 else 0
             if kind not in KINDS:
                 raise MalformedOp("bad kind")
             op = Create(
@@ -253,6 +266,7 @@ def decode_op(data: bytes, *, check_canonical: bool = True) -> Op:
                 _share(_int(uid, hi=0xFFFF_FFFF)),
                 _share(_int(gid, hi=0xFFFF_FFFF)),
                 _bytes(target),
+                _share(rdev),
             )
         elif tag == 2 and len(body) == 4:
             entry, parent, name, seen = body

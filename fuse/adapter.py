@@ -51,7 +51,15 @@ DEFAULT_TIMEOUT_S = 300.0
 # The kernel holds nothing for it (ENOENT), or the mount has just gone away
 # (ENOTCONN, ENODEV: unmounted while the notification was on its way).
 _NOTHING_TO_INVALIDATE = frozenset({errno.ENOENT, errno.ENOTCONN, errno.ENODEV})
-_TYPE_BITS = {"file": stat.S_IFREG, "dir": stat.S_IFDIR, "symlink": stat.S_IFLNK}
+_TYPE_BITS = {
+    "file": stat.S_IFREG,
+    "dir": stat.S_IFDIR,
+    "symlink": stat.S_IFLNK,
+    "fifo": stat.S_IFIFO,
+    "socket": stat.S_IFSOCK,
+    "chardev": stat.S_IFCHR,
+    "blockdev": stat.S_IFBLK,
+}
 
 assert ROOT_INODE == pyfuse3.ROOT_INODE
 
@@ -95,7 +103,7 @@ class FuseOperations(pyfuse3.Operations):
         entry.st_nlink = attrs.nlink
         entry.st_uid = attrs.uid
         entry.st_gid = attrs.gid
-        entry.st_rdev = 0
+        entry.st_rdev = attrs.rdev
         entry.st_size = attrs.size
         entry.st_blksize = BLOCK_SIZE
         entry.st_blocks = (attrs.size + 511) // 512

@@ -16,7 +16,7 @@ from typing import Final, Literal, Protocol
 ROOT_INODE: Final = 1
 """The root directory's inode number (FUSE_ROOT_ID, equal to `pyfuse3.ROOT_INODE`)."""
 
-Kind = Literal["file", "dir", "symlink"]
+Kind = Literal["file", "dir", "symlink", "fifo", "socket", "chardev", "blockdev"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,7 +24,8 @@ class Attrs:
     """The attributes of one inode, as `stat` shows them.
 
     `mode` holds permission bits only (`0o7777`); the file type is `kind`.
-    Timestamps are nanoseconds since the epoch.
+    Timestamps are nanoseconds since the epoch. `rdev` is the device number
+    of a character or block device node, else 0.
     """
 
     inode: int
@@ -37,6 +38,7 @@ class Attrs:
     atime_ns: int
     mtime_ns: int
     ctime_ns: int
+    rdev: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,8 +154,11 @@ class Volume(Protocol):
         ...
 
     def mknod(self, parent: int, name: bytes, mode: int, rdev: int, caller: Caller) -> Attrs:
-        """Create a node; `mode` includes the file type. Regular files only, else
-        `NotPermitted`. Counts one lookup."""
+        """Create a regular file, FIFO, socket or device node (`mode` includes
+        the file type; `rdev` is a device node's number). Counts one lookup.
+
+        Only the entry replicates: FIFO and socket I/O and device access are
+        the kernel's, and never reach the volume."""
         ...
 
     def symlink(self, parent: int, name: bytes, target: bytes, caller: Caller) -> Attrs:

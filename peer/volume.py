@@ -27,6 +27,7 @@ from crdt.ops import (
     MAX_BLOCKS_PER_WRITE,
     MAX_FILE_SIZE,
     NAME_MAX,
+    RDEV_MAX,
     ROOT,
     TRASH,
     XATTR_PREFIX,
@@ -71,6 +72,15 @@ RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 XATTR_CREATE = 1
 XATTR_REPLACE = 2
+# What mknod can make, by the file type bits of its mode. Only the entry
+# replicates: FIFO and socket I/O and device access stay in the kernel.
+_NODE_KINDS: dict[int, Kind] = {
+    stat.S_IFREG: "file",
+    stat.S_IFIFO: "fifo",
+    stat.S_IFSOCK: "socket",
+    stat.S_IFCHR: "chardev",
+    stat.S_IFBLK: "blockdev",
+}
 
 
 class IOFailure(VolumeError):
@@ -208,6 +218,7 @@ class Volume:
             atime_ns=view.mtime_ns,
             mtime_ns=view.mtime_ns,
             ctime_ns=view.ctime_ns,
+            rdev=view.rdev,
         )
         self._last[view.id] = attrs
         return attrs
@@ -233,6 +244,7 @@ class Volume:
             last.atime_ns,
             last.mtime_ns,
             last.ctime_ns,
+            last.rdev,
         )
 
     def _writable(self) -> None:
@@ -379,7 +391,14 @@ class Volume:
         self.store.sync()
 
     def _new_entry(
-        self, parent: int, name: bytes, kind: Kind, mode: int, caller: Caller, target: bytes = b""
+        self,
+        parent: int,
+        name: bytes,
+        kind: Kind,
+        mode: int,
+        caller: Caller,
+        target: bytes = b"",
+        rdev: int = 0,
     ) -> Attrs:
         self._writable()
         _check_name(name)
@@ -399,6 +418,7 @@ class Volume:
                     caller.uid,
                     caller.gid,
                     target,
+                    rdev,
                 )
             ]
         )
@@ -411,9 +431,14 @@ class Volume:
         return self._new_entry(parent, name, "dir", mode, caller)
 
     def mknod(self, parent: int, name: bytes, mode: int, rdev: int, caller: Caller) -> Attrs:
-        if not stat.S_ISREG(mode):
-            raise NotPermitted()
-        return self._new_entry(parent, name, "file", mode, caller)
+        kind = _NODE_KINDS.get(stat.S_IFMT(mode))
+        if kind is None:
+            raise InvalidArgument()
+        if kind not in ("chardev", "blockdev"):
+            rdev = 0
+        elif not 0 <= rdev <= RDEV_MAX:
+            raise InvalidArgument()
+        return self._new_entry(parent, name, kind, mode, caller, rdev=rdev)
 
     def symlink(self, parent: int, name: bytes, target: bytes, caller: Caller) -> Attrs:
         if len(target) > 4095 or not target:

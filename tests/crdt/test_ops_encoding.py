@@ -22,6 +22,7 @@ from crdt.ops import (
     MAX_FILE_SIZE,
     NAME_MAX,
     NODE_ID_BYTES,
+    RDEV_MAX,
     ROOT,
     TRASH,
     XATTR_PREFIX,
@@ -68,6 +69,7 @@ creates = st.builds(
     st.integers(0, 0xFFFF_FFFF),
     st.integers(0, 0xFFFF_FFFF),
     st.binary(max_size=4096),
+    st.one_of(st.just(0), st.integers(0, RDEV_MAX)),
 )
 moves = st.builds(Move, hlcs, entry_ids, entry_ids, names, st.lists(hlcs, max_size=4).map(tuple))
 set_attrs = st.one_of(
@@ -96,6 +98,8 @@ SAMPLES: list[Op] = [
     Member(H, "alice"),
     Create(H, E, ROOT, b"notes.txt", "file", 0o644, 1000, 1000),
     Create(H, E, ROOT, b"link", "symlink", 0o777, 0, 0, b"../target"),
+    Create(H, E, ROOT, b"fifo", "fifo", 0o644, 0, 0),
+    Create(H, E, ROOT, b"null", "chardev", 0o666, 0, 0, b"", (1 << 8) | 3),
     Move(H, E, TRASH, b"notes.txt", (H,)),
     SetAttr(H, E, "mode", 0o600),
     SetAttr(H, E, "xattr:user.tag", b"blue"),
@@ -200,7 +204,9 @@ def test_longest_name_is_accepted() -> None:
 
 
 BAD_OPS: list[Any] = [
-    Create(H, E, ROOT, b"a", "socket", 0o644, 0, 0),  # type: ignore[arg-type]
+    Create(H, E, ROOT, b"a", "door", 0o644, 0, 0),  # type: ignore[arg-type]
+    Create(H, E, ROOT, b"a", "chardev", 0o644, 0, 0, b"", RDEV_MAX + 1),
+    Create(H, E, ROOT, b"a", "blockdev", 0o644, 0, 0, b"", -1),
     Create(H, E, ROOT, b"a", "file", 0o10000, 0, 0),
     Create(H, E, ROOT, b"a", "file", -1, 0, 0),
     Create(H, E, ROOT, b"a", "file", 0o644, 1 << 32, 0),
@@ -316,3 +322,20 @@ def test_decode_of_a_corrupted_op_only_raises_malformed(op: Op, data: st.DataObj
         at = data.draw(st.integers(0, len(encoded) - 1), label="at")
         encoded[at] = data.draw(st.integers(0, 255), label="byte")
     decode_or_malformed(bytes(encoded))
+
+
+def test_a_create_stored_before_rdev_existed_still_decodes() -> None:
+    # The eight fields every Create had before special files: bytes in old stores.
+    old = reencoded(
+        [FORMAT_VERSION, 1, [H.wall_ms, H.counter, H.node], E, ROOT, b"a", "file", 420, 1, 2, b""]
+    )
+    assert decode_op(old) == Create(H, E, ROOT, b"a", "file", 0o644, 1, 2)
+    assert encode_op(decode_op(old)) == old
+
+
+def test_rdev_is_encoded_only_for_special_kinds() -> None:
+    assert len(fields(encode_op(Create(H, E, ROOT, b"a", "file", 0o644, 0, 0)))) == 11
+    assert len(fields(encode_op(Create(H, E, ROOT, b"p", "fifo", 0o644, 0, 0)))) == 12
+    padded = [*fields(encode_op(Create(H, E, ROOT, b"a", "file", 0o644, 0, 0))), 0]
+    with pytest.raises(MalformedOp):
+        decode_op(reencoded(padded))  # an rdev of 0 on a file is not canonical

@@ -84,6 +84,7 @@ class Node:
     parent: int
     data: bytearray = field(default_factory=bytearray)
     target: bytes = b""
+    rdev: int = 0
     children: dict[bytes, int] = field(default_factory=dict)
     xattrs: dict[bytes, bytes] = field(default_factory=dict)
     lookups: int = 0
@@ -195,6 +196,7 @@ class MemVolume:
             atime_ns=node.atime_ns,
             mtime_ns=node.mtime_ns,
             ctime_ns=node.ctime_ns,
+            rdev=node.rdev,
         )
 
     def _touch(self, node: Node) -> None:
@@ -348,9 +350,20 @@ class MemVolume:
 
     @_failable
     def mknod(self, parent: int, name: bytes, mode: int, rdev: int, caller: Caller) -> Attrs:
-        if not stat.S_ISREG(mode):
-            raise NotPermitted()
-        return self._attrs(self._new(parent, name, "file", mode, caller))
+        kinds: dict[int, Kind] = {
+            stat.S_IFREG: "file",
+            stat.S_IFIFO: "fifo",
+            stat.S_IFSOCK: "socket",
+            stat.S_IFCHR: "chardev",
+            stat.S_IFBLK: "blockdev",
+        }
+        kind = kinds.get(stat.S_IFMT(mode))
+        if kind is None:
+            raise InvalidArgument()
+        node = self._new(parent, name, kind, mode, caller)
+        if kind in ("chardev", "blockdev"):
+            node.rdev = rdev
+        return self._attrs(node)
 
     @_failable
     def symlink(self, parent: int, name: bytes, target: bytes, caller: Caller) -> Attrs:

@@ -545,7 +545,6 @@ def test_volume_refusals_become_errno(mount: Mount) -> None:
     refusals: list[tuple[Callable[[], object], int]] = [
         (lambda: write(mnt / ("n" * 256), b""), errno.ENAMETOOLONG),
         (lambda: os.link(mnt / "f", mnt / "g"), errno.EPERM),
-        (lambda: os.mkfifo(mnt / "fifo"), errno.EPERM),
         (lambda: os.rmdir(mnt / "f"), errno.ENOTDIR),
         (lambda: os.stat(mnt / "missing"), errno.ENOENT),
     ]
@@ -553,6 +552,26 @@ def test_volume_refusals_become_errno(mount: Mount) -> None:
         with raises_errno(expected):
             call()
     assert os.statvfs(mnt).f_namemax == 255
+
+
+@pytest.mark.mount
+@needs_fuse
+def test_mknod_types_and_rdev_reach_stat(mount: Mount) -> None:
+    mnt = mount.path
+    os.mkfifo(mnt / "fifo")
+    os.mknod(mnt / "tty", 0o600 | stat.S_IFCHR, os.makedev(4, 1))
+    os.mknod(mnt / "disk", 0o600 | stat.S_IFBLK, os.makedev(7, 2))
+    os.mknod(mnt / "sock", 0o600 | stat.S_IFSOCK)
+    shown = {}
+    for name in ("fifo", "tty", "disk", "sock"):
+        st = os.stat(mnt / name)
+        shown[name] = (stat.S_IFMT(st.st_mode), st.st_rdev)
+    assert shown == {
+        "fifo": (stat.S_IFIFO, 0),
+        "tty": (stat.S_IFCHR, os.makedev(4, 1)),
+        "disk": (stat.S_IFBLK, os.makedev(7, 2)),
+        "sock": (stat.S_IFSOCK, 0),
+    }
 
 
 def renameat2(old: Path, new: Path, flags: int) -> None:

@@ -7,6 +7,7 @@ invalidations a remote change triggers, these reads would see the old state.
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import subprocess
 import time
@@ -82,3 +83,29 @@ def test_a_file_rewritten_with_o_trunc_replicates_truncated(pair: tuple[Path, Pa
     )
     assert (a / "f").read_bytes() == b"hi\n"
     wait_for(lambda: read(b / "f") == b"hi\n", 10, "B to read exactly 'hi\\n'")
+
+
+def test_special_files_replicate_with_type_mode_and_rdev(pair: tuple[Path, Path]) -> None:
+    a, b = pair
+    os.mkfifo(a / "fifo", 0o620)
+    os.mknod(a / "tty", 0o660 | stat.S_IFCHR, os.makedev(5, 0))
+    os.mknod(a / "disk", 0o600 | stat.S_IFBLK, os.makedev(8, 16))
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(a / "sock"))
+    for name, mode in (("fifo", 0o620), ("tty", 0o660), ("sock", 0o701)):
+        os.chmod(a / name, mode)  # what the umask took away
+    expected = {
+        "fifo": (stat.S_IFIFO, 0o620, 0),
+        "tty": (stat.S_IFCHR, 0o660, os.makedev(5, 0)),
+        "disk": (stat.S_IFBLK, 0o600, os.makedev(8, 16)),
+        "sock": (stat.S_IFSOCK, 0o701, 0),
+    }
+
+    def kinds() -> dict[str, tuple[int, int, int]]:
+        out = {}
+        for name in sorted(os.listdir(b)):
+            st = os.stat(b / name)
+            out[name] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_rdev)
+        return out
+
+    wait_for(lambda: kinds() == expected, 10, "B to show A's special files")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import stat
 import subprocess
 from collections.abc import Callable
@@ -151,10 +152,35 @@ def test_hard_links_are_refused_with_eperm(mnt: Path) -> None:
     assert _errno_of(os.link, mnt / "a", mnt / "b") == errno.EPERM
 
 
-def test_mknod_regular_file_works_and_fifo_is_refused(mnt: Path) -> None:
+def test_mknod_makes_regular_files_fifos_sockets_and_device_nodes(mnt: Path) -> None:
     os.mknod(mnt / "plain", 0o644 | stat.S_IFREG)
     assert stat.S_ISREG((mnt / "plain").stat().st_mode)
-    assert _errno_of(os.mkfifo, mnt / "fifo") == errno.EPERM
+    os.mkfifo(mnt / "fifo", 0o640)
+    st = os.stat(mnt / "fifo")
+    assert (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode)) == (stat.S_IFIFO, 0o640)
+    os.mknod(mnt / "null", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    st = os.stat(mnt / "null")
+    assert (stat.S_IFMT(st.st_mode), st.st_rdev) == (stat.S_IFCHR, os.makedev(1, 3))
+    os.mknod(mnt / "disk", 0o600 | stat.S_IFBLK, os.makedev(8, 1))
+    st = os.stat(mnt / "disk")
+    assert (stat.S_IFMT(st.st_mode), st.st_rdev) == (stat.S_IFBLK, os.makedev(8, 1))
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(mnt / "sock"))
+        assert stat.S_ISSOCK(os.stat(mnt / "sock").st_mode)
+    assert sorted(os.listdir(mnt)) == ["disk", "fifo", "null", "plain", "sock"]
+    assert _errno_of(os.mkfifo, mnt / "fifo") == errno.EEXIST
+    os.unlink(mnt / "fifo")
+    assert not (mnt / "fifo").exists()
+
+
+def test_a_fifo_on_the_mount_carries_data_between_processes(mnt: Path) -> None:
+    os.mkfifo(mnt / "pipe")
+    reader = subprocess.Popen(["cat", str(mnt / "pipe")], stdout=subprocess.PIPE)
+    with open(mnt / "pipe", "wb") as w:
+        w.write(b"through the pipe\n")
+    out, _ = reader.communicate(timeout=10)
+    assert out == b"through the pipe\n"
+    assert os.stat(mnt / "pipe").st_size == 0
 
 
 def test_chmod_chown_and_utimens(mnt: Path) -> None:
