@@ -9,8 +9,9 @@ references it, where a version is kept when it is
 - superseded, unless one of the versions superseding it is *stable* (every
   current member holds it) and was written at least the history retention ago
   (`NodeConfig.keep_history_s`, by the superseding stamp's wall time);
-- the base of a write still buffered here (an open file), or incomplete (its
-  lineage has not arrived: every block it lists is kept).
+- the base of a write still buffered here (an open file), a version an open
+  handle reads (a file deleted while open, until its last close), or
+  incomplete (its lineage has not arrived: every block it lists is kept).
 
 Stability is an elementwise minimum: the *stable version vector* is the
 minimum, over this node and every current member (nodes that announced
@@ -461,7 +462,8 @@ class Collector:
         self._warned_forgotten = False
 
     def _pins(self) -> list[Hlc]:
-        return [h for h in self.volume.buffered_bases() if h is not None]
+        pins = [h for h in self.volume.buffered_bases() if h is not None]
+        return pins + self.volume.open_versions()
 
     def _current_signature(self, stable: VersionVector, pins: list[Hlc]) -> object:
         return (

@@ -230,9 +230,10 @@ class Volume:
         last = self._last.get(entry)
         if last is None or (entry not in self._open_count and not self._lookups.get(last.inode)):
             raise NotFound()
-        # deleted but still open or known to the kernel: nlink 0, like POSIX
-        dirty = self._dirty.get(entry)
-        size = dirty.size if dirty is not None else last.size
+        # Deleted but still open or known to the kernel: nlink 0, like POSIX,
+        # and the content the delete hid (a tombstone shows its base's) or
+        # what was written through a handle since, until the last close.
+        size = self._size(entry) if last.kind == "file" else last.size
         return Attrs(
             last.inode,
             last.kind,
@@ -786,6 +787,12 @@ class Volume:
     def buffered_bases(self) -> list[Hlc | None]:
         """The versions that writes buffered here build on (collection keeps them)."""
         return [dirty.base for dirty in self._dirty.values()]
+
+    def open_versions(self) -> list[Hlc]:
+        """The versions open handles read (collection keeps them): a file
+        deleted while open reads the content its delete hid until the last close."""
+        versions = (self._version(entry) for entry in self._open_count)
+        return [v for v in versions if v is not None]
 
     def flush_all(self) -> None:
         """Flush every buffered file (shutdown)."""

@@ -109,3 +109,21 @@ def test_special_files_replicate_with_type_mode_and_rdev(pair: tuple[Path, Path]
         return out
 
     wait_for(lambda: kinds() == expected, 10, "B to show A's special files")
+
+
+def test_writes_to_an_unlinked_open_file_do_not_bring_it_back(pair: tuple[Path, Path]) -> None:
+    a, b = pair
+    (a / "f").write_bytes(b"first")
+    wait_for(lambda: read(b / "f") == b"first", 10, "B to have the file")
+    fd = os.open(a / "f", os.O_RDWR)
+    try:
+        os.unlink(a / "f")
+        os.pwrite(fd, b"written after the unlink", 0)
+        os.fsync(fd)
+        assert os.pread(fd, 100, 0) == b"written after the unlink"
+    finally:
+        os.close(fd)
+    (a / "marker").write_bytes(b"m")
+    wait_for(lambda: read(b / "marker") == b"m", 10, "B to see the marker")
+    assert sorted(os.listdir(b)) == ["marker"]
+    assert sorted(os.listdir(a)) == ["marker"]

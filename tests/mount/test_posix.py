@@ -357,3 +357,42 @@ def test_o_trunc_on_an_existing_file_truncates_it(mnt: Path) -> None:
     assert after.st_size == 0
     assert after.st_mtime_ns > before.st_mtime_ns, "O_TRUNC must update mtime"
     assert after.st_ctime_ns > before.st_ctime_ns, "O_TRUNC must update ctime"
+
+
+def test_an_unlinked_open_file_keeps_size_and_content_until_the_last_close(mnt: Path) -> None:
+    # pjdfstest unlink/14.t: written through the descriptor, then unlinked.
+    fd = os.open(mnt / "new", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        os.write(fd, b"Hello, World!")
+        os.unlink(mnt / "new")
+        st = os.fstat(fd)
+        assert (st.st_size, st.st_nlink) == (13, 0)
+        assert os.pread(fd, 13, 0) == b"Hello, World!"
+    finally:
+        os.close(fd)
+    # Written and closed first, then opened and unlinked.
+    (mnt / "old").write_bytes(b"keep me")
+    fd = os.open(mnt / "old", os.O_RDWR)
+    try:
+        os.unlink(mnt / "old")
+        assert os.fstat(fd).st_size == 7
+        assert os.pread(fd, 100, 0) == b"keep me"
+        os.pwrite(fd, b"!", 7)
+        assert os.fstat(fd).st_size == 8
+        assert os.pread(fd, 100, 0) == b"keep me!"
+    finally:
+        os.close(fd)
+    assert os.listdir(mnt) == []
+
+
+def test_a_file_renamed_over_while_open_keeps_its_content(mnt: Path) -> None:
+    (mnt / "target").write_bytes(b"old content")
+    (mnt / "new").write_bytes(b"new")
+    fd = os.open(mnt / "target", os.O_RDONLY)
+    try:
+        os.rename(mnt / "new", mnt / "target")
+        assert os.fstat(fd).st_size == 11
+        assert os.pread(fd, 100, 0) == b"old content"
+    finally:
+        os.close(fd)
+    assert (mnt / "target").read_bytes() == b"new"

@@ -133,6 +133,22 @@ def test_a_write_still_buffered_keeps_its_base(tmp_path: Path, keys: VolumeKeys)
         a.close()
 
 
+def test_a_deleted_file_still_open_keeps_its_blocks(tmp_path: Path, keys: VolumeKeys) -> None:
+    a = make_node(tmp_path, "a", keys)
+    try:
+        data = os.urandom(300_000)
+        write_file(a, b"f", data)
+        attrs = a.volume.lookup(ROOT_INODE, b"f")
+        fh = a.volume.open(attrs.inode, os.O_RDONLY, CALLER)
+        a.volume.unlink(ROOT_INODE, b"f")
+        assert a.collector.collect().blocks_freed == 0
+        assert a.volume.read(fh, 0, len(data)) == data
+        a.volume.release(fh)
+        assert a.collector.collect().blocks_freed == 3  # the last close lets them go
+    finally:
+        a.close()
+
+
 def test_a_store_of_schema_1_is_migrated_to_incremental_vacuum(tmp_path: Path) -> None:
     path = tmp_path / "v.db"
     Store.open(path).close()
