@@ -166,7 +166,8 @@ class Volume(Protocol):
         ...
 
     def link(self, inode: int, new_parent: int, new_name: bytes) -> Attrs:
-        """Hard link; dfs-peer refuses (`NotPermitted`)."""
+        """Hard link; dfs-peer refuses (`NotPermitted`), after `Exists` for a
+        name that is taken (POSIX orders the errors so)."""
         ...
 
     def unlink(self, parent: int, name: bytes) -> None: ...

@@ -447,6 +447,11 @@ class Volume:
         return self._new_entry(parent, name, "symlink", 0o777, caller, target)
 
     def link(self, inode: int, new_parent: int, new_name: bytes) -> Attrs:
+        self._writable()
+        self._view(self.entry_of(inode))
+        _check_name(new_name)
+        if self.replica.lookup(self._dir(new_parent).id, new_name) is not None:
+            raise Exists()  # POSIX: EEXIST comes before any other refusal
         # Hard links would need one entry in two places; the tree allows one.
         raise NotPermitted()
 

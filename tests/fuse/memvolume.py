@@ -374,6 +374,8 @@ class MemVolume:
 
     @_failable
     def link(self, inode: int, new_parent: int, new_name: bytes) -> Attrs:
+        if new_name in self._dir(new_parent).children:
+            raise Exists()
         raise NotPermitted()
 
     @_failable

@@ -150,6 +150,13 @@ def test_symlink_and_readlink(mnt: Path) -> None:
 def test_hard_links_are_refused_with_eperm(mnt: Path) -> None:
     (mnt / "a").write_bytes(b"A")
     assert _errno_of(os.link, mnt / "a", mnt / "b") == errno.EPERM
+    # pjdfstest link/10.t: onto an existing name of any type, EEXIST first.
+    (mnt / "file").write_bytes(b"")
+    (mnt / "dir").mkdir()
+    os.mkfifo(mnt / "fifo")
+    os.symlink("a", mnt / "symlink")
+    for name in ("file", "dir", "fifo", "symlink"):
+        assert _errno_of(os.link, mnt / "a", mnt / name) == errno.EEXIST, name
 
 
 def test_mknod_makes_regular_files_fifos_sockets_and_device_nodes(mnt: Path) -> None:
