@@ -62,6 +62,7 @@ class EntryView:
     version: Hlc | None
     conflict_of: bytes | None
     rdev: int = 0  # device number of a character or block device node
+    atime_ns: int = 0  # as set on purpose (utimensat), else mtime_ns
 
 
 @dataclass(frozen=True, slots=True)
@@ -650,6 +651,8 @@ class Replica:
             mtime_ns = event.wall_ms * MS
         elif info is not None:
             mtime_ns = info.hlc.wall_ms * MS
+        atime = self._attr(source, "atime_ns") if copy is None else None
+        atime_ns = atime[1] if atime is not None and isinstance(atime[1], int) else mtime_ns
         touched = self._touched.get(source)
         ctime_ns = max(touched.wall_ms * MS if touched else 0, mtime_ns)
         if event is not None:
@@ -669,6 +672,7 @@ class Replica:
             version=version,
             conflict_of=copy.file if copy is not None else None,
             rdev=info.rdev if info is not None else 0,
+            atime_ns=atime_ns,
         )
 
     def xattrs(self, entry: bytes) -> dict[str, bytes]:

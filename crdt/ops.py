@@ -40,8 +40,9 @@ KINDS: tuple[Kind, ...] = ("file", "dir", "symlink", "fifo", "socket", "chardev"
 SPECIAL_KINDS: frozenset[Kind] = frozenset({"fifo", "socket", "chardev", "blockdev"})
 RDEV_MAX = 0xFFFF_FFFF  # FUSE carries a 32-bit device number
 
-# Attribute keys; "xattr:<name>" carries extended attributes.
-ATTR_KEYS = ("mode", "uid", "gid", "mtime_ns")
+# Attribute keys; "xattr:<name>" carries extended attributes. "atime_ns" is
+# set only on purpose (utimensat): reads never change it, as with noatime.
+ATTR_KEYS = ("mode", "uid", "gid", "mtime_ns", "atime_ns")
 XATTR_PREFIX = "xattr:"
 
 

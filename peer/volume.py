@@ -215,7 +215,7 @@ class Volume:
             uid=view.uid,
             gid=view.gid,
             size=size,
-            atime_ns=view.mtime_ns,
+            atime_ns=view.atime_ns,
             mtime_ns=view.mtime_ns,
             ctime_ns=view.ctime_ns,
             rdev=view.rdev,
@@ -330,7 +330,6 @@ class Volume:
         fh: int | None = None,
         caller: Caller | None = None,
     ) -> Attrs:
-        del atime_ns  # access times are not kept; atime always equals mtime
         entry = self.entry_of(inode)
         self._writable()
         if self.replica.conflict_source(entry) is not None and (
@@ -352,6 +351,9 @@ class Volume:
             sets.append(("gid", gid))
         if mtime_ns is not None:
             sets.append(("mtime_ns", mtime_ns))
+        if atime_ns is not None:
+            # Kept only when set on purpose: reads never set it (as with noatime).
+            sets.append(("atime_ns", atime_ns))
         if sets:
             if entry in self._dirty and mtime_ns is not None:
                 self._flush(entry)  # the explicit mtime must not be overtaken by the write

@@ -127,3 +127,18 @@ def test_writes_to_an_unlinked_open_file_do_not_bring_it_back(pair: tuple[Path, 
     wait_for(lambda: read(b / "marker") == b"m", 10, "B to see the marker")
     assert sorted(os.listdir(b)) == ["marker"]
     assert sorted(os.listdir(a)) == ["marker"]
+
+
+def test_an_atime_set_on_purpose_replicates(pair: tuple[Path, Path]) -> None:
+    a, b = pair
+    (a / "f").write_bytes(b"x")
+    os.utime(a / "f", ns=(1_111_000_000, 2_222_000_000))
+
+    def times() -> tuple[int, int] | None:
+        try:
+            st = os.stat(b / "f")
+        except FileNotFoundError:
+            return None
+        return st.st_atime_ns, st.st_mtime_ns
+
+    wait_for(lambda: times() == (1_111_000_000, 2_222_000_000), 10, "B to show A's atime")

@@ -403,3 +403,20 @@ def test_a_file_renamed_over_while_open_keeps_its_content(mnt: Path) -> None:
     finally:
         os.close(fd)
     assert (mnt / "target").read_bytes() == b"new"
+
+
+def test_an_atime_set_on_purpose_is_kept_and_reads_never_change_it(mnt: Path) -> None:
+    p = mnt / "f"
+    p.write_bytes(b"content")
+    os.utime(p, ns=(1_000_000_123, 2_000_000_456))
+    st = p.stat()
+    assert (st.st_atime_ns, st.st_mtime_ns) == (1_000_000_123, 2_000_000_456)
+    assert p.read_bytes() == b"content"  # like noatime: a read sets nothing
+    assert p.stat().st_atime_ns == 1_000_000_123
+    subprocess.run(["touch", "-a", "-d", "@3", str(p)], check=True)  # atime only
+    st = p.stat()
+    assert (st.st_atime_ns, st.st_mtime_ns) == (3_000_000_000, 2_000_000_456)
+    subprocess.run(["touch", "-m", str(p)], check=True)  # mtime to now, atime omitted
+    st = p.stat()
+    assert st.st_atime_ns == 3_000_000_000
+    assert st.st_mtime_ns > 2_000_000_456
