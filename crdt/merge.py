@@ -68,10 +68,13 @@ class EntryView:
 @dataclass(frozen=True, slots=True)
 class Changes:
     """What a batch changed: directories whose listing changed, entries whose
-    attributes or content changed."""
+    attributes or content changed, and the (directory, shown name) pairs that
+    now name another entry or none (a rename, a delete, a sibling's `~hex`
+    suffix coming or going)."""
 
     dirs: frozenset[bytes]
     entries: frozenset[bytes]
+    names: frozenset[tuple[bytes, bytes]] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +189,8 @@ class Replica:
         self._copies_of: dict[bytes, tuple[bytes, ...]] = {}
         self._lists: dict[bytes, _Listing] = {}
         self._listed_in: dict[bytes, bytes] = {}  # child id -> directory listing it
+        # Scratch of one `apply`: (directory, shown name) pairs that changed.
+        self._names_changed: set[tuple[bytes, bytes]] = set()
 
     # -- applying ------------------------------------------------------------------
     def has(self, hlc: Hlc) -> bool:
@@ -304,6 +309,7 @@ class Replica:
                 self._detached.discard(entry)
 
     def _refresh(self, touched: set[bytes], entries: set[bytes], files: set[bytes]) -> Changes:
+        self._names_changed.clear()
         dirs: set[bytes] = set(touched)
         changed = touched | files
         relist = set(changed)
@@ -318,7 +324,9 @@ class Replica:
                     relist.add(entry)
                     relist.update(self._refresh_copies(entry))  # copies follow their file
         dirs |= self._relist(relist)
-        return Changes(frozenset(dirs), frozenset(entries | changed))
+        names = frozenset(self._names_changed)
+        self._names_changed.clear()
+        return Changes(frozenset(dirs), frozenset(entries | changed), names)
 
     def _refresh_copies(self, file: bytes) -> tuple[bytes, ...]:
         """Recompute a file's conflict copies; return the old and new copy ids."""
@@ -398,8 +406,10 @@ class Replica:
         else:
             del listing.groups[raw]
         shown = listing.names.pop(child, None)
-        if shown is not None and listing.by_name.get(shown) == child:
-            del listing.by_name[shown]
+        if shown is not None:
+            self._names_changed.add((where, shown))
+            if listing.by_name.get(shown) == child:
+                del listing.by_name[shown]
         del self._listed_in[child]
         if self.kind(child) == "dir":
             listing.subdirs -= 1
@@ -411,10 +421,13 @@ class Replica:
         if listing is None:
             return
         group = listing.groups.get(name, ())
+        before: dict[bytes, bytes] = {}
         for _, child in group:
             shown = listing.names.pop(child, None)
-            if shown is not None and listing.by_name.get(shown) == child:
-                del listing.by_name[shown]
+            if shown is not None:
+                before[child] = shown
+                if listing.by_name.get(shown) == child:
+                    del listing.by_name[shown]
         used: set[bytes] = set()
         for _, child in sorted(group, reverse=True):
             shown = name
@@ -426,6 +439,11 @@ class Replica:
             used.add(shown)
             listing.by_name[shown] = child
             listing.names[child] = shown
+            old = before.get(child)
+            if old != shown:
+                self._names_changed.add((parent, shown))
+                if old is not None:
+                    self._names_changed.add((parent, old))
 
     def _in_trash(self, entry: bytes) -> bool:
         """True if the tree (before revivals) puts `entry` under TRASH."""

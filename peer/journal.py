@@ -72,6 +72,8 @@ class Journal:
         self._now = now
         self._next_seq = store.next_seq(identity.node_id)
         self.clock = Clock(identity.node_id)
+        # Told the Changes of every local commit, inside the commit (so they
+        # must not block): what peers change is reported by `peer.sync`.
         self.listeners: list[Callable[[Changes], None]] = []
         # Called after every commit or merge that grew the log (the peer
         # server's long polls wait on this).
@@ -175,11 +177,10 @@ class Journal:
             raise
 
     def _apply(self, ops: Sequence[Op]) -> Changes:
-        """Merge stored `ops` into the replica, then tell who listens."""
+        """Merge stored `ops` into the replica, then tell who waits for growth."""
         changes = self.replica.apply(ops)
         if any(isinstance(op, Forget) for op in ops):
             changes = self.enforce_forgets() or changes
-        self._notify(changes)
         self._grown()
         return changes
 
@@ -209,7 +210,9 @@ class Journal:
             self.store.append_log(entries)
         self._next_seq = seq
         self.vv[self.identity.node_id] = seq - 1
-        return self._apply(ops)
+        changes = self._apply(ops)
+        self._notify(changes)
+        return changes
 
     # -- remote operations -------------------------------------------------------
     def open_entries(self, entries: Sequence[LogEntry]) -> list[Op]:

@@ -216,6 +216,11 @@ class Node:
         self.sync.attach(self.stability)
         self.sync.fetch_history = config.keep_history_s > 0
         self.collector = gc.Collector(self.stability, self.volume, config.keep_history_s)
+        # Names the kernel holds that a local commit changed behind its back
+        # (a sibling's `~hex` suffix): invalidated by `invalidate_local`, never
+        # inside the request handler that committed (that can deadlock).
+        self._stale_names: asyncio.Queue[list[tuple[int, bytes]]] = asyncio.Queue()
+        self.journal.listeners.append(self._local_changed)
 
     async def _remote_changed(self, changes: Changes) -> None:
         """Make the kernel forget what peers' operations changed."""
@@ -223,6 +228,20 @@ class Node:
             return
         inodes, names = self.volume.remote_changed(changes)
         await self.operations.invalidate(inodes, names)
+
+    def _local_changed(self, changes: Changes) -> None:
+        if self.operations is None:
+            return
+        names = self.volume.local_changed(changes)
+        if names:
+            self._stale_names.put_nowait(names)
+
+    async def invalidate_local(self) -> None:
+        """Make the kernel forget the names local commits changed, as they come."""
+        while True:
+            names = await self._stale_names.get()
+            if self.operations is not None:
+                await self.operations.invalidate((), names)
 
     def remembered_peers(self) -> list[tuple[str, int]]:
         raw = self.store.get_meta(REMEMBERED_PEERS)
@@ -470,6 +489,7 @@ async def run(config: NodeConfig, keys: VolumeKeys, announce: bool = True) -> No
             ):
                 progress = tasks.create_task(show_progress(node, announce))
                 collecting = tasks.create_task(node.collector.run_periodically())
+                invalidating = tasks.create_task(node.invalidate_local())
                 try:
                     await serve_mount(
                         node,
@@ -484,6 +504,7 @@ async def run(config: NodeConfig, keys: VolumeKeys, announce: bool = True) -> No
                 finally:
                     progress.cancel()
                     collecting.cancel()
+                    invalidating.cancel()
         finally:
             node.close()
     log.info("node stopped cleanly")

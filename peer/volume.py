@@ -11,11 +11,12 @@ blocks of two versions. An inode number, once given to an entry, stays its.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import stat
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -302,6 +303,25 @@ class Volume:
                 inodes.add(known_inode)
         return sorted(inodes), names
 
+    def local_changed(self, changes: Changes) -> list[tuple[int, bytes]]:
+        """The (parent inode, name) pairs the kernel must forget after a local
+        commit made `changes`: names it holds that now mean another entry or
+        none (a sibling's `~hex` suffix came or went). The names the operation
+        itself changed the kernel updates on its own; the volume already
+        recorded them (`_kernel_names`), so they do not show up here."""
+        names: list[tuple[int, bytes]] = []
+        for d, name in changes.names:
+            parent = self._inodes.get(d)
+            known = self._kernel_names.get(parent) if parent is not None else None
+            if not known or name not in known:
+                continue
+            now = self.replica.lookup(d, name) if self.replica.entry(d) is not None else None
+            if now is None or self._inodes.get(now) != known[name]:
+                assert parent is not None
+                names.append((parent, name))
+                del known[name]
+        return names
+
     def forget(self, items: Sequence[tuple[int, int]]) -> None:
         for inode, n in items:
             left = self._lookups.get(inode, 0) - n
@@ -488,8 +508,8 @@ class Volume:
         if view.id in self._dirty:
             self._flush(view.id)  # the delete must see what was written
         view = self._view(view.id)
-        self.journal.commit(lambda stamp: self._delete_ops(view, stamp))
-        self._kernel_names.get(parent, {}).pop(name, None)
+        with self._kernel_update(((parent, name, None),)):
+            self.journal.commit(lambda stamp: self._delete_ops(view, stamp))
 
     def rmdir(self, parent: int, name: bytes) -> None:
         self._writable()
@@ -498,8 +518,8 @@ class Volume:
             raise NotADirectory()
         if self.replica.listing(view.id):
             raise NotEmpty()
-        self.journal.commit(lambda stamp: self._delete_ops(view, stamp))
-        self._kernel_names.get(parent, {}).pop(name, None)
+        with self._kernel_update(((parent, name, None),)):
+            self.journal.commit(lambda stamp: self._delete_ops(view, stamp))
 
     def rename(
         self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int
@@ -545,9 +565,33 @@ class Volume:
                 ops.extend(self._adopt_copy(source, conflict, target_dir.id, new_name, stamp))
             return ops
 
-        self.journal.commit(make)
-        self._kernel_names.get(old_parent, {}).pop(old_name, None)
-        self._kernel_names.get(new_parent, {}).pop(new_name, None)
+        # The kernel moves its entry to the new name (a conflict copy's rename
+        # makes a new entry there: the commit's own changes then invalidate it).
+        moved = self.inode_of(source.id)
+        with self._kernel_update(((old_parent, old_name, None), (new_parent, new_name, moved))):
+            self.journal.commit(make)
+
+    @contextlib.contextmanager
+    def _kernel_update(self, names: Sequence[tuple[int, bytes, int | None]]) -> Iterator[None]:
+        """Record the (parent, name) -> inode (None: gone) the kernel holds once
+        the operation in the block succeeds, before it commits, so the
+        commit's changes invalidate only what the kernel cannot know; put the
+        old ones back if it fails."""
+        saved = [(p, n, self._kernel_names.get(p, {}).get(n)) for p, n, _ in names]
+        for parent, name, inode in names:
+            self._set_kernel_name(parent, name, inode)
+        try:
+            yield
+        except BaseException:
+            for parent, name, inode in saved:
+                self._set_kernel_name(parent, name, inode)
+            raise
+
+    def _set_kernel_name(self, parent: int, name: bytes, inode: int | None) -> None:
+        if inode is None:
+            self._kernel_names.get(parent, {}).pop(name, None)
+        else:
+            self._kernel_names.setdefault(parent, {})[name] = inode
 
     def _adopt_copy(
         self,

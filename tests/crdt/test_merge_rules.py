@@ -101,6 +101,22 @@ def test_same_name_both_shown_newest_keeps_name() -> None:
     assert alice.view(older).name == b"a~" + older[:4].hex().encode() + b".txt"
 
 
+def test_changes_name_every_shown_name_that_now_means_another_entry() -> None:
+    alice, bob = alice_and_bob()
+    older = alice.create(ROOT, b"a.txt")
+    newer = bob.create(ROOT, b"a.txt")
+    sync(alice, bob)
+    suffixed = b"a~" + older[:4].hex().encode() + b".txt"
+    # Deleting the name's holder gives it to the sibling, whose suffix goes.
+    op = alice.delete(newer)
+    changes = bob.receive([op])
+    assert changes.names == {(ROOT, b"a.txt"), (ROOT, suffixed)}
+    assert names(bob) == {b"a.txt": older}
+    # A rename reports the name it left and the name it took.
+    op = alice.rename(older, ROOT, b"b.txt")
+    assert bob.receive([op]).names == {(ROOT, b"a.txt"), (ROOT, b"b.txt")}
+
+
 def test_renames_onto_one_name_show_both() -> None:
     alice, bob = alice_and_bob()
     one, two = alice.create(ROOT, b"one"), alice.create(ROOT, b"two")

@@ -142,3 +142,39 @@ def test_an_atime_set_on_purpose_replicates(pair: tuple[Path, Path]) -> None:
         return st.st_atime_ns, st.st_mtime_ns
 
     wait_for(lambda: times() == (1_111_000_000, 2_222_000_000), 10, "B to show A's atime")
+
+
+def test_a_name_renamed_here_and_deleted_there_is_gone_here(pair: tuple[Path, Path]) -> None:
+    a, b = pair
+    (a / "f.txt").write_bytes(b"text")
+    wait_for(lambda: read(b / "f.txt") == b"text", 10, "B to have the file")
+    os.rename(b / "f.txt", b / "g.txt")  # the kernel on B now holds g.txt
+    wait_for(lambda: read(a / "g.txt") == b"text", 10, "A to see B's rename")
+    (a / "g.txt").unlink()
+    wait_for(lambda: not os.path.lexists(b / "g.txt"), 10, "B's kernel to forget g.txt")
+    (b / "g.txt").write_bytes(b"new")  # the name is free again on B
+    assert read(b / "g.txt") == b"new"
+
+
+def test_a_suffix_that_a_local_delete_removes_is_forgotten_by_the_kernel(
+    make_node: Callable[..., NodeProcess],
+) -> None:
+    pa, pb = free_port(), free_port()
+    a = make_node("a", ["--listen", f"127.0.0.1:{pa}", "--peer", f"127.0.0.1:{pb}"])
+    b = make_node("b", ["--listen", f"127.0.0.1:{pb}", "--peer", f"127.0.0.1:{pa}"])
+    # Two files named x made apart: once the nodes meet, both are shown,
+    # the later one as x, the other as x~<hex>.
+    a.start()
+    (a.mountpoint / "x").write_bytes(b"from a")
+    a.stop()
+    b.start()
+    (b.mountpoint / "x").write_bytes(b"from b")
+    a.start()
+    wait_for(lambda: len(os.listdir(b.mountpoint)) == 2, 20, "B to show both files named x")
+    suffixed = next(n for n in os.listdir(b.mountpoint) if n != "x")
+    assert read(b.mountpoint / suffixed) == b"from a"  # the kernel on B holds x~<hex>
+    (b.mountpoint / "x").unlink()  # A's file takes the name back, here on B
+    assert read(b.mountpoint / "x") == b"from a"
+    wait_for(
+        lambda: not os.path.lexists(b.mountpoint / suffixed), 10, f"B's kernel to forget {suffixed}"
+    )
