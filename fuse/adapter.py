@@ -282,6 +282,12 @@ class FuseOperations(pyfuse3.Operations):
         return self.volume.write(fh, off, buf)
 
     @translate
+    async def fallocate(self, inode: int, mode: int, offset: int, length: int) -> None:
+        """Not a pyfuse3 handler (pyfuse3 has none): `fuse.fallocate` routes
+        FUSE_FALLOCATE here. It must never wait: it runs to its end at once."""
+        self.volume.fallocate(inode, mode, offset, length)
+
+    @translate
     async def flush(self, fh: FileHandleT) -> None:
         self.volume.flush(fh)
 

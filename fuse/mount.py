@@ -31,6 +31,8 @@ from typing import Any
 import pyfuse3
 import pyfuse3.asyncio
 
+from fuse import fallocate
+
 log = logging.getLogger(__name__)
 
 FSNAME = "dfs-peer"
@@ -103,6 +105,9 @@ async def serve(
     except RuntimeError as exc:
         raise MountFailed(f"cannot mount {mountpoint}: {exc}") from exc
     _live = True
+    handler = getattr(operations, "fallocate", None)
+    if handler is not None and not read_only:
+        fallocate.install(handler)
     log.info("mounted: mountpoint=%s options=%s", mountpoint, ",".join(sorted(options)))
     try:
         if ready is not None:

@@ -206,6 +206,13 @@ class Volume(Protocol):
         """Write all of `data` and return `len(data)` (no direct_io)."""
         ...
 
+    def fallocate(self, inode: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) on a regular file: mode 0, FALLOC_FL_KEEP_SIZE (1),
+        FALLOC_FL_PUNCH_HOLE (2, with KEEP_SIZE) and FALLOC_FL_ZERO_RANGE
+        (0x10); others raise `Unsupported`. Nothing is reserved: the size grows
+        (unless KEEP_SIZE) and punched or zeroed ranges read as zeros."""
+        ...
+
     def flush(self, fh: int) -> None:
         """A close() of a descriptor of `fh`; may come several times per handle."""
         ...

@@ -73,6 +73,9 @@ RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 XATTR_CREATE = 1
 XATTR_REPLACE = 2
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
 # What mknod can make, by the file type bits of its mode. Only the entry
 # replicates: FIFO and socket I/O and device access stay in the kernel.
 _NODE_KINDS: dict[int, Kind] = {
@@ -99,6 +102,7 @@ class _Dirty:
     blocks: dict[int, bytearray] = field(default_factory=dict)
     changed: set[int] = field(default_factory=set)
     truncated: bool = False
+    holes: set[int] = field(default_factory=set)  # whole blocks punched out (in `changed`)
 
     def bytes(self) -> int:
         return sum(len(b) for b in self.blocks.values())
@@ -712,7 +716,9 @@ class Volume:
             data: bytes | bytearray
             if dirty is not None and index in dirty.blocks:
                 data = dirty.blocks[index]
-            elif dirty is not None and dirty.truncated and index >= blocks_for(dirty.size):
+            elif dirty is not None and (
+                index in dirty.holes or (dirty.truncated and index >= blocks_for(dirty.size))
+            ):
                 data = b""
             else:
                 data = self._stored_block(version, index)
@@ -735,7 +741,8 @@ class Volume:
     def _load_block(self, dirty: _Dirty, index: int) -> bytearray:
         block = dirty.blocks.get(index)
         if block is None:
-            if dirty.truncated and index >= blocks_for(dirty.size):
+            if index in dirty.holes or (dirty.truncated and index >= blocks_for(dirty.size)):
+                dirty.holes.discard(index)  # written into: a block of data again
                 block = bytearray()
             else:
                 block = bytearray(self._stored_block(dirty.base, index))
@@ -781,6 +788,8 @@ class Volume:
             for index in [i for i in dirty.blocks if i >= keep]:
                 del dirty.blocks[index]
                 dirty.changed.discard(index)
+            dirty.changed -= {i for i in dirty.holes if i >= keep}
+            dirty.holes = {i for i in dirty.holes if i < keep}
             dirty.truncated = True
             if size % BLOCK_SIZE:
                 last = size // BLOCK_SIZE
@@ -790,6 +799,53 @@ class Volume:
         dirty.size = size
         self._flush(entry, force=True)
 
+    def fallocate(self, inode: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2): mode 0 and FALLOC_FL_KEEP_SIZE reserve (nothing to
+        reserve here: the size grows, unless KEEP_SIZE, and the new range reads
+        as zeros); FALLOC_FL_PUNCH_HOLE (with KEEP_SIZE) and
+        FALLOC_FL_ZERO_RANGE make a range read as zeros, whole blocks becoming
+        holes. One new version, like a truncate. Other modes: `Unsupported`."""
+        self._writable()
+        entry = self.entry_of(inode)
+        kind = self._view(entry).kind
+        if kind == "dir":
+            raise IsADirectory()
+        if kind != "file" or self.replica.conflict_source(entry) is not None:
+            raise AccessDenied() if kind == "file" else InvalidArgument()
+        if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+            raise Unsupported()
+        punch, zero = bool(mode & FALLOC_FL_PUNCH_HOLE), bool(mode & FALLOC_FL_ZERO_RANGE)
+        if (punch and zero) or (punch and not mode & FALLOC_FL_KEEP_SIZE):
+            raise Unsupported()  # what Linux answers for these combinations
+        if offset < 0 or length <= 0:
+            raise InvalidArgument()
+        end = offset + length
+        if end > MAX_FILE_SIZE:
+            raise TooBig()
+        dirty = self._dirty_for(entry)
+        size = dirty.size
+        if punch or zero:
+            self._zero(dirty, offset, min(end, size))
+        if not mode & FALLOC_FL_KEEP_SIZE and end > size:
+            dirty.size = end
+        self._flush(entry, force=True)
+
+    def _zero(self, dirty: _Dirty, start: int, end: int) -> None:
+        """Make [start, end) of a file read as zeros; whole blocks become holes."""
+        for index in range(start // BLOCK_SIZE, blocks_for(end)):
+            first = index * BLOCK_SIZE
+            lo, hi = max(start, first), min(end, first + BLOCK_SIZE, dirty.size)
+            if lo >= hi:
+                continue
+            if lo == first and hi == min(first + BLOCK_SIZE, dirty.size):
+                dirty.blocks.pop(index, None)
+                dirty.holes.add(index)
+            else:
+                block = self._load_block(dirty, index)
+                cut = min(hi - first, len(block))
+                block[lo - first : cut] = bytes(max(0, cut - (lo - first)))
+            dirty.changed.add(index)
+
     def _flush(self, entry: bytes, force: bool = False) -> None:
         dirty = self._dirty.get(entry)
         if dirty is None:
@@ -797,9 +853,12 @@ class Volume:
         if not dirty.changed and not force and dirty.size == self._size_of_base(dirty):
             del self._dirty[entry]
             return
-        indexes = sorted(dirty.changed)
+        indexes = sorted(dirty.changed - dirty.holes)
         sealed = self.blocks.seal(bytes(dirty.blocks[i]) for i in indexes)
-        pairs = [(i, bid) for i, (bid, _) in zip(indexes, sealed, strict=True)]
+        pairs: list[tuple[int, bytes | None]] = [
+            (i, bid) for i, (bid, _) in zip(indexes, sealed, strict=True)
+        ]
+        pairs = sorted(pairs + [(i, None) for i in dirty.holes])
 
         def make(stamp: Callable[[], Hlc]) -> list[Op]:
             ops: list[Op] = []

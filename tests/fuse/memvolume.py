@@ -53,6 +53,7 @@ from fuse.errors import (
     NotEmpty,
     NotFound,
     NotPermitted,
+    Unsupported,
 )
 from fuse.protocol import ROOT_INODE, Attrs, Caller, FsStats, Kind
 
@@ -457,6 +458,19 @@ class MemVolume:
             del node.data[:]
             self._touch(node)
         return self._open_handle(node)
+
+    @_failable
+    def fallocate(self, inode: int, mode: int, offset: int, length: int) -> None:
+        node = self._node(inode)
+        if mode & ~(0x01 | 0x02 | 0x10):
+            raise Unsupported()
+        end = offset + length
+        if mode & (0x02 | 0x10):
+            stop = min(end, len(node.data))
+            node.data[offset:stop] = bytes(max(0, stop - offset))
+        if not mode & 0x01 and end > len(node.data):
+            node.data.extend(bytes(end - len(node.data)))
+        self._touch(node)
 
     @_failable
     def read(self, fh: int, offset: int, size: int) -> bytes:

@@ -594,9 +594,41 @@ def test_rename_flags_reach_the_volume(mount: Mount) -> None:
     assert (read(a), read(b)) == (b"B", b"A")
 
 
+def posix_fallocate(path: Path, length: int) -> None:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, length)
+    finally:
+        os.close(fd)
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if libc.fallocate(fd, mode, offset, length) != 0:
+        number = ctypes.get_errno()
+        raise OSError(number, os.strerror(number))
+
+
+@pytest.mark.mount
+@needs_fuse
+def test_fallocate_reaches_the_volume(mount: Mount) -> None:
+    # pyfuse3 has no fallocate handler: `fuse.fallocate` installs one.
+    path = mount.path / "f"
+    write(path, b"0123456789")
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fallocate(fd, 0x02 | 0x01, 2, 3)  # PUNCH_HOLE | KEEP_SIZE: nothing emulates it
+        fallocate(fd, 0, 0, 20)
+    finally:
+        os.close(fd)
+    assert read(path) == b"01" + bytes(3) + b"56789" + bytes(10)
+
+
 # The regression this module exists for: in asyncio mode an exception other than
 # FUSEError leaves the syscall unanswered and wedges the mount, silently.
 FAILURES: dict[str, tuple[str, Callable[[Path], object]]] = {
+    "fallocate": ("", lambda mnt: posix_fallocate(mnt / "data", 100)),
     "lookup": ("boom", lambda mnt: os.stat(mnt / "boom")),
     "readdir": ("", lambda mnt: os.listdir(mnt)),
     "read": ("", lambda mnt: read(mnt / "data")),

@@ -178,3 +178,12 @@ def test_a_suffix_that_a_local_delete_removes_is_forgotten_by_the_kernel(
     wait_for(
         lambda: not os.path.lexists(b.mountpoint / suffixed), 10, f"B's kernel to forget {suffixed}"
     )
+
+
+def test_a_punched_hole_replicates(pair: tuple[Path, Path]) -> None:
+    a, b = pair
+    data = bytearray(os.urandom(200_000))
+    (a / "f").write_bytes(data)
+    subprocess.run(["fallocate", "-p", "-o", "100", "-l", "150000", str(a / "f")], check=True)
+    data[100:150_100] = bytes(150_000)
+    wait_for(lambda: read(b / "f") == bytes(data), 10, "B to read the file with its hole")

@@ -420,3 +420,31 @@ def test_an_atime_set_on_purpose_is_kept_and_reads_never_change_it(mnt: Path) ->
     st = p.stat()
     assert st.st_atime_ns == 3_000_000_000
     assert st.st_mtime_ns > 2_000_000_456
+
+
+def _fallocate(path: Path, *args: str) -> None:
+    """util-linux fallocate(1): fallocate(2) itself, with no fallback."""
+    subprocess.run(["fallocate", *args, str(path)], check=True, capture_output=True)
+
+
+def test_fallocate_extends_punches_holes_and_zeroes_ranges(mnt: Path) -> None:
+    p = mnt / "f"
+    data = bytearray(os.urandom(300_000))  # three blocks, the last one partial
+    p.write_bytes(data)
+    _fallocate(p, "-l", "400000")  # mode 0: the size grows, the new bytes read as zeros
+    data += bytes(100_000)
+    assert p.stat().st_size == 400_000
+    _fallocate(p, "-n", "-l", "900000")  # KEEP_SIZE: nothing shows
+    assert p.stat().st_size == 400_000
+    _fallocate(p, "-p", "-o", "1000", "-l", "2000")  # PUNCH_HOLE (with KEEP_SIZE)
+    data[1000:3000] = bytes(2000)
+    _fallocate(p, "-p", "-o", str(128 * 1024), "-l", str(128 * 1024))  # a whole block
+    data[128 * 1024 : 256 * 1024] = bytes(128 * 1024)
+    _fallocate(p, "-z", "-o", "250000", "-l", "200000")  # ZERO_RANGE past the end grows it
+    data[250_000:] = bytes(150_000)
+    data += bytes(50_000)
+    assert p.stat().st_size == 450_000
+    assert p.read_bytes() == bytes(data)
+    with open(p, "r+b") as f:
+        os.posix_fallocate(f.fileno(), 0, 500_000)
+    assert p.stat().st_size == 500_000

@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from fuse.errors import Exists, NotPermitted
+from fuse.errors import Exists, InvalidArgument, IsADirectory, NotPermitted, Unsupported
 from peer.keys import VolumeKeys
 from peer.node import Node
 from peer.volume import ROOT_INODE
-from tests.peer.test_sync import make_node, write_file
+from tests.peer.test_sync import CALLER, make_node, read_file, write_file
+
+KEEP_SIZE, PUNCH_HOLE, COLLAPSE_RANGE, ZERO_RANGE = 0x01, 0x02, 0x08, 0x10
 
 
 @pytest.fixture
@@ -34,3 +36,34 @@ def test_link_onto_an_existing_name_is_eexist_before_eperm(node: Node) -> None:
     with pytest.raises(NotPermitted):
         node.volume.link(inode, ROOT_INODE, b"c")
     assert sorted(os.fsdecode(n) for n, _ in node.volume.readdir(ROOT_INODE, 0)) == ["a", "b"]
+
+
+def test_fallocate_modes_and_their_refusals(node: Node) -> None:
+    vol = node.volume
+    data = bytearray(os.urandom(3 * 128 * 1024 + 5))
+    write_file(node, b"f", bytes(data))
+    inode = vol.lookup(ROOT_INODE, b"f").inode
+    for mode in (COLLAPSE_RANGE, PUNCH_HOLE, PUNCH_HOLE | ZERO_RANGE):  # PUNCH needs KEEP_SIZE
+        with pytest.raises(Unsupported):
+            vol.fallocate(inode, mode, 0, 10)
+    with pytest.raises(InvalidArgument):
+        vol.fallocate(inode, 0, 0, 0)
+    vol.mkdir(ROOT_INODE, b"d", 0o755, CALLER)
+    with pytest.raises(IsADirectory):
+        vol.fallocate(vol.lookup(ROOT_INODE, b"d").inode, 0, 0, 10)
+    # Punch the middle block whole and a range across two others; the whole
+    # block becomes a hole in the version's block map.
+    vol.fallocate(inode, PUNCH_HOLE | KEEP_SIZE, 128 * 1024, 128 * 1024)
+    vol.fallocate(inode, PUNCH_HOLE | KEEP_SIZE, 100, 10)
+    vol.fallocate(inode, ZERO_RANGE | KEEP_SIZE, 3 * 128 * 1024 - 1, 100)  # past the end: kept
+    data[128 * 1024 : 256 * 1024] = bytes(128 * 1024)
+    data[100:110] = bytes(10)
+    data[3 * 128 * 1024 - 1 :] = bytes(6)
+    assert read_file(node, b"f") == bytes(data)
+    version = node.replica.contents.shown(vol.entry_of(inode))
+    assert version is not None
+    assert 1 not in node.replica.block_map(version)
+    blocks = node.store.stats().blocks
+    vol.fallocate(inode, 0, 0, 1 << 30)  # a reservation is a hole, not an allocation
+    assert vol.getattr(inode).size == 1 << 30
+    assert node.store.stats().blocks == blocks
