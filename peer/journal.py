@@ -223,10 +223,13 @@ class Journal:
         entries: Sequence[LogEntry],
         ops: Sequence[Op] | None = None,
         blocks: Iterable[tuple[bytes, bytes]] = (),
+        wanted: Iterable[bytes] = (),
     ) -> Changes:
         """Store and merge entries from peers, with the blocks they reference,
         in one transaction. `ops` are the entries opened by `open_entries`
-        (opened here if not given). Entries already held are skipped."""
+        (opened here if not given). Entries already held are skipped.
+        `wanted` are blocks they need that no peer had: recorded in the same
+        transaction, to be fetched later (`peer.sync`)."""
         if ops is None:
             ops = self.open_entries(entries)
         cuts = self.replica.forgotten()
@@ -239,6 +242,7 @@ class Journal:
             return Changes(frozenset(), frozenset())
         with self._writing():
             self.store.put_blocks(blocks)
+            self.store.want_blocks(wanted, self._now())
             self.store.append_log(e for e, _ in fresh)
         for e, _ in fresh:
             if e.seq > self.vv.get(e.node, 0):
@@ -305,7 +309,10 @@ class Journal:
         return out
 
     def adopt_checkpoint(
-        self, cp: Checkpoint, blocks: Iterable[tuple[bytes, bytes]] = ()
+        self,
+        cp: Checkpoint,
+        blocks: Iterable[tuple[bytes, bytes]] = (),
+        wanted: Iterable[bytes] = (),
     ) -> Changes:
         """Merge a peer's checkpoint (opened by `open_checkpoint`) and the blocks
         its heads need, in one transaction. This node's checkpoint becomes the
@@ -325,6 +332,7 @@ class Journal:
         sealed = seal_checkpoint(self.keys, self.identity, merged)
         with self._writing():
             self.store.put_blocks(blocks)
+            self.store.want_blocks(wanted, self._now())
             self.store.set_checkpoint(sealed, new_covers)
         self._set_checkpoint()
         for node, seq in new_covers.items():

@@ -121,6 +121,9 @@ class NodeStatus:
     version_vector: dict[str, int]
     peers: list[PeerStatistics]
     sync: dict[str, int]
+    # Blocks the merged state needs that no peer had yet: reads of what they
+    # hold fail with EIO until they arrive (asked for again in the background).
+    blocks_wanted: int
     # Causal stability and collection: what is stable, who holds it back.
     gc: dict[str, Any]
 
@@ -311,8 +314,9 @@ class Node:
             sync={
                 f.name: getattr(net, f.name)
                 for f in fields(net)
-                if f.name not in ("listen", "version_vector", "peers")
+                if f.name not in ("listen", "version_vector", "peers", "blocks_wanted")
             },
+            blocks_wanted=net.blocks_wanted,
             gc=self.collector.status(),
         )
 
