@@ -68,5 +68,12 @@ class Clock:
         elif stamp.wall_ms == self._wall and stamp.counter > self._counter:
             self._counter = stamp.counter
 
+    def restore(self, stamp: Hlc) -> None:
+        """Account for a stamp this node itself handed out before (read back
+        from its log at start), with no bound: a wall clock stepped back since
+        must neither repeat a stamp nor sort new events before old ones."""
+        if (stamp.wall_ms, stamp.counter) > (self._wall, self._counter):
+            self._wall, self._counter = stamp.wall_ms, stamp.counter
+
     def last(self) -> Hlc:
         return Hlc(self._wall, self._counter, self.node)

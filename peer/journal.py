@@ -72,6 +72,9 @@ class Journal:
         self._now = now
         self._next_seq = store.next_seq(identity.node_id)
         self.clock = Clock(identity.node_id)
+        # {node: the newest stamp of its ops held}: restores this node's own
+        # clock at start, and a peer's next entry must stamp above it.
+        self.tops: dict[bytes, Hlc] = {}
         self.listeners: list[Callable[[Changes], None]] = []
         # Called after every commit or merge that grew the log (the peer
         # server's long polls wait on this).
@@ -117,11 +120,15 @@ class Journal:
     def _replay(self, until_ms: int | None) -> int:
         batch: list[Op] = []
         count = 0
+        tops = self.tops
         for op in self._stored_ops():
             # Folded ops keep their stamps, so `until_ms` filters them as it
             # does entries (history older than the retention is gone anyway).
             if until_ms is not None and op.hlc.wall_ms > until_ms:
                 continue
+            top = tops.get(op.hlc.node)
+            if top is None or op.hlc > top:
+                tops[op.hlc.node] = op.hlc
             batch.append(op)
             if len(batch) >= REPLAY_CHUNK:
                 self.replica.apply(batch)
@@ -129,6 +136,12 @@ class Journal:
                 batch = []
         self.replica.apply(batch)
         count += len(batch)
+        # A clock is state: go on from this node's own last stamp, however
+        # far ahead of the wall clock it is (the wall clock may have been
+        # stepped back since), so no stamp repeats and new ops sort last.
+        own = tops.get(self.identity.node_id)
+        if own is not None:
+            self.clock.restore(own)
         latest = self.replica.latest()
         if latest is not None:
             self.clock.observe(latest, self._now())
@@ -209,6 +222,7 @@ class Journal:
             self.store.append_log(entries)
         self._next_seq = seq
         self.vv[self.identity.node_id] = seq - 1
+        self._raise_tops(ops)
         return self._apply(ops)
 
     # -- remote operations -------------------------------------------------------
@@ -253,6 +267,7 @@ class Journal:
         now = self._now()
         for _, op in fresh:
             self.clock.observe(op.hlc, now)
+        self._raise_tops(op for _, op in fresh)
         return self._apply([op for _, op in fresh])
 
     # -- checkpoint --------------------------------------------------------------
@@ -341,7 +356,20 @@ class Journal:
         now = self._now()
         for op in cp.ops:
             self.clock.observe(op.hlc, now)
+        self._raise_tops(cp.ops)
         return self._apply(cp.ops)
+
+    def _raise_tops(self, ops: Iterable[Op]) -> None:
+        """Note the stamps of ops now held; our own (from a peer: this data dir
+        was restored from an old copy) move our clock past them."""
+        tops = self.tops
+        for op in ops:
+            top = tops.get(op.hlc.node)
+            if top is None or op.hlc > top:
+                tops[op.hlc.node] = op.hlc
+        own = tops.get(self.identity.node_id)
+        if own is not None:
+            self.clock.restore(own)
 
     def _horizon(self) -> int:
         return self._now() - self.history_ms
