@@ -456,7 +456,7 @@ class Sync:
         journal = self.journal
         async with self._pull_lock:
             while _behind(journal.capped(link.vv), journal.vv) > 0:
-                resp = await client.log(dict(journal.vv))
+                resp = await client.log(journal.asking_vv(link.vv))
                 if resp.checkpoint is not None:
                     await self._adopt(link, resp.checkpoint)
                 entries = [
@@ -471,6 +471,12 @@ class Sync:
                 ops = await asyncio.to_thread(self.journal.open_entries, entries)
                 await self._merge(link, entries, ops)
                 link.last_seen = time.time()
+                for node in {e.node for e in entries}:
+                    refused = journal.refused.get(node)
+                    if refused is not None:
+                        link.last_error = f"refused operations of node {node.hex()[:8]} " + (
+                            refused.describe()
+                        )
                 if not resp.more and _behind(journal.capped(link.vv), journal.vv) == 0:
                     return
 
@@ -557,7 +563,7 @@ class Sync:
             # Degrade, never halt: operations whose blocks no peer has merge
             # anyway; the blocks are wanted, and only reads of them fail.
             changes = self.journal.merge_remote(
-                entries[start:end], ops[start:end], fetched, wanted=lost
+                entries[start:end], ops[start:end], fetched, wanted=lost, source=link.address
             )
             self._now_wanted(lost, link)
             self.ops_in += end - start

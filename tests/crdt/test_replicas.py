@@ -35,7 +35,8 @@ from hypothesis.stateful import (
     rule,
 )
 
-from crdt.clock import MAX_FORWARD_MS, Hlc
+from crdt.clock import MAX_FORWARD_MS, Hlc, refusal
+from crdt.compact import compact
 from crdt.merge import Changes, EntryView, Replica
 from crdt.ops import (
     BLOCK_SIZE,
@@ -478,34 +479,37 @@ def op_sets(draw: st.DrawFn) -> list[Op]:
     ops: list[Op] = []
     created: set[bytes] = set()
     for h in sorted(stamps):
-        entry = draw(st.sampled_from(ENTRIES))
-        kind = draw(st.sampled_from(["create", "create", "move", "delete", "write", "attr"]))
-        earlier = [op.hlc for op in ops if getattr(op, "entry", None) == entry]
-        if kind == "create" and entry not in created:
-            created.add(entry)
-            k: Kind = draw(st.sampled_from(["file", "dir", "dir"]))
-            parent = draw(st.sampled_from([ROOT, *ENTRIES]))
-            ops.append(Create(h, entry, parent, draw(names), k, 0o644, 0, 0))
-        elif kind in ("create", "move"):
-            parent = draw(st.sampled_from([ROOT, *ENTRIES]))
-            ops.append(Move(h, entry, parent, draw(names)))
-        elif kind == "delete":
-            seen = draw(st.lists(st.sampled_from(earlier), max_size=2)) if earlier else []
-            ops.append(Move(h, entry, TRASH, draw(names), tuple(seen)))
-        elif kind == "write":
-            bases = draw(st.lists(st.sampled_from(earlier), max_size=2)) if earlier else []
-            ops.append(
-                Write(
-                    h,
-                    entry,
-                    tuple(bases),
-                    draw(st.integers(0, 3 * BLOCK_SIZE)),
-                    tuple(sorted(draw(block_maps).items())),
-                )
-            )
-        else:
-            ops.append(SetAttr(h, entry, "mode", draw(st.integers(0, 0o777))))
+        ops.append(draw_op(draw, h, ops, created))
     return ops
+
+
+def draw_op(draw: st.DrawFn, h: Hlc, ops: Sequence[Op], created: set[bytes]) -> Op:
+    """An arbitrary op stamped `h`, on entries `ops` may name; a Create only
+    for an entry not in `created` (which it joins)."""
+    entry = draw(st.sampled_from(ENTRIES))
+    kind = draw(st.sampled_from(["create", "create", "move", "delete", "write", "attr"]))
+    earlier = [op.hlc for op in ops if getattr(op, "entry", None) == entry]
+    if kind == "create" and entry not in created:
+        created.add(entry)
+        k: Kind = draw(st.sampled_from(["file", "dir", "dir"]))
+        parent = draw(st.sampled_from([ROOT, *ENTRIES]))
+        return Create(h, entry, parent, draw(names), k, 0o644, 0, 0)
+    if kind in ("create", "move"):
+        parent = draw(st.sampled_from([ROOT, *ENTRIES]))
+        return Move(h, entry, parent, draw(names))
+    if kind == "delete":
+        seen = draw(st.lists(st.sampled_from(earlier), max_size=2)) if earlier else []
+        return Move(h, entry, TRASH, draw(names), tuple(seen))
+    if kind == "write":
+        bases = draw(st.lists(st.sampled_from(earlier), max_size=2)) if earlier else []
+        return Write(
+            h,
+            entry,
+            tuple(bases),
+            draw(st.integers(0, 3 * BLOCK_SIZE)),
+            tuple(sorted(draw(block_maps).items())),
+        )
+    return SetAttr(h, entry, "mode", draw(st.integers(0, 0o777)))
 
 
 @settings(deadline=None)
@@ -522,3 +526,100 @@ def test_same_operations_in_any_order_give_identical_replicas(
         assert node.replica.snapshot() == expected
         assert places_of(node.replica.tree) == replay(moves_of(ops))
         assert_listings_sound(node.replica, [op.entry for op in ops if isinstance(op, Create)])
+
+
+# --- faulty logs: a node's stamps that repeat or go back -----------------------------------------
+
+# Far past every stamp drawn below: no op is refused for being ahead.
+WALL_MS = 10**12
+
+
+@st.composite
+def node_logs(draw: st.DrawFn) -> dict[bytes, list[Op]]:
+    """Each node's log in seq order, its stamps drawn freely: they may repeat
+    (two different ops under one stamp) or go back, as a node whose clock was
+    not restored, or a faulty one, makes them."""
+    logs: dict[bytes, list[Op]] = {}
+    ops: list[Op] = []
+    created: set[bytes] = set()
+    for node in NODES:
+        stamps = draw(
+            st.lists(
+                st.builds(Hlc, st.integers(0, 12), st.integers(0, 1), st.just(node)), max_size=12
+            )
+        )
+        logs[node] = []
+        for h in stamps:
+            op = draw_op(draw, h, ops, created)
+            ops.append(op)
+            logs[node].append(op)
+    return logs
+
+
+class Receiver:
+    """What `peer.journal.Journal.merge_remote` does with peers' entries,
+    minus storage: each node's entries in seq order, any number of times; an
+    entry whose stamp is not above its node's previous one is refused, with
+    the rest of that node's log (`crdt.clock.refusal`)."""
+
+    def __init__(self) -> None:
+        self.replica = Replica()
+        self.vv: dict[bytes, int] = {}
+        self.tops: dict[bytes, Hlc] = {}
+        self.refused: set[bytes] = set()
+        self.log: dict[bytes, list[Op]] = {}  # what the store holds, node by node
+
+    def receive(self, node: bytes, entries: Sequence[tuple[int, Op]]) -> None:
+        batch: list[Op] = []
+        for seq, op in entries:
+            if seq <= self.vv.get(node, 0) or node in self.refused:
+                continue
+            assert seq == self.vv.get(node, 0) + 1, "entries of a node arrive in seq order"
+            if refusal(self.tops.get(node), op.hlc, WALL_MS) is not None:
+                self.refused.add(node)
+                continue
+            self.vv[node], self.tops[node] = seq, op.hlc
+            self.log.setdefault(node, []).append(op)
+            batch.append(op)
+        self.replica.apply(batch)
+
+    def held(self) -> list[Op]:
+        """The stored log in the order a restart replays it (node, then seq)."""
+        return [op for node in sorted(self.log) for op in self.log[node]]
+
+
+def admitted(log: Sequence[Op]) -> list[Op]:
+    """The rule, stated directly: the longest prefix whose stamps strictly rise."""
+    out: list[Op] = []
+    for op in log:
+        if out and op.hlc <= out[-1].hlc:
+            break
+        out.append(op)
+    return out
+
+
+@settings(deadline=None)
+@given(node_logs(), st.lists(st.randoms(use_true_random=False), min_size=2, max_size=3))
+def test_logs_whose_stamps_repeat_or_go_back_merge_alike_everywhere(
+    logs: dict[bytes, list[Op]], orders: list[random.Random]
+) -> None:
+    spec = [op for node in sorted(logs) for op in admitted(logs[node])]
+    reference = Replica()
+    reference.apply(spec)
+    expected = reference.snapshot()
+    for rnd in orders:
+        to = Receiver()
+        # Pulls of random pieces of random nodes' logs, overlapping what is held.
+        while any(to.vv.get(n, 0) < len(log) and n not in to.refused for n, log in logs.items()):
+            node = rnd.choice(sorted(logs))
+            start = max(0, to.vv.get(node, 0) - rnd.randint(0, 2))
+            end = start + rnd.randint(1, 4)
+            to.receive(node, list(enumerate(logs[node], 1))[start:end])
+        assert sorted(op.hlc for op in to.held()) == sorted(op.hlc for op in spec)
+        assert to.replica.snapshot() == expected, "a live merge differs"
+        restarted = Replica()
+        restarted.apply(to.held())
+        assert restarted.snapshot() == expected, "a restart (replay of the log) differs"
+        folded = Replica()
+        folded.apply(compact(to.held()))
+        assert folded.snapshot() == expected, "a replay of the checkpoint differs"
