@@ -296,7 +296,7 @@ class Journal:
                     prev = self.tops.get(e.node)
                 why = refusal(prev, op.hlc, now)
                 if why is not None:
-                    self._refuse(Refused(e.node, e.seq, op.hlc, why), source)
+                    self._refuse(Refused(e.node, e.seq, op.hlc, why), source, ops)
                     continue
             tops[e.node] = op.hlc
             fresh.append((e, op))
@@ -443,9 +443,12 @@ class Journal:
         or one this node refuses now (`Refused`)."""
         return self._within(self.replica.forgotten(), node, seq) and not self._refuses(node, seq)
 
-    def _refuse(self, refused: Refused, source: str) -> None:
+    def _refuse(self, refused: Refused, source: str, batch: Sequence[Op]) -> None:
         self.refused[refused.node] = refused
-        name = self.replica.members().get(refused.node, "?")
+        name = self.replica.members().get(refused.node) or next(
+            (op.name for op in batch if isinstance(op, Member) and op.hlc.node == refused.node),
+            "?",
+        )
         log.warning(
             "refused operations of node %s (%s)%s %s",
             refused.node.hex()[:8],
