@@ -57,7 +57,7 @@ def test_a_lost_block_fails_only_its_range_with_eio_until_a_peer_has_it(
     wait_for(lambda: read(b.mountpoint / "after.txt") is not None, 20, "B to merge past it")
     assert b.status()["blocks_wanted"] == 1
     with open(b.mountpoint / "lost.bin", "rb", buffering=0) as f:
-        with pytest.raises(OSError) as caught:
+        with pytest.raises(OSError, match="Input/output error") as caught:
             f.read(100)
         assert caught.value.errno == errno.EIO
         f.seek(BLOCK_SIZE)
