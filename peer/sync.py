@@ -673,7 +673,13 @@ class Sync:
             if wanted and any(link.connected for link in self.links.values()):
                 due = [b for b in wanted if self._want_next.get(b, (0.0, 0.0))[0] <= now]
                 if due:
-                    await self._ask_wanted(due[: wire.BLOCKS_PER_REQUEST * FETCH_CONCURRENCY])
+                    try:
+                        await self._ask_wanted(due[: wire.BLOCKS_PER_REQUEST * FETCH_CONCURRENCY])
+                    except Exception:
+                        # A bug, or a store we cannot write (a full disk): the
+                        # node goes on, and this loop tries again later.
+                        log.exception("asking peers for wanted blocks failed")
+                        await asyncio.sleep(WANTED_RETRY_MAX_S)
                     continue
                 timeout = max(0.0, min(self._want_next[b][0] for b in wanted) - now)
             with contextlib.suppress(TimeoutError):
