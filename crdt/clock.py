@@ -11,12 +11,20 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-# A remote stamp further than this ahead of our wall clock is still accepted as
-# history, but our own clock only follows it up to this bound. A peer with a
-# clock set to next year therefore cannot drag every later local stamp a year
-# ahead. The price: a local operation made right after seeing such a stamp may
-# sort before it. Five minutes covers ordinary NTP-less drift on a LAN.
+# Our own clock follows a remote stamp only up to this far ahead of our wall
+# clock. A peer with a clock set to next year therefore cannot drag every later
+# local stamp a year ahead. Nodes refuse operations stamped further ahead
+# (MAX_AHEAD_MS below), so the cap only bites on stamps that `refusal` would
+# refuse. Five minutes covers ordinary NTP-less drift on a LAN.
 MAX_FORWARD_MS = 5 * 60 * 1000
+
+# A peer's operation stamped further than this ahead of the receiver's wall
+# clock is refused, for now (`refusal`): the receiver's clock follows every
+# stamp it accepts (up to MAX_FORWARD_MS, the same bound), so any operation it
+# makes after seeing a state sorts after everything in that state. Causality
+# beats wall clocks: nothing enters that the node's own next operation cannot
+# override.
+MAX_AHEAD_MS = MAX_FORWARD_MS
 
 # The counter is bounded so encoded stamps stay small; when it would overflow
 # we advance the logical wall time by one millisecond instead.
@@ -68,5 +76,31 @@ class Clock:
         elif stamp.wall_ms == self._wall and stamp.counter > self._counter:
             self._counter = stamp.counter
 
+    def restore(self, stamp: Hlc) -> None:
+        """Account for a stamp this node itself handed out before (read back
+        from its log at start), with no bound: a wall clock stepped back since
+        must neither repeat a stamp nor sort new events before old ones."""
+        if (stamp.wall_ms, stamp.counter) > (self._wall, self._counter):
+            self._wall, self._counter = stamp.wall_ms, stamp.counter
+
     def last(self) -> Hlc:
         return Hlc(self._wall, self._counter, self.node)
+
+
+def refusal(prev: Hlc | None, stamp: Hlc, wall_ms: int) -> str | None:
+    """Why a peer's next operation, stamped `stamp`, must not enter (None if
+    it may), given the stamp of the same node's previous operation `prev`
+    and the receiver's wall clock.
+
+    - A node's stamps rise with its log: an operation stamped at or below its
+      node's previous one (a stamp used twice, or a clock that went back
+      without being restored) would make replicas differ on which of two ops
+      with one stamp they keep. Refused for good: that log is faulty.
+    - An operation stamped more than MAX_AHEAD_MS ahead of `wall_ms` is
+      refused until the wall clock catches up (see MAX_AHEAD_MS).
+    """
+    if prev is not None and stamp <= prev:
+        return "out of order"
+    if stamp.wall_ms > wall_ms + MAX_AHEAD_MS:
+        return "ahead"
+    return None

@@ -14,6 +14,10 @@ Only what last-writer-wins makes provably redundant is dropped (crdt.merge):
 - a `Member` of a node when `S` holds a later `Member` of the same node
   (`_lww_member` keeps the latest; membership itself only needs one).
 
+Each node's newest op always stays, whatever overrides it: a node restores
+its clock from its own newest stamp, and checks that a peer's next entry
+stamps above that peer's newest (`peer.journal`).
+
 With `horizon_ms`, only an op stamped at or before that wall time counts as
 overriding, so a replay up to any time past the horizon (`--at`) still sees
 what it saw with every op.
@@ -54,12 +58,18 @@ def compact(ops: Iterable[Op], horizon_ms: int | None = None) -> list[Op]:
             had = last_member.get(node)
             if had is None or op.hlc > had:
                 last_member[node] = op.hlc
+    newest: dict[bytes, Hlc] = {}
+    for h in unique:
+        cur = newest.get(h.node)
+        if cur is None or h > cur:
+            newest[h.node] = h
     out: list[Op] = []
     for h in sorted(unique):
         op = unique[h]
-        if isinstance(op, SetAttr) and h < last_attr.get((op.entry, op.key), h):
-            continue
-        if isinstance(op, Member) and h < last_member.get(op.hlc.node, h):
-            continue
+        if newest[h.node] != h:
+            if isinstance(op, SetAttr) and h < last_attr.get((op.entry, op.key), h):
+                continue
+            if isinstance(op, Member) and h < last_member.get(op.hlc.node, h):
+                continue
         out.append(op)
     return out

@@ -6,7 +6,13 @@ answer every query identically (DESIGN §4):
 
 1. the tree follows moves in clock order, skipping cycles (`crdt.tree`);
 2. live entries that share a name in one directory are all shown: the one
-   placed there last keeps the name, the others get a suffix from their id;
+   placed there last keeps the name, the others get a suffix from their id
+   (never one another name of the directory holds; when that name goes, the
+   suffix shrinks back). Files that race (`Replica._racing`: one brought back
+   by rule 4 to a name that a file placed after its delete holds, as when an
+   editor's save by rename races an edit in place) are named as rule 3 names
+   heads: the newest content keeps the name, the other shows as a conflict
+   copy name;
 3. a file with several live content heads shows the newest, and each other head
    appears beside it as a conflict copy with a deterministic id and name;
 4. a deleted entry comes back where it was if it holds something the delete did
@@ -122,6 +128,10 @@ class _Listing:
     by_name: dict[bytes, bytes] = field(default_factory=dict)
     names: dict[bytes, bytes] = field(default_factory=dict)  # child id -> shown name
     raw: dict[bytes, bytes] = field(default_factory=dict)  # child id -> its name
+    # name -> the groups that gave up a suffixed name because a group of that
+    # name exists: renamed again when it goes, so names never depend on what
+    # was listed before (a fresh replica never saw it).
+    avoided: dict[bytes, set[bytes]] = field(default_factory=dict)
     subdirs: int = 0
 
 
@@ -191,6 +201,8 @@ class Replica:
         self._listed_in: dict[bytes, bytes] = {}  # child id -> directory listing it
         # Scratch of one `apply`: (directory, shown name) pairs that changed.
         self._names_changed: set[tuple[bytes, bytes]] = set()
+        # Name groups where files race (`_racing`): named after members too.
+        self._raced: set[tuple[bytes, bytes]] = set()
 
     # -- applying ------------------------------------------------------------------
     def has(self, hlc: Hlc) -> bool:
@@ -248,6 +260,8 @@ class Replica:
                 files.add(op.entry)
         if renamed:
             files.update(self._copies_of)  # conflict copies are named after members
+            for parent, name in self._raced:
+                files.update(c for _, c in self._listing(parent).groups.get(name, ()))
         touched = self.tree.apply(moves)
         self._update_detached(touched, created)
         return self._refresh(touched, entries, files)
@@ -367,6 +381,7 @@ class Replica:
         for child in children:
             todo.update(self._copies_of.get(child, ()))
         dirty: set[tuple[bytes, bytes]] = set()
+        recheck: set[tuple[bytes, bytes]] = set()  # names may change, members did not
         for child in todo:
             if child in (ROOT, TRASH):
                 continue
@@ -378,6 +393,9 @@ class Replica:
                 if want is not None and want[0] == where and want[1] == raw:
                     group = listing.groups[raw]
                     if (want[2], child) in group:
+                        if len(group) > 1:
+                            # who keeps the name may follow content (`_racing`)
+                            recheck.add((where, raw))
                         continue
                 self._unlist(child, where, dirty)
             if want is not None:
@@ -393,9 +411,13 @@ class Replica:
                 owner = listing.by_name.get(name)
                 if owner is not None and listing.raw.get(owner) != name:
                     dirty.add((parent, listing.raw[owner]))  # a suffix now taken
+        changed = {parent for parent, _ in dirty}
         for parent, name in dirty:
             self._rename_group(parent, name)
-        return {parent for parent, _ in dirty}
+        for parent, name in recheck - dirty:
+            if self._rename_group(parent, name):
+                changed.add(parent)
+        return changed
 
     def _unlist(self, child: bytes, where: bytes, dirty: set[tuple[bytes, bytes]]) -> None:
         listing = self._lists[where]
@@ -405,6 +427,8 @@ class Replica:
             listing.groups[raw] = group
         else:
             del listing.groups[raw]
+            for other in listing.avoided.pop(raw, ()):
+                dirty.add((where, other))
         shown = listing.names.pop(child, None)
         if shown is not None:
             self._names_changed.add((where, shown))
@@ -415,28 +439,48 @@ class Replica:
             listing.subdirs -= 1
         dirty.add((where, raw))
 
-    def _rename_group(self, parent: bytes, name: bytes) -> None:
-        """Rule 2 for one group: the newest keeps the name, the others get a suffix."""
+    def _rename_group(self, parent: bytes, name: bytes) -> bool:
+        """Rule 2 for one group: the newest keeps the name, the others get a
+        suffix; files that race (`_racing`) are named as rule 3 names content
+        heads. Returns whether any shown name changed."""
         listing = self._lists.get(parent)
         if listing is None:
-            return
+            return False
         group = listing.groups.get(name, ())
-        before: dict[bytes, bytes] = {}
+        before = {child: listing.names.get(child) for _, child in group}
         for _, child in group:
             shown = listing.names.pop(child, None)
-            if shown is not None:
-                before[child] = shown
-                if listing.by_name.get(shown) == child:
-                    del listing.by_name[shown]
+            if shown is not None and listing.by_name.get(shown) == child:
+                del listing.by_name[shown]
+        ordered = [child for _, child in sorted(group, reverse=True)]
+        racing = self._racing(group) if len(group) > 1 else set()
+        if racing:
+            self._raced.add((parent, name))
+            best = max(racing, key=lambda c: (self._content_stamp(c), c))
+            slot = next(i for i, c in enumerate(ordered) if c in racing)
+            ordered = [c for c in ordered if c not in racing]
+            ordered.insert(slot, best)
+        else:
+            self._raced.discard((parent, name))
         used: set[bytes] = set()
-        for _, child in sorted(group, reverse=True):
+        shown_as: dict[bytes, bytes] = {}
+        for child in ordered:
             shown = name
             if shown in used:
-                for length in (4, 8, ENTRY_ID_BYTES):
-                    shown = _suffixed(name, child, length)
-                    if shown not in used and shown not in listing.groups:
-                        break
+                shown = self._free_name(listing, name, name, child, used)
             used.add(shown)
+            shown_as[child] = shown
+        for child in sorted(racing.difference(ordered)):
+            v = self._content_stamp(child)
+            node_name = self._members.get(v.node, (v, v.node[:4].hex()))[1]
+            shown = conflict_name(name, node_name, v)
+            if shown in listing.groups:
+                listing.avoided.setdefault(shown, set()).add(name)
+            if shown in used or shown in listing.groups:
+                shown = self._free_name(listing, name, shown, child, used)
+            used.add(shown)
+            shown_as[child] = shown
+        for child, shown in shown_as.items():
             listing.by_name[shown] = child
             listing.names[child] = shown
             old = before.get(child)
@@ -444,6 +488,59 @@ class Replica:
                 self._names_changed.add((parent, shown))
                 if old is not None:
                     self._names_changed.add((parent, old))
+        return shown_as != before
+
+    @staticmethod
+    def _free_name(
+        listing: _Listing, group: bytes, name: bytes, child: bytes, used: set[bytes]
+    ) -> bytes:
+        """`name` with a suffix from `child`'s id that neither its group
+        (`group`, whose shown names are `used`) nor another group's name takes."""
+        shown = name
+        for length in (4, 8, ENTRY_ID_BYTES):
+            shown = _suffixed(name, child, length)
+            if shown in listing.groups:
+                listing.avoided.setdefault(shown, set()).add(group)
+            elif shown not in used:
+                break
+        return shown
+
+    def _racing(self, group: tuple[tuple[Hlc, bytes], ...]) -> set[bytes]:
+        """The files of a name group that race as two writes to one file do.
+
+        A file that rule 4 brings back (its delete did not see a write) to a
+        name that a file placed there after that delete now holds (a rename
+        over it, as an editor saves, or a new file made in its place) is not a
+        second file under a suffix: both are versions of what the name holds.
+        Then the newest content keeps the name and the other shows as a
+        conflict copy `<stem>.conflict-<node>-<time><ext>` named after its
+        content's writer and time, as rule 3 shows the heads of one file.
+        """
+        racing: set[bytes] = set()
+        for _, child in group:
+            if child not in self._revived or child in self._detached or not self._is_file(child):
+                continue
+            deleted = self.tree.places.get(child)
+            if deleted is None or deleted.parent != TRASH:
+                continue
+            later = [
+                c
+                for h, c in group
+                if h > deleted.hlc and c not in self._revived and self._is_file(c)
+            ]
+            if later:
+                racing.add(child)
+                racing.update(later)
+        return racing
+
+    def _is_file(self, entry: bytes) -> bool:
+        info = self._info.get(entry)
+        return info is not None and info.kind == "file" and entry not in self._copies
+
+    def _content_stamp(self, entry: bytes) -> Hlc:
+        """The stamp of a file's shown content, or of its creation if it has none."""
+        shown = self.contents.shown(entry)
+        return shown if shown is not None else self._info[entry].hlc
 
     def _in_trash(self, entry: bytes) -> bool:
         """True if the tree (before revivals) puts `entry` under TRASH."""

@@ -494,10 +494,13 @@ class Collector:
             pins,
         )
         garbage = [bid for bid in self.store.block_ids() if bid not in plan.blocks]
+        # A wanted block (`peer.sync`) no kept version references is wanted no more.
+        unwanted = [bid for bid in self.store.wanted_blocks() if bid not in plan.blocks]
         freed = freed_bytes = 0
-        if garbage:
+        if garbage or unwanted:
             with self.store.transaction():
                 freed, freed_bytes = self.store.delete_blocks(garbage)
+                self.store.unwant_blocks(unwanted)
         folded = 0
         if not isinstance(self.store, ReadOnlyStore):
             folded = self.journal.fold(stable)

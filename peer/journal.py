@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-from crdt.clock import Clock, Hlc
+from crdt.clock import MAX_AHEAD_MS, Clock, Hlc, refusal
 from crdt.compact import compact
 from crdt.merge import Changes, Replica
 from crdt.ops import Forget, MalformedOp, Member, Op, decode_op, encode_op
@@ -48,6 +48,30 @@ def wall_ms() -> int:
 
 
 @dataclass(frozen=True, slots=True)
+class Refused:
+    """A node's entries from `seq` on that this node does not take, and why
+    (`crdt.clock.refusal`): "ahead" until this node's clock catches up with
+    `stamp`, "out of order" for good (that node's log is faulty)."""
+
+    node: bytes
+    seq: int
+    stamp: Hlc
+    why: str
+
+    def describe(self) -> str:
+        if self.why == "ahead":
+            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.stamp.wall_ms // 1000))
+            return (
+                f"from seq {self.seq}: stamped {when}, ahead of this node's clock; "
+                "waiting until this clock catches up (check both machines' clocks)"
+            )
+        return (
+            f"from seq {self.seq}: stamp {self.stamp.short()} not above that node's "
+            "previous one (its log is faulty)"
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class JournalStatistics:
     operations: int
     entries: int
@@ -72,6 +96,11 @@ class Journal:
         self._now = now
         self._next_seq = store.next_seq(identity.node_id)
         self.clock = Clock(identity.node_id)
+        # {node: the newest stamp of its ops held}: restores this node's own
+        # clock at start, and a peer's next entry must stamp above it.
+        self.tops: dict[bytes, Hlc] = {}
+        # Nodes whose next entries this node refuses (see `Refused`).
+        self.refused: dict[bytes, Refused] = {}
         # Told the Changes of every local commit, inside the commit (so they
         # must not block): what peers change is reported by `peer.sync`.
         self.listeners: list[Callable[[Changes], None]] = []
@@ -119,11 +148,15 @@ class Journal:
     def _replay(self, until_ms: int | None) -> int:
         batch: list[Op] = []
         count = 0
+        tops = self.tops
         for op in self._stored_ops():
             # Folded ops keep their stamps, so `until_ms` filters them as it
             # does entries (history older than the retention is gone anyway).
             if until_ms is not None and op.hlc.wall_ms > until_ms:
                 continue
+            top = tops.get(op.hlc.node)
+            if top is None or op.hlc > top:
+                tops[op.hlc.node] = op.hlc
             batch.append(op)
             if len(batch) >= REPLAY_CHUNK:
                 self.replica.apply(batch)
@@ -131,6 +164,12 @@ class Journal:
                 batch = []
         self.replica.apply(batch)
         count += len(batch)
+        # A clock is state: go on from this node's own last stamp, however
+        # far ahead of the wall clock it is (the wall clock may have been
+        # stepped back since), so no stamp repeats and new ops sort last.
+        own = tops.get(self.identity.node_id)
+        if own is not None:
+            self.clock.restore(own)
         latest = self.replica.latest()
         if latest is not None:
             self.clock.observe(latest, self._now())
@@ -210,6 +249,7 @@ class Journal:
             self.store.append_log(entries)
         self._next_seq = seq
         self.vv[self.identity.node_id] = seq - 1
+        self._raise_tops(ops)
         changes = self._apply(ops)
         self._notify(changes)
         return changes
@@ -226,22 +266,48 @@ class Journal:
         entries: Sequence[LogEntry],
         ops: Sequence[Op] | None = None,
         blocks: Iterable[tuple[bytes, bytes]] = (),
+        wanted: Iterable[bytes] = (),
+        source: str = "",
     ) -> Changes:
         """Store and merge entries from peers, with the blocks they reference,
         in one transaction. `ops` are the entries opened by `open_entries`
-        (opened here if not given). Entries already held are skipped."""
+        (opened here if not given). Entries already held are skipped.
+        `wanted` are blocks they need that no peer had: recorded in the same
+        transaction, to be fetched later (`peer.sync`).
+
+        A peer's entry stamped at or below its node's previous one, or too
+        far ahead of our clock, is refused with that node's later entries
+        (`crdt.clock.refusal`; `source` names the peer in the warning);
+        entries of a node must come in seq order."""
         if ops is None:
             ops = self.open_entries(entries)
         cuts = self.replica.forgotten()
-        fresh = [
-            (e, op)
-            for e, op in zip(entries, ops, strict=True)
-            if e.seq > self.vv.get(e.node, 0) and self._within(cuts, e.node, e.seq)
-        ]
+        own = self.identity.node_id
+        now = self._now()
+        tops: dict[bytes, Hlc] = {}
+        fresh = []
+        for e, op in zip(entries, ops, strict=True):
+            if (
+                e.seq <= self.vv.get(e.node, 0)
+                or not self._within(cuts, e.node, e.seq)
+                or self._refuses(e.node, e.seq)
+            ):
+                continue
+            if e.node != own:  # our own log (a restored data dir) is taken as it is
+                prev = tops.get(e.node)
+                if prev is None:
+                    prev = self.tops.get(e.node)
+                why = refusal(prev, op.hlc, now)
+                if why is not None:
+                    self._refuse(Refused(e.node, e.seq, op.hlc, why), source, ops)
+                    continue
+            tops[e.node] = op.hlc
+            fresh.append((e, op))
         if not fresh:
             return Changes(frozenset(), frozenset())
         with self._writing():
             self.store.put_blocks(blocks)
+            self.store.want_blocks(wanted, self._now())
             self.store.append_log(e for e, _ in fresh)
         for e, _ in fresh:
             if e.seq > self.vv.get(e.node, 0):
@@ -252,6 +318,7 @@ class Journal:
         now = self._now()
         for _, op in fresh:
             self.clock.observe(op.hlc, now)
+        self._raise_tops(op for _, op in fresh)
         return self._apply([op for _, op in fresh])
 
     # -- checkpoint --------------------------------------------------------------
@@ -308,7 +375,10 @@ class Journal:
         return out
 
     def adopt_checkpoint(
-        self, cp: Checkpoint, blocks: Iterable[tuple[bytes, bytes]] = ()
+        self,
+        cp: Checkpoint,
+        blocks: Iterable[tuple[bytes, bytes]] = (),
+        wanted: Iterable[bytes] = (),
     ) -> Changes:
         """Merge a peer's checkpoint (opened by `open_checkpoint`) and the blocks
         its heads need, in one transaction. This node's checkpoint becomes the
@@ -328,6 +398,7 @@ class Journal:
         sealed = seal_checkpoint(self.keys, self.identity, merged)
         with self._writing():
             self.store.put_blocks(blocks)
+            self.store.want_blocks(wanted, self._now())
             self.store.set_checkpoint(sealed, new_covers)
         self._set_checkpoint()
         for node, seq in new_covers.items():
@@ -336,7 +407,20 @@ class Journal:
         now = self._now()
         for op in cp.ops:
             self.clock.observe(op.hlc, now)
+        self._raise_tops(cp.ops)
         return self._apply(cp.ops)
+
+    def _raise_tops(self, ops: Iterable[Op]) -> None:
+        """Note the stamps of ops now held; our own (from a peer: this data dir
+        was restored from an old copy) move our clock past them."""
+        tops = self.tops
+        for op in ops:
+            top = tops.get(op.hlc.node)
+            if top is None or op.hlc > top:
+                tops[op.hlc.node] = op.hlc
+        own = tops.get(self.identity.node_id)
+        if own is not None:
+            self.clock.restore(own)
 
     def _horizon(self) -> int:
         return self._now() - self.history_ms
@@ -358,8 +442,44 @@ class Journal:
 
     # -- forgotten nodes ---------------------------------------------------------
     def accepts(self, node: bytes, seq: int) -> bool:
-        """False for an entry of a forgotten node past its cut (see `crdt.ops.Forget`)."""
-        return self._within(self.replica.forgotten(), node, seq)
+        """False for an entry of a forgotten node past its cut (see `crdt.ops.Forget`),
+        or one this node refuses now (`Refused`)."""
+        return self._within(self.replica.forgotten(), node, seq) and not self._refuses(node, seq)
+
+    def _refuse(self, refused: Refused, source: str, batch: Sequence[Op]) -> None:
+        self.refused[refused.node] = refused
+        name = self.replica.members().get(refused.node) or next(
+            (op.name for op in batch if isinstance(op, Member) and op.hlc.node == refused.node),
+            "?",
+        )
+        log.warning(
+            "refused operations of node %s (%s)%s %s",
+            refused.node.hex()[:8],
+            name,
+            f" from peer {source}" if source else "",
+            refused.describe(),
+        )
+
+    def _refuses(self, node: bytes, seq: int) -> bool:
+        """True if entry (node, seq) is refused now; a refusal for a stamp
+        ahead ends once our clock has caught up with it."""
+        refused = self.refused.get(node)
+        if refused is None or seq < refused.seq:
+            return False
+        if refused.why == "ahead" and refused.stamp.wall_ms <= self._now() + MAX_AHEAD_MS:
+            del self.refused[node]
+            log.info("clock caught up: taking operations of node %s again", node.hex()[:8])
+            return False
+        return True
+
+    def asking_vv(self, theirs: dict[bytes, int]) -> dict[bytes, int]:
+        """Our vector as we ask a peer for entries: a refused node's entries
+        count as held (up to what the peer has), so the peer sends the others."""
+        vv = dict(self.vv)
+        for node, refused in list(self.refused.items()):
+            if self._refuses(node, refused.seq):
+                vv[node] = max(vv.get(node, 0), theirs.get(node, 0))
+        return vv
 
     def _within(self, cuts: dict[bytes, int], node: bytes, seq: int) -> bool:
         cut = cuts.get(node)
@@ -369,7 +489,11 @@ class Journal:
         """`vv` without what this node would refuse (forgotten nodes' tails)."""
         cuts = self.replica.forgotten()
         own = self.identity.node_id
-        return {n: min(s, cuts[n]) if n in cuts and n != own else s for n, s in vv.items()}
+        out = {n: min(s, cuts[n]) if n in cuts and n != own else s for n, s in vv.items()}
+        for node, refused in list(self.refused.items()):
+            if node in out and self._refuses(node, refused.seq):
+                out[node] = min(out[node], refused.seq - 1)
+        return out
 
     def enforce_forgets(self) -> Changes | None:
         """Drop entries of forgotten nodes past their cut, if this node holds

@@ -121,6 +121,12 @@ class NodeStatus:
     version_vector: dict[str, int]
     peers: list[PeerStatistics]
     sync: dict[str, int]
+    # Blocks the merged state needs that no peer had yet: reads of what they
+    # hold fail with EIO until they arrive (asked for again in the background).
+    blocks_wanted: int
+    # Nodes whose operations this node refuses (a stamp not above that node's
+    # previous one, or too far ahead of this node's clock): node id -> why.
+    entries_refused: dict[str, str]
     # Causal stability and collection: what is stable, who holds it back.
     gc: dict[str, Any]
 
@@ -330,7 +336,11 @@ class Node:
             sync={
                 f.name: getattr(net, f.name)
                 for f in fields(net)
-                if f.name not in ("listen", "version_vector", "peers")
+                if f.name not in ("listen", "version_vector", "peers", "blocks_wanted")
+            },
+            blocks_wanted=net.blocks_wanted,
+            entries_refused={
+                node.hex(): refused.describe() for node, refused in self.journal.refused.items()
             },
             gc=self.collector.status(),
         )

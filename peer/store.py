@@ -76,6 +76,14 @@ _SCHEMA = (
         entry BLOB UNIQUE NOT NULL
     )""",
 )
+# Blocks the merged state needs that no peer could provide when their
+# operations merged (`peer.sync`): fetched again in the background, and until
+# then reads of what they hold fail with EIO. Added without a schema version
+# bump: a store of schema 2 without it gets it at the next open.
+_WANTED_SCHEMA = """CREATE TABLE IF NOT EXISTS wanted_blocks (
+    id BLOB PRIMARY KEY,
+    since_ms INTEGER NOT NULL
+) WITHOUT ROWID"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +173,7 @@ class Store:
             if "meta" not in tables:
                 if tables - {"sqlite_sequence"}:
                     raise CorruptStore(path=self.path, detail="it is not a dfs-peer store")
-                for statement in _SCHEMA:
+                for statement in (*_SCHEMA, _WANTED_SCHEMA):
                     self._conn.execute(statement)
                 self.set_meta("schema_version", str(SCHEMA_VERSION).encode())
                 self._conn.execute(
@@ -188,6 +196,7 @@ class Store:
                         f"dfs-peer understands ({SCHEMA_VERSION}): upgrade dfs-peer"
                     ),
                 )
+            self._conn.execute(_WANTED_SCHEMA)
         if version < 2:
             self._migrate_to_incremental_vacuum()
 
@@ -456,6 +465,34 @@ class Store:
             self._conn.execute(f"DELETE FROM blocks WHERE id IN ({marks})", chunk)
             count, size = count + int(n), size + int(b)
         return count, size
+
+    # Wanted blocks
+
+    def want_blocks(self, ids: Iterable[bytes], since_ms: int) -> None:
+        """Record blocks the merged state needs and no peer had (kept once)."""
+        self._require_transaction()
+        self._conn.executemany(
+            "INSERT OR IGNORE INTO wanted_blocks (id, since_ms) VALUES (?, ?)",
+            [(bid, since_ms) for bid in ids],
+        )
+
+    def unwant_blocks(self, ids: Iterable[bytes]) -> int:
+        """Forget wanted blocks (arrived, or needed no more); returns how many."""
+        self._require_transaction()
+        before = self._conn.total_changes
+        self._conn.executemany("DELETE FROM wanted_blocks WHERE id = ?", [(b,) for b in ids])
+        return self._conn.total_changes - before
+
+    def wanted_blocks(self) -> list[bytes]:
+        """Every wanted block, oldest first."""
+        with self._lock:
+            try:
+                rows = self._conn.execute(
+                    "SELECT id FROM wanted_blocks ORDER BY since_ms, id"
+                ).fetchall()
+            except sqlite3.OperationalError:
+                return []  # a read-only store of an older dfs-peer: none recorded
+        return [bytes(bid) for (bid,) in rows]
 
     def reclaim(self, max_pages: int | None = None) -> int:
         """Give free pages back to the file system (incremental vacuum, then a

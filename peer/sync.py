@@ -68,6 +68,11 @@ FETCH_CONCURRENCY = 4
 # bytes, so memory stays bounded however large the files are.
 MERGE_BLOCK_BYTES = 64 * 1024 * 1024
 REPAIR_TIMEOUT_S = 10.0
+# A block the merged state needs that no peer had when its operations merged
+# is asked for again after this long, doubling per failed try up to the cap,
+# and at once whenever a peer connects.
+WANTED_RETRY_MIN_S = 1.0
+WANTED_RETRY_MAX_S = 300.0
 
 
 class PeerError(Exception):
@@ -106,6 +111,7 @@ class SyncStatistics:
     operations_behind: int
     blocks_missing: int
     bytes_missing: int
+    blocks_wanted: int
     operations_received: int
     blocks_received: int
     bytes_received: int
@@ -272,6 +278,10 @@ class Sync:
         self._grew = asyncio.Event()
         self._refused_logged: dict[str, float] = {}
         self._inflight: dict[bytes, asyncio.Future[bytes | None]] = {}
+        # Wanted blocks (kept in the store): when each may be asked for
+        # again (monotonic time) and the delay that led there.
+        self._want_next: dict[bytes, tuple[float, float]] = {}
+        self._want_wake = asyncio.Event()
         self.on_peers_changed: Callable[[], None] | None = None
         # Called after a bulk merge (a checkpoint) freed its transient memory.
         self.after_bulk: Callable[[], None] | None = None
@@ -309,11 +319,13 @@ class Sync:
             ):
                 self._session = session
                 self._tasks = tasks
+                wanted = tasks.create_task(self._retry_wanted(), name="wanted blocks")
                 try:
                     for link in self.links.values():
                         self._start(link)
                     yield self
                 finally:
+                    wanted.cancel()
                     for link in self.links.values():
                         if link.task is not None:
                             link.task.cancel()
@@ -375,6 +387,8 @@ class Sync:
                 link.last_seen = time.time()
                 self._learn(hello.node, hello.vv, hello.known)
                 backoff = BACKOFF_MIN_S
+                self._want_next.clear()  # a peer that may have wanted blocks
+                self._want_wake.set()
                 self._peers_changed()
                 while True:
                     await self._pull(link)
@@ -442,7 +456,7 @@ class Sync:
         journal = self.journal
         async with self._pull_lock:
             while _behind(journal.capped(link.vv), journal.vv) > 0:
-                resp = await client.log(dict(journal.vv))
+                resp = await client.log(journal.asking_vv(link.vv))
                 if resp.checkpoint is not None:
                     await self._adopt(link, resp.checkpoint)
                 entries = [
@@ -457,6 +471,12 @@ class Sync:
                 ops = await asyncio.to_thread(self.journal.open_entries, entries)
                 await self._merge(link, entries, ops)
                 link.last_seen = time.time()
+                for node in {e.node for e in entries}:
+                    refused = journal.refused.get(node)
+                    if refused is not None:
+                        link.last_error = f"refused operations of node {node.hex()[:8]} " + (
+                            refused.describe()
+                        )
                 if not resp.more and _behind(journal.capped(link.vv), journal.vv) == 0:
                     return
 
@@ -467,8 +487,9 @@ class Sync:
             return  # what it folds arrived meanwhile
         ops = cp.ops
         required, optional = self._needed(ops)
-        fetched = await self.fetch(list(required), prefer=link, optional=list(optional))
-        changes = self.journal.adopt_checkpoint(cp, fetched)
+        fetched, lost = await self._fetch(list(required), prefer=link, optional=list(optional))
+        changes = self.journal.adopt_checkpoint(cp, fetched, wanted=lost)
+        self._now_wanted(lost, link)
         self.ops_in += len(ops)
         self.blocks_in += len(fetched)
         log.info(
@@ -508,6 +529,8 @@ class Sync:
                     required.update(after.block_map(head).values())
         optional = referenced_blocks(ops) - required if self.fetch_history else set()
         held = self.store.has_blocks(required | optional)
+        # Blocks already wanted are asked for by `_retry_wanted`, not again here.
+        held.update(self.store.wanted_blocks())
         return required - held, optional - held
 
     async def _merge(self, link: Link, entries: list[LogEntry], ops: list[Op]) -> None:
@@ -532,10 +555,17 @@ class Sync:
             self._missing_blocks = len(want)
             self._missing_bytes = BLOCK_SIZE * len(want)
             try:
-                fetched = await self.fetch(list(must), prefer=link, optional=list(want - must))
+                fetched, lost = await self._fetch(
+                    list(must), prefer=link, optional=list(want - must)
+                )
             finally:
                 self._missing_blocks = self._missing_bytes = 0
-            changes = self.journal.merge_remote(entries[start:end], ops[start:end], fetched)
+            # Degrade, never halt: operations whose blocks no peer has merge
+            # anyway; the blocks are wanted, and only reads of them fail.
+            changes = self.journal.merge_remote(
+                entries[start:end], ops[start:end], fetched, wanted=lost, source=link.address
+            )
+            self._now_wanted(lost, link)
             self.ops_in += end - start
             self.blocks_in += len(fetched)
             log.debug("merged: from=%s ops=%d blocks=%d", link.address, end - start, len(fetched))
@@ -558,11 +588,20 @@ class Sync:
         """Sealed blocks for `ids` and `optional`, each verified, from `prefer`
         first, then any other connected peer. `MissingBlocks` if some of `ids`
         cannot be had; `optional` ones no peer has are skipped."""
+        got, missing = await self._fetch(ids, prefer, optional)
+        if missing:
+            raise MissingBlocks(f"{len(missing)} block(s) not available from any peer")
+        return got
+
+    async def _fetch(
+        self, ids: Sequence[bytes], prefer: Link | None, optional: Sequence[bytes] = ()
+    ) -> tuple[list[tuple[bytes, bytes]], list[bytes]]:
+        """As `fetch`, but the blocks of `ids` no peer had are returned, not raised."""
         required = list(ids)
         asked = set(required)
         ids = required + [b for b in optional if b not in asked]
         if not ids:
-            return []
+            return [], []
         got: dict[bytes, bytes] = {}
         chunks = [
             list(ids[i : i + wire.BLOCKS_PER_REQUEST])
@@ -601,12 +640,71 @@ class Sync:
             for chunk in chunks:
                 group.create_task(one(chunk))
         missing = [b for b in required if b not in got]
-        if missing:
-            raise MissingBlocks(f"{len(missing)} block(s) not available from any peer")
-        skipped = len(ids) - len(got)
+        skipped = len(ids) - len(got) - len(missing)
         if skipped:
             log.debug("skipped blocks no peer keeps any more (history): count=%d", skipped)
-        return list(got.items())
+        return list(got.items()), missing
+
+    # -- wanted blocks ---------------------------------------------------------------
+    def _now_wanted(self, lost: Sequence[bytes], link: Link) -> None:
+        """Say so when operations merged without blocks no peer had."""
+        if not lost:
+            return
+        log.warning(
+            "merged operations without %d block(s) that no peer has: reads of the data "
+            "they hold fail (EIO) until a peer has them; asking again in the background "
+            "(from=%s wanted=%d)",
+            len(lost),
+            link.address,
+            len(self.store.wanted_blocks()),
+        )
+        self._want_wake.set()
+
+    async def _retry_wanted(self) -> None:
+        """Ask peers for wanted blocks, with backoff per block, for as long as
+        the node runs; at once whenever a peer connects or blocks become wanted."""
+        while True:
+            self._want_wake.clear()
+            wanted = self.store.wanted_blocks()
+            now = time.monotonic()
+            for bid in set(self._want_next) - set(wanted):
+                del self._want_next[bid]
+            timeout: float | None = None
+            if wanted and any(link.connected for link in self.links.values()):
+                due = [b for b in wanted if self._want_next.get(b, (0.0, 0.0))[0] <= now]
+                if due:
+                    try:
+                        await self._ask_wanted(due[: wire.BLOCKS_PER_REQUEST * FETCH_CONCURRENCY])
+                    except Exception:
+                        # A bug, or a store we cannot write (a full disk): the
+                        # node goes on, and this loop tries again later.
+                        log.exception("asking peers for wanted blocks failed")
+                        await asyncio.sleep(WANTED_RETRY_MAX_S)
+                    continue
+                timeout = max(0.0, min(self._want_next[b][0] for b in wanted) - now)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._want_wake.wait()
+
+    async def _ask_wanted(self, due: list[bytes]) -> None:
+        held = self.store.has_blocks(due)
+        got, missing = await self._fetch([b for b in due if b not in held], prefer=None)
+        arrived = held | {bid for bid, _ in got}
+        with self.store.transaction():
+            self.store.put_blocks(got)
+            self.store.unwant_blocks(arrived)
+        now = time.monotonic()
+        for bid in missing:
+            delay = self._want_next.get(bid, (0.0, 0.0))[1]
+            delay = min(max(delay * 2, WANTED_RETRY_MIN_S), WANTED_RETRY_MAX_S)
+            self._want_next[bid] = (now + delay * random.uniform(0.8, 1.2), delay)
+        if got:
+            self.blocks_in += len(got)
+            log.info(
+                "wanted blocks arrived: count=%d still_wanted=%d",
+                len(got),
+                len(self.store.wanted_blocks()),
+            )
 
     def _verify(
         self, pairs: list[tuple[bytes, bytes]], wanted: set[bytes], link: Link
@@ -634,10 +732,13 @@ class Sync:
                     pairs = await self.fetch([bid], prefer=None)
                 with self.store.transaction():
                     self.store.put_blocks(pairs)
+                    self.store.unwant_blocks([bid])
                 log.info("block repaired from a peer: id=%s", bid.hex()[:8])
                 future.set_result(pairs[0][1])
             except (MissingBlocks, TimeoutError) as exc:
-                log.error("cannot repair block: id=%s reason=%s", bid.hex()[:8], exc)
+                # A wanted block was said to be missing when it merged.
+                level = logging.INFO if bid in self.store.wanted_blocks() else logging.ERROR
+                log.log(level, "cannot repair block: id=%s reason=%s", bid.hex()[:8], exc)
                 future.set_result(None)
             finally:
                 del self._inflight[bid]
@@ -736,6 +837,7 @@ class Sync:
             operations_behind=behind,
             blocks_missing=self._missing_blocks,
             bytes_missing=self._missing_bytes,
+            blocks_wanted=len(self.store.wanted_blocks()),
             operations_received=self.ops_in,
             blocks_received=self.blocks_in,
             bytes_received=self.bytes_in,

@@ -141,6 +141,24 @@ def test_suffixes_that_collide_with_real_names_grow_longer() -> None:
     }
 
 
+def test_a_suffix_grown_for_a_taken_name_shrinks_when_that_name_goes() -> None:
+    """A replica that merged live shows what a fresh one given the same
+    operations shows: the names a suffix avoided are no history."""
+    alice, bob = alice_and_bob()
+    older = alice.create(ROOT, b"a")
+    short = b"a~" + older[:4].hex().encode()
+    squatter = alice.create(ROOT, short)
+    newer = bob.create(ROOT, b"a")
+    sync(alice, bob)
+    assert names(alice)[b"a~" + older[:8].hex().encode()] == older
+    alice.rename(squatter, ROOT, b"z")
+    sync(alice, bob)
+    assert names(alice) == {b"a": newer, short: older, b"z": squatter}
+    fresh = Replica()
+    fresh.apply(alice.held.values())
+    assert fresh.snapshot() == alice.replica.snapshot() == bob.replica.snapshot()
+
+
 def test_shown_names_are_never_longer_than_name_max() -> None:
     """A long name whose last dot is early must still leave room for the
     suffix or the conflict marker (the extension gives way)."""
@@ -290,6 +308,67 @@ def test_delete_loses_to_concurrent_write() -> None:
     assert names(alice, d) == {b"plan.txt": f}  # back where it was
     assert alice.view(f).version == edit.hlc
     assert alice.content(f) == {0: block(2)}
+
+
+def save_by_rename(node: SimNode, f: bytes, blocks: dict[int, bytes | None], size: int) -> bytes:
+    """What an editor does to save `f`: write a temporary file, rename it over `f`."""
+    tmp = node.create(ROOT, b".notes.txt.swp")
+    node.write(tmp, blocks, size)
+    node.delete(f)  # rename(2) onto an existing name replaces it: a delete
+    node.rename(tmp, ROOT, b"notes.txt")
+    return tmp
+
+
+def test_an_editor_save_racing_an_edit_in_place_keeps_both_as_writes_do() -> None:
+    """Alice saves by rename while Bob writes the file in place; Bob's is newer.
+
+    Rule 4 brings Bob's file back (Alice's delete did not see his write), to
+    the name Alice's saved file now holds. The two race as two writes to one
+    file do (rule 3): the newest content keeps the name, the other is shown
+    as `<stem>.conflict-<node>-<time><ext>` after its writer and time."""
+    alice, bob = alice_and_bob()
+    f = alice.create(ROOT, b"notes.txt")
+    alice.write(f, {0: block(1)}, 100)
+    sync(alice, bob)
+    alice.wall_ms, bob.wall_ms = EPOCH_MS + 60_000, EPOCH_MS + 120_000
+    tmp = save_by_rename(alice, f, {0: block(2)}, 100)
+    bob.write(f, {0: block(3)}, 100)
+    sync(alice, bob)
+    assert names(alice) == {b"notes.txt": f, b"notes.conflict-alice-20240102-030505.txt": tmp}
+    assert alice.content(f) == {0: block(3)}
+    assert alice.content(tmp) == {0: block(2)}
+
+
+def test_an_editor_save_newer_than_an_edit_in_place_keeps_the_name() -> None:
+    alice, bob = alice_and_bob()
+    f = alice.create(ROOT, b"notes.txt")
+    alice.write(f, {0: block(1)}, 100)
+    sync(alice, bob)
+    alice.wall_ms, bob.wall_ms = EPOCH_MS + 120_000, EPOCH_MS + 60_000
+    tmp = save_by_rename(alice, f, {0: block(2)}, 100)
+    bob.write(f, {0: block(3)}, 100)
+    sync(alice, bob)
+    assert names(alice) == {b"notes.txt": tmp, b"notes.conflict-bob-20240102-030505.txt": f}
+    assert alice.content(tmp) == {0: block(2)}
+    assert alice.content(f) == {0: block(3)}
+    # Deleting the conflict-named file settles it (a delete that saw the write).
+    alice.delete(f)
+    sync(alice, bob)
+    assert names(bob) == {b"notes.txt": tmp}
+
+
+def test_a_file_made_under_the_name_before_the_delete_keeps_its_suffix() -> None:
+    """Only a file placed at the name after the delete replaced the revived
+    one: two files created under one name stay apart as rule 2 says."""
+    alice, bob = alice_and_bob()
+    one = alice.create(ROOT, b"a.txt")
+    two = bob.create(ROOT, b"a.txt")
+    alice.write(one, {0: block(1)}, 10)
+    sync(alice, bob)
+    alice.delete(one)
+    bob.write(one, {0: block(2)}, 10)
+    sync(alice, bob)
+    assert names(alice) == {b"a.txt": two, b"a~" + one[:4].hex().encode() + b".txt": one}
 
 
 def test_delete_that_saw_the_write_wins() -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable, Sequence
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
@@ -35,7 +35,8 @@ from hypothesis.stateful import (
     rule,
 )
 
-from crdt.clock import MAX_FORWARD_MS, Hlc
+from crdt.clock import MAX_FORWARD_MS, Hlc, refusal
+from crdt.compact import compact
 from crdt.merge import Changes, EntryView, Replica
 from crdt.ops import (
     BLOCK_SIZE,
@@ -75,6 +76,13 @@ attributes = st.one_of(
     st.tuples(st.just("mtime_ns"), st.integers(0, 2 * EPOCH_MS * 1_000_000)),
     st.tuples(st.just("xattr:user.tag"), st.none() | st.sampled_from([b"red", b"blue"])),
 )
+
+
+def suffix_shaped(name: bytes, entry: bytes, length: int) -> bytes:
+    """`name` as rule 2 shows it for `entry` (`stem~<hex>.ext`)."""
+    dot = name.rfind(b".")
+    stem, ext = (name[:dot], name[dot:]) if dot > 0 else (name, b"")
+    return stem + b"~" + entry[:length].hex().encode() + ext
 
 
 # --- checks shared by the machine and the plain tests ---------------------------------------------
@@ -301,6 +309,46 @@ class Replicas(RuleBasedStateMachine):
             return multiple()  # EEXIST
         return node.create(where, name, kind, target=b"../a" if kind == "symlink" else b"")
 
+    @rule(
+        target=entries,
+        i=replicas,
+        parent=entries,
+        name=names,
+        like=entries,
+        length=st.sampled_from([4, 8]),
+    )
+    def create_suffix_shaped(
+        self, i: int, parent: bytes, name: bytes, like: bytes, length: int
+    ) -> object:
+        """A file named as rule 2 would show another entry (`a~<its id>.txt`)."""
+        return self.create(i, parent, suffix_shaped(name, like, length), "file")
+
+    @rule(i=replicas, entry=entries, name=names, like=entries, length=st.sampled_from([4, 8]))
+    def rename_suffix_shaped(
+        self, i: int, entry: bytes, name: bytes, like: bytes, length: int
+    ) -> None:
+        self.rename(i, entry, suffix_shaped(name, like, length))
+
+    @rule(i=replicas)
+    def restart(self, i: int) -> None:
+        """The node restarts: its replica is rebuilt from its log alone, which
+        it replays node by node (as `peer.store.Store.iter_log` reads it)."""
+        node = self.nodes[i]
+        fresh = Replica()
+        fresh.apply(sorted(node.held.values(), key=lambda op: (op.hlc.node, op.hlc)))
+        assert fresh.snapshot() == node.replica.snapshot(), f"{node.name} changed on restart"
+        node.replica = fresh
+
+    @rule(i=replicas)
+    def adopt_checkpoint(self, i: int) -> None:
+        """The node goes on from a checkpoint of what it holds (`crdt.compact`,
+        which drops overridden ops) instead of its live state."""
+        node = self.nodes[i]
+        folded = Replica()
+        folded.apply(compact(node.held.values()))
+        assert folded.snapshot() == node.replica.snapshot(), f"{node.name}: checkpoint differs"
+        node.replica = folded
+
     @rule(i=replicas, entry=entries, blocks=block_maps, tail=st.integers(1, BLOCK_SIZE))
     def write(self, i: int, entry: bytes, blocks: dict[int, bytes | None], tail: int) -> None:
         """A flush: some blocks (or holes) on top of the version shown."""
@@ -459,10 +507,20 @@ TestReplicas = Replicas.TestCase
 
 ENTRIES = [bytes([0x40 + n]) * 16 for n in range(5)]
 NODES = [bytes([n]) * 32 for n in (1, 2, 3)]
+# Names as rule 2 shows entries that share a name (`a~<id>`, `a~<id>.txt`),
+# taken by other entries: shown names must still not depend on the order
+# the operations came in.
+op_names = st.sampled_from(
+    NAMES + [suffix_shaped(n, e, k) for n in (b"a", b"a.txt") for e in ENTRIES[:3] for k in (4, 8)]
+)
 
 
 @st.composite
-def op_sets(draw: st.DrawFn) -> list[Op]:
+def op_sets(
+    draw: st.DrawFn,
+    name_pool: st.SearchStrategy[bytes] = op_names,
+    entry_pool: Sequence[bytes] = ENTRIES,
+) -> list[Op]:
     """Arbitrary operations with unique stamps, not only those a node would
     make: moves before creates, creates inside their own subtree, writes on
     missing bases or on directories. Only one thing holds as it does for real
@@ -478,34 +536,44 @@ def op_sets(draw: st.DrawFn) -> list[Op]:
     ops: list[Op] = []
     created: set[bytes] = set()
     for h in sorted(stamps):
-        entry = draw(st.sampled_from(ENTRIES))
-        kind = draw(st.sampled_from(["create", "create", "move", "delete", "write", "attr"]))
-        earlier = [op.hlc for op in ops if getattr(op, "entry", None) == entry]
-        if kind == "create" and entry not in created:
-            created.add(entry)
-            k: Kind = draw(st.sampled_from(["file", "dir", "dir"]))
-            parent = draw(st.sampled_from([ROOT, *ENTRIES]))
-            ops.append(Create(h, entry, parent, draw(names), k, 0o644, 0, 0))
-        elif kind in ("create", "move"):
-            parent = draw(st.sampled_from([ROOT, *ENTRIES]))
-            ops.append(Move(h, entry, parent, draw(names)))
-        elif kind == "delete":
-            seen = draw(st.lists(st.sampled_from(earlier), max_size=2)) if earlier else []
-            ops.append(Move(h, entry, TRASH, draw(names), tuple(seen)))
-        elif kind == "write":
-            bases = draw(st.lists(st.sampled_from(earlier), max_size=2)) if earlier else []
-            ops.append(
-                Write(
-                    h,
-                    entry,
-                    tuple(bases),
-                    draw(st.integers(0, 3 * BLOCK_SIZE)),
-                    tuple(sorted(draw(block_maps).items())),
-                )
-            )
-        else:
-            ops.append(SetAttr(h, entry, "mode", draw(st.integers(0, 0o777))))
+        ops.append(draw_op(draw, h, ops, created, name_pool, entry_pool))
     return ops
+
+
+def draw_op(
+    draw: st.DrawFn,
+    h: Hlc,
+    ops: Sequence[Op],
+    created: set[bytes],
+    name_pool: st.SearchStrategy[bytes] = op_names,
+    entry_pool: Sequence[bytes] = ENTRIES,
+) -> Op:
+    """An arbitrary op stamped `h`, on entries `ops` may name; a Create only
+    for an entry not in `created` (which it joins)."""
+    entry = draw(st.sampled_from(entry_pool))
+    kind = draw(st.sampled_from(["create", "create", "move", "delete", "write", "attr"]))
+    earlier = [op.hlc for op in ops if getattr(op, "entry", None) == entry]
+    if kind == "create" and entry not in created:
+        created.add(entry)
+        k: Kind = draw(st.sampled_from(["file", "dir", "dir"]))
+        parent = draw(st.sampled_from([ROOT, *entry_pool]))
+        return Create(h, entry, parent, draw(name_pool), k, 0o644, 0, 0)
+    if kind in ("create", "move"):
+        parent = draw(st.sampled_from([ROOT, *entry_pool]))
+        return Move(h, entry, parent, draw(name_pool))
+    if kind == "delete":
+        seen = draw(st.lists(st.sampled_from(earlier), max_size=2)) if earlier else []
+        return Move(h, entry, TRASH, draw(name_pool), tuple(seen))
+    if kind == "write":
+        bases = draw(st.lists(st.sampled_from(earlier), max_size=2)) if earlier else []
+        return Write(
+            h,
+            entry,
+            tuple(bases),
+            draw(st.integers(0, 3 * BLOCK_SIZE)),
+            tuple(sorted(draw(block_maps).items())),
+        )
+    return SetAttr(h, entry, "mode", draw(st.integers(0, 0o777)))
 
 
 @settings(deadline=None)
@@ -513,6 +581,12 @@ def op_sets(draw: st.DrawFn) -> list[Op]:
 def test_same_operations_in_any_order_give_identical_replicas(
     ops: list[Op], orders: list[random.Random]
 ) -> None:
+    check_any_order(ops, orders)
+
+
+def check_any_order(ops: list[Op], orders: list[random.Random]) -> None:
+    """Delivered in any order, after a restart and from a checkpoint, `ops`
+    show what a fresh replica given them at once shows."""
     reference = Replica()
     reference.apply(ops)
     expected = reference.snapshot()
@@ -522,3 +596,138 @@ def test_same_operations_in_any_order_give_identical_replicas(
         assert node.replica.snapshot() == expected
         assert places_of(node.replica.tree) == replay(moves_of(ops))
         assert_listings_sound(node.replica, [op.entry for op in ops if isinstance(op, Create)])
+    # A restart replays the log node by node; a checkpoint leaves overridden ops out.
+    restarted = Replica()
+    restarted.apply(sorted(ops, key=lambda op: (op.hlc.node, op.hlc)))
+    assert restarted.snapshot() == expected, "a restart (replay of the log) differs"
+    folded = Replica()
+    folded.apply(compact(ops))
+    assert folded.snapshot() == expected, "a replay of the checkpoint differs"
+
+
+# --- faulty logs: a node's stamps that repeat or go back -----------------------------------------
+
+# Far past every stamp drawn below: no op is refused for being ahead.
+WALL_MS = 10**12
+
+
+@st.composite
+def node_logs(draw: st.DrawFn) -> dict[bytes, list[Op]]:
+    """Each node's log in seq order, its stamps drawn freely: they may repeat
+    (two different ops under one stamp) or go back, as a node whose clock was
+    not restored, or a faulty one, makes them."""
+    logs: dict[bytes, list[Op]] = {}
+    ops: list[Op] = []
+    created: set[bytes] = set()
+    for node in NODES:
+        stamps = draw(
+            st.lists(
+                st.builds(Hlc, st.integers(0, 12), st.integers(0, 1), st.just(node)), max_size=12
+            )
+        )
+        logs[node] = []
+        for h in stamps:
+            op = draw_op(draw, h, ops, created)
+            ops.append(op)
+            logs[node].append(op)
+    return logs
+
+
+class Receiver:
+    """What `peer.journal.Journal.merge_remote` does with peers' entries,
+    minus storage: each node's entries in seq order, any number of times; an
+    entry whose stamp is not above its node's previous one is refused, with
+    the rest of that node's log (`crdt.clock.refusal`)."""
+
+    def __init__(self) -> None:
+        self.replica = Replica()
+        self.vv: dict[bytes, int] = {}
+        self.tops: dict[bytes, Hlc] = {}
+        self.refused: set[bytes] = set()
+        self.log: dict[bytes, list[Op]] = {}  # what the store holds, node by node
+
+    def receive(self, node: bytes, entries: Sequence[tuple[int, Op]]) -> None:
+        batch: list[Op] = []
+        for seq, op in entries:
+            if seq <= self.vv.get(node, 0) or node in self.refused:
+                continue
+            assert seq == self.vv.get(node, 0) + 1, "entries of a node arrive in seq order"
+            if refusal(self.tops.get(node), op.hlc, WALL_MS) is not None:
+                self.refused.add(node)
+                continue
+            self.vv[node], self.tops[node] = seq, op.hlc
+            self.log.setdefault(node, []).append(op)
+            batch.append(op)
+        self.replica.apply(batch)
+
+    def held(self) -> list[Op]:
+        """The stored log in the order a restart replays it (node, then seq)."""
+        return [op for node in sorted(self.log) for op in self.log[node]]
+
+
+def admitted(log: Sequence[Op]) -> list[Op]:
+    """The rule, stated directly: the longest prefix whose stamps strictly rise."""
+    out: list[Op] = []
+    for op in log:
+        if out and op.hlc <= out[-1].hlc:
+            break
+        out.append(op)
+    return out
+
+
+@settings(deadline=None)
+@given(node_logs(), st.lists(st.randoms(use_true_random=False), min_size=2, max_size=3))
+def test_logs_whose_stamps_repeat_or_go_back_merge_alike_everywhere(
+    logs: dict[bytes, list[Op]], orders: list[random.Random]
+) -> None:
+    spec = [op for node in sorted(logs) for op in admitted(logs[node])]
+    reference = Replica()
+    reference.apply(spec)
+    expected = reference.snapshot()
+    for rnd in orders:
+        to = Receiver()
+        # Pulls of random pieces of random nodes' logs, overlapping what is held.
+        while any(to.vv.get(n, 0) < len(log) and n not in to.refused for n, log in logs.items()):
+            node = rnd.choice(sorted(logs))
+            start = max(0, to.vv.get(node, 0) - rnd.randint(0, 2))
+            end = start + rnd.randint(1, 4)
+            to.receive(node, list(enumerate(logs[node], 1))[start:end])
+        assert sorted(op.hlc for op in to.held()) == sorted(op.hlc for op in spec)
+        assert to.replica.snapshot() == expected, "a live merge differs"
+        restarted = Replica()
+        restarted.apply(to.held())
+        assert restarted.snapshot() == expected, "a restart (replay of the log) differs"
+        folded = Replica()
+        folded.apply(compact(to.held()))
+        assert folded.snapshot() == expected, "a replay of the checkpoint differs"
+
+
+def _squatter_leaves() -> list[Op]:
+    """Two files named `a` and a third named as rule 2 shows the older of
+    them, which then goes: the older one's suffix must shrink back."""
+    e0, e1, e2 = ENTRIES[:3]
+    node = NODES[0]
+    taken = suffix_shaped(b"a", e0, 4)
+    return [
+        Create(Hlc(1, 0, node), e0, ROOT, b"a", "file", 0o644, 0, 0),
+        Create(Hlc(2, 0, node), e1, ROOT, b"a", "file", 0o644, 0, 0),
+        Create(Hlc(3, 0, node), e2, ROOT, taken, "file", 0o644, 0, 0),
+        Move(Hlc(4, 0, node), e2, TRASH, taken),
+    ]
+
+
+@settings(deadline=None)
+@example(_squatter_leaves(), [random.Random(seed) for seed in range(4)])
+@given(
+    op_sets(
+        st.sampled_from([b"a", b"a", *(suffix_shaped(b"a", e, 4) for e in ENTRIES[:2])]),
+        ENTRIES[:3],
+    ),
+    st.lists(st.randoms(use_true_random=False), min_size=3, max_size=4),
+)
+def test_suffixed_names_never_depend_on_the_order_of_arrival(
+    ops: list[Op], orders: list[random.Random]
+) -> None:
+    """Every name is `a` or the suffix rule 2 gives two of the entries, so
+    groups often avoid another group's name, which later goes."""
+    check_any_order(ops, orders)
