@@ -33,6 +33,7 @@ from peer.auth import (
     verify_request,
     wall_ms,
 )
+from peer.pairing import PATHS as PAIRING_PATHS
 
 if TYPE_CHECKING:
     from peer.sync import Sync
@@ -48,6 +49,7 @@ GUARD_KEY: web.AppKey[ReplayGuard] = web.AppKey("guard", ReplayGuard)
 BODY_KEY: web.RequestKey[bytes] = web.RequestKey("body", bytes)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+PAIRING_KEY: web.AppKey[Handler] = web.AppKey("pairing")
 
 
 def _refuse(request: web.Request, reason: str) -> web.Response:
@@ -58,6 +60,11 @@ def _refuse(request: web.Request, reason: str) -> web.Response:
 
 @web.middleware
 async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path in PAIRING_PATHS and PAIRING_KEY in request.app:
+        # The one exchange open to a machine without the secret: it proves a
+        # one-time code instead, and gets a bare 401 like any stranger while no
+        # invitation is open (peer/invitations.py).
+        return await request.app[PAIRING_KEY](request)
     sync = request.app[SYNC_KEY]
     key = sync.keys.peers
     if request.content_length is not None and request.content_length > wire.MAX_REQUEST_BYTES:
@@ -156,6 +163,8 @@ def make_peer_app(sync: Sync) -> web.Application:
     app = web.Application(middlewares=[authenticate], client_max_size=wire.MAX_REQUEST_BYTES)
     app[SYNC_KEY] = sync
     app[GUARD_KEY] = ReplayGuard()
+    if sync.pairing is not None:
+        app[PAIRING_KEY] = sync.pairing
     app.router.add_get("/hello", hello)
     app.router.add_post("/log", log_suffix)
     app.router.add_post("/blocks", blocks)

@@ -281,6 +281,8 @@ class Sync:
         # Fetch the blocks of superseded versions too (history for --at and
         # restore); a node that keeps no history (`--keep-history 0`) skips them.
         self.fetch_history = True
+        # Serves `/pair/*` without the volume MAC (set by the node: peer.invitations).
+        self.pairing: Callable[[web.Request], Awaitable[web.StreamResponse]] | None = None
         journal.grew.append(self._log_grew)
 
     # -- lifetime ------------------------------------------------------------------
