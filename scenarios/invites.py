@@ -46,6 +46,22 @@ class _Lines:
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
 
+
+def _reap(proc: subprocess.Popen[str], *readers: _Lines) -> None:
+    """Stop `proc` if it still runs, read what it printed, close its pipes."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    for reader in readers:
+        reader.join(5)
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+
     @property
     def text(self) -> str:
         return "\n".join(self.lines)
@@ -133,13 +149,7 @@ class Invite:
         return "\n".join(f"    invite| {line}" for line in [*self.out.lines, *self.err.lines])
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        _reap(self.proc, self.out, self.err)
 
 
 def try_join(
@@ -216,13 +226,7 @@ class Tool:
         return parsed
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        _reap(self.proc, self.out, self.err)
 
 
 # --- the tools ------------------------------------------------------------------
