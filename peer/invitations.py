@@ -171,10 +171,16 @@ class Invitations:
 
     # --- the peer port ------------------------------------------------------
 
+    def active(self) -> bool:
+        """Whether `/pair/*` answers at all: an invitation is open, or one was
+        closed lately (to tell a late joiner why). Otherwise the port treats
+        those paths as any other: a bare 401."""
+        self._expire()
+        return bool(self._open or self._recent)
+
     async def handle(self, request: web.Request) -> web.Response:
         """`POST /pair/start` and `POST /pair/finish`, without the volume MAC."""
-        self._expire()
-        if not self._open and not self._recent:
+        if not self.active():
             return web.Response(status=401)  # as to any stranger: nothing here
         if request.method != "POST" or request.path not in pairing.PATHS:
             return web.Response(status=401)

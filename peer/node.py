@@ -222,7 +222,7 @@ class Node:
     def allow_invitations(self, root: bytes) -> None:
         """Let `dfs-peer invite` hand `root` to machines that prove a one-time code."""
         self.invitations = invitations.Invitations(root, self.identity.node_id, self.config.name)
-        self.sync.pairing = self.invitations.handle
+        self.sync.pairing = self.invitations
 
     async def _remote_changed(self, changes: Changes) -> None:
         """Make the kernel forget what peers' operations changed."""

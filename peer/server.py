@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
@@ -49,7 +49,19 @@ GUARD_KEY: web.AppKey[ReplayGuard] = web.AppKey("guard", ReplayGuard)
 BODY_KEY: web.RequestKey[bytes] = web.RequestKey("body", bytes)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-PAIRING_KEY: web.AppKey[Handler] = web.AppKey("pairing")
+
+
+class Pairing(Protocol):
+    """The endpoint of pairing by a one-time code (`peer.invitations`)."""
+
+    def active(self) -> bool:
+        """Whether an invitation is open (or closed lately, to say so)."""
+        ...
+
+    async def handle(self, request: web.Request) -> web.Response: ...
+
+
+PAIRING_KEY: web.AppKey[Pairing] = web.AppKey("pairing")
 
 
 def _refuse(request: web.Request, reason: str) -> web.Response:
@@ -60,11 +72,11 @@ def _refuse(request: web.Request, reason: str) -> web.Response:
 
 @web.middleware
 async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path in PAIRING_PATHS and PAIRING_KEY in request.app:
-        # The one exchange open to a machine without the secret: it proves a
-        # one-time code instead, and gets a bare 401 like any stranger while no
-        # invitation is open (peer/invitations.py).
-        return await request.app[PAIRING_KEY](request)
+    pairing = request.app.get(PAIRING_KEY)
+    if pairing is not None and request.path in PAIRING_PATHS and pairing.active():
+        # The one exchange open to a machine without the secret, and only while
+        # an invitation is open: it proves a one-time code instead (peer/invitations.py).
+        return await pairing.handle(request)
     sync = request.app[SYNC_KEY]
     key = sync.keys.peers
     if request.content_length is not None and request.content_length > wire.MAX_REQUEST_BYTES:
