@@ -4,15 +4,15 @@ The endpoint is on the peer port and, alone there, answers requests that
 carry no volume MAC (a joiner has no secret yet; it proves the code instead,
 see `peer.pairing`). So it is narrow and hard to lean on:
 
-- With no invitation open (nor one closed in the last hour), it answers a
-  bare 401 exactly as the port does to any stranger: it does not even reveal
-  that it exists, and nothing changes.
+- With no invitation open (nor one closed in the last hour), the port does
+  not route to it at all (`active()` is false): a stranger gets the bare 401
+  it gets on any path, and nothing changes.
 - Bodies over `pairing.MAX_BODY` are refused unread; a body must arrive
   within `BODY_TIMEOUT_S`.
-- Each start is one online guess of the code and costs an attempt: an
-  invitation takes `MAX_ATTEMPTS` starts at most, and the third failure burns
-  it. A start that is not finished within `SESSION_TTL_S` counts as failed.
-  Across all invitations at most `STARTS_PER_WINDOW` starts are served per
+- Each start is one online guess of the code: at most `MAX_ATTEMPTS` tries
+  of an invitation can be under way or failed, and the third failure burns
+  it; a try not finished within `SESSION_TTL_S` counts as failed. Across all
+  invitations at most `STARTS_PER_WINDOW` starts are served per
   `RATE_WINDOW_S`; beyond that the answer is 429 and no SPAKE2 runs.
 - One invitation pairs one machine: it is marked used before the root is
   sealed and sent, so two concurrent finishes cannot both get it.
