@@ -86,6 +86,8 @@ class Invitation:
     state: str = OPEN
     attempts: int = 0
     failures: int = 0
+    # Starts whose SPAKE2 is still being computed: tries under way, like sessions.
+    pending: int = 0
     sessions: dict[bytes, tuple[pairing.InviterSide, float]] = field(default_factory=dict)
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
 
@@ -214,12 +216,16 @@ class Invitations:
         self._reap_sessions(invitation, now)
         if invitation.state != OPEN:
             return _refusal(410, invitation.state)
-        if invitation.failures + len(invitation.sessions) >= MAX_ATTEMPTS:
+        if invitation.failures + len(invitation.sessions) + invitation.pending >= MAX_ATTEMPTS:
             return _refusal(429, "busy")  # every try left is under way
         self._starts.append(now)
         invitation.attempts += 1
-        async with self._cpu:
-            side = await asyncio.to_thread(pairing.InviterSide, invitation.code, start)
+        invitation.pending += 1  # reserved before the first await: no race past the bound
+        try:
+            async with self._cpu:
+                side = await asyncio.to_thread(pairing.InviterSide, invitation.code, start)
+        finally:
+            invitation.pending -= 1
         if invitation.state != OPEN:
             return _refusal(410, invitation.state)
         invitation.sessions[side.session] = (side, self._clock())

@@ -255,6 +255,19 @@ async def test_unfinished_tries_count_as_failures(
 
 
 @pytest.mark.asyncio
+async def test_concurrent_starts_get_three_tries_in_all(tmp_path: Path) -> None:
+    """Starts that race each other still get three tries: the bound holds
+    while the SPAKE2 of earlier ones is being computed."""
+    async with inviting(tmp_path) as (node, port):
+        assert node.invitations is not None
+        invitation = node.invitations.open()
+        starts = [pairing.JoinerSide(invitation.code).start_message() for _ in range(8)]
+        answers = await asyncio.gather(*(post(port, pairing.START_PATH, s) for s in starts))
+        statuses = sorted(status for status, _ in answers)
+        assert statuses == [200] * invitations.MAX_ATTEMPTS + [429] * (8 - invitations.MAX_ATTEMPTS)
+
+
+@pytest.mark.asyncio
 async def test_an_expired_code_is_refused(tmp_path: Path) -> None:
     clock = FakeClock()
     async with inviting(tmp_path, clock) as (node, port):
