@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import re
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -102,6 +103,22 @@ def test_an_expired_code_is_refused(cluster: Cluster, member: ClusterNode) -> No
         assert "the code expired before a machine used it" in one_line("\n".join(invite.err.lines))
         out = try_join(cluster, joiner, code, member.host.address)
         assert "this code has expired" in one_line(out.stderr)
+    assert untouched(joiner)
+
+
+def test_ctrl_c_on_invite_cancels_the_code(cluster: Cluster, member: ClusterNode) -> None:
+    joiner = new_host(cluster, "C")
+    with Invite(member) as invite:
+        code = invite.code()
+        invite.proc.send_signal(signal.SIGINT)
+        invite.wait()
+    number = code.split("-")[0]
+    cluster.wait_until(
+        lambda: f"invitation closed number={number} state=cancelled" in member.process.log_text(),
+        "the member to cancel the invitation",
+    )
+    out = try_join(cluster, joiner, code, member.host.address)
+    assert "the invitation was cancelled on the inviting machine" in one_line(out.stderr)
     assert untouched(joiner)
 
 
