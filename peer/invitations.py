@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import time
 from collections import OrderedDict, deque
@@ -121,7 +122,7 @@ class Invitations:
         self._expire()
         if len(self._open) >= MAX_OPEN:
             raise TooManyInvitations(count=MAX_OPEN)
-        ttl = min(max(ttl_s, 0.1), MAX_TTL_S)
+        ttl = min(max(ttl_s, 0.1), MAX_TTL_S) if math.isfinite(ttl_s) else DEFAULT_TTL_S
         taken = set(self._open) | set(self._recent)
         free = [n for n in pairing.NEW_NUMBERS if n not in taken]
         number = secrets.choice(free or [n for n in pairing.NEW_NUMBERS if n not in self._open])
@@ -186,15 +187,18 @@ class Invitations:
             return web.Response(status=401)  # as to any stranger: nothing here
         if request.method != "POST" or request.path not in pairing.PATHS:
             return web.Response(status=401)
-        if request.content_length is None or request.content_length > pairing.MAX_BODY:
+        length = request.content_length
+        if length is None:
+            return _refusal(411, "length-required")
+        if length > pairing.MAX_BODY:
             return _refusal(413, "too-large")
         try:
             async with asyncio.timeout(BODY_TIMEOUT_S):
-                body = await request.content.read(pairing.MAX_BODY + 1)
+                body = await request.content.readexactly(length)
         except TimeoutError:
             return _refusal(408, "too-slow")
-        if len(body) > pairing.MAX_BODY:
-            return _refusal(413, "too-large")
+        except asyncio.IncompleteReadError:
+            return _refusal(400, "malformed")
         try:
             if request.path == pairing.START_PATH:
                 return await self._start(pairing.decode_start(body), request.remote)

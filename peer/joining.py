@@ -101,13 +101,24 @@ _REFUSED: dict[str, type[DfsError]] = {
 }
 
 
+async def _read_at_most(stream: aiohttp.StreamReader, limit: int) -> bytes:
+    """The body, or its first `limit` bytes if it is longer (then refused)."""
+    body = b""
+    while len(body) < limit:
+        part = await stream.read(limit - len(body))
+        if not part:
+            break
+        body += part
+    return body
+
+
 async def _post(session: aiohttp.ClientSession, address: str, path: str, body: bytes) -> bytes:
     url = f"http://{address}{path}"
     try:
         async with session.post(
             url, data=body, headers={"Content-Type": "application/cbor"}
         ) as resp:
-            answer = await resp.content.read(pairing.MAX_BODY + 1)
+            answer = await _read_at_most(resp.content, pairing.MAX_BODY + 1)
             status = resp.status
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         detail = str(exc) or type(exc).__name__

@@ -316,3 +316,50 @@ async def test_oversized_and_malformed_requests_change_nothing(tmp_path: Path) -
         assert invitation.state == invitations.OPEN
         await asyncio.sleep(0)
         assert drain(invitation) == []
+
+
+async def raw_post(port: int, body: bytes, send: int, pause_s: float) -> bytes:
+    """POST /pair/start by hand: the headers and `send` bytes of `body`, a
+    pause, then the rest (if any was meant to come); the raw answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = (
+        f"POST {pairing.START_PATH} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    writer.write(head.encode() + body[:send])
+    await writer.drain()
+    await asyncio.sleep(pause_s)
+    if send < len(body):
+        writer.write(body[send:])
+        await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    return answer
+
+
+@pytest.mark.asyncio
+async def test_a_body_in_pieces_is_read_whole(tmp_path: Path) -> None:
+    async with inviting(tmp_path) as (node, port):
+        assert node.invitations is not None
+        invitation = node.invitations.open()
+        body = pairing.JoinerSide(invitation.code).start_message()
+        answer = await raw_post(port, body, send=10, pause_s=0.2)
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:80]
+
+
+@pytest.mark.asyncio
+async def test_a_body_that_never_comes_is_given_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(invitations, "BODY_TIMEOUT_S", 0.3)
+    async with inviting(tmp_path) as (node, port):
+        assert node.invitations is not None
+        invitation = node.invitations.open()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        head = f"POST {pairing.START_PATH} HTTP/1.1\r\nHost: x\r\nContent-Length: 60\r\n\r\n"
+        writer.write(head.encode() + b"\xa3")
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(200), 10)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:80]
+        assert invitation.attempts == 0
