@@ -2,7 +2,9 @@
 
 Invariant: no handler runs for a request that does not authenticate (see
 `peer.auth`): a party without the secret gets a bare 401 for every path,
-learns nothing (not even which paths exist) and changes nothing. Every
+learns nothing (not even which paths exist) and changes nothing; the one
+exception is `/pair/*` while `dfs-peer invite` has an invitation open, which
+proves a one-time code instead (`peer.invitations`). Every
 response to an authenticated request carries a MAC bound to that request.
 Serving is read-only: peers pull from us; nothing a peer sends is written to
 the store by this server. Our own log entries are made durable (`Store.sync`)
