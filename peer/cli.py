@@ -19,7 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from peer.errors import BadPeerAddress, DfsError, NodeNotRunning
+from peer.auth import PROTOCOL
+from peer.errors import BadPeerAddress, DfsError, NodeNotRunning, SecretMissing
 from peer.keys import VolumeKeys
 from peer.secret import format_secret, new_secret, read_secret
 
@@ -32,6 +33,8 @@ dfs-peer: a peer-to-peer, end-to-end encrypted, replicated file system.
 
   dfs-peer init > volume.secret                       make a new volume secret
   dfs-peer join --secret-file volume.secret ~/shared  run a node and mount it
+  dfs-peer invite                                     a one-time code for a new machine
+  dfs-peer join --code 7-orbit-lantern ~/shared       pair a new machine by that code
   dfs-peer status                                     ask the running node
   dfs-peer history ~/shared/notes.txt                 list a file's versions
   dfs-peer restore ~/shared/notes.txt --at -2h        bring back its content of 2 h ago
@@ -70,6 +73,12 @@ def _parser() -> argparse.ArgumentParser:
     j.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
     j.add_argument("--secret", help="the volume secret (visible in `ps`; prefer --secret-file)")
     j.add_argument("--secret-file", type=Path, help="read the volume secret from this file")
+    j.add_argument(
+        "--code",
+        help="join by the one-time code `dfs-peer invite` printed on a member, instead of "
+        "a secret; the secret it receives is kept in the data dir, so later starts need "
+        "neither",
+    )
     j.add_argument(
         "--data-dir",
         type=Path,
@@ -110,6 +119,22 @@ def _parser() -> argparse.ArgumentParser:
         "(default 7d; 0 keeps none; units s, m, h, d, w)",
     )
     j.add_argument("--debug-fuse", action="store_true", help="log every FUSE request")
+
+    i = sub.add_parser(
+        "invite",
+        help="print a one-time code that lets a new machine join",
+        description="Print a one-time code (like 7-orbit-lantern) for a new machine to "
+        "join the volume with `dfs-peer join --code CODE MOUNTPOINT`, then wait for it. "
+        "The code works once, for 10 minutes; three wrong tries cancel it; Ctrl-C "
+        "cancels it. No secret is shown or copied: the new machine receives it sealed.",
+    )
+    i.add_argument(
+        "--ttl",
+        metavar="DURATION",
+        default="10m",
+        help="how long the code works (default and at most 10m; units s, m)",
+    )
+    _asks_node(i)
 
     s = sub.add_parser(
         "status",
@@ -190,9 +215,33 @@ def _join(args: argparse.Namespace) -> int:
         if not args.read_only:
             raise history.AtNeedsReadOnly()
         at_ms = history.parse_time(args.at, time.time())
-    root = read_secret(args.secret, args.secret_file, os.environ)
-    keys = VolumeKeys.from_root(root)
-    data_dir = args.data_dir or node.default_data_dir(keys)
+    peers = [_address(text, "--peer") for text in args.peer]
+    if args.code is not None:
+        from peer import joining, pairing
+
+        if args.secret is not None or args.secret_file is not None or at_ms is not None:
+            raise pairing.CodeWithSecret()
+        code = pairing.parse_code(args.code)
+        name = args.name or node.default_name()
+        joined = asyncio.run(
+            joining.join_by_code(
+                code,
+                args.mountpoint.resolve(),
+                args.data_dir.resolve() if args.data_dir else None,
+                name,
+                peers,
+                not args.no_mdns,
+                PROTOCOL,
+                _say,
+            )
+        )
+        root, keys, data_dir = joined.root, joined.keys, joined.data_dir
+        if joined.inviter not in peers:
+            peers.append(joined.inviter)
+    else:
+        root = _read_root(args)
+        keys = VolumeKeys.from_root(root)
+        data_dir = args.data_dir or node.default_data_dir(keys)
     config = node.NodeConfig(
         mountpoint=args.mountpoint.resolve(),
         data_dir=data_dir.resolve(),
@@ -201,13 +250,36 @@ def _join(args: argparse.Namespace) -> int:
         debug_fuse=args.debug_fuse,
         listen_host=listen[0],
         listen_port=listen[1],
-        peers=tuple(_address(text, "--peer") for text in args.peer),
+        peers=tuple(peers),
         mdns=not args.no_mdns,
         keep_history_s=keep_history_s,
         at_ms=at_ms,
     )
-    asyncio.run(node.run(config, keys))
+    asyncio.run(node.run(config, keys, root=root))
     return 0
+
+
+def _say(line: str) -> None:
+    print(f"dfs-peer: {line}", flush=True)
+
+
+def _read_root(args: argparse.Namespace) -> bytes:
+    """The volume root from --secret, --secret-file or DFS_PEER_SECRET, else
+    the one pairing stored in the data dir (--data-dir, or the only one)."""
+    from peer import joining, node
+
+    try:
+        return read_secret(args.secret, args.secret_file, os.environ)
+    except SecretMissing:
+        if args.data_dir is not None:
+            stored = joining.stored_secret(args.data_dir)
+        else:
+            home = node.default_data_home()
+            found = sorted(home.glob(f"*/{joining.SECRET_NAME}")) if home.is_dir() else []
+            stored = joining.stored_secret(found[0].parent) if len(found) == 1 else None
+        if stored is None:
+            raise
+        return stored
 
 
 def _address(text: str, option: str) -> tuple[str, int]:
@@ -355,6 +427,56 @@ def _gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def _invite(args: argparse.Namespace) -> int:
+    from peer import history, invitations
+
+    ttl_s = history.parse_duration(args.ttl)
+    if not 0 < ttl_s <= invitations.MAX_TTL_S:
+        raise invitations.BadTtl()
+    return asyncio.run(_invite_and_wait(_node_data_dir(args), ttl_s))
+
+
+async def _invite_and_wait(data_dir: Path, ttl_s: float) -> int:
+    """Print the code, then what happens, until the new machine is paired."""
+    from peer import invitations, node
+
+    final: dict[str, type[DfsError]] = {
+        invitations.EXPIRED: invitations.InviteExpired,
+        invitations.BURNT: invitations.InviteBurnt,
+        invitations.CANCELLED: invitations.InviteCancelled,
+    }
+    try:
+        async for event in node.stream_node(data_dir, "/invite", {"ttl_s": ttl_s}):
+            kind = event["event"]
+            if kind == "open":
+                code = event["code"]
+                minutes = event["ttl_s"] / 60
+                valid = f"{minutes:g} minutes" if minutes >= 1 else f"{event['ttl_s']:g} seconds"
+                _say(f"invitation code: {code}")
+                _say(f"on the new machine, run: dfs-peer join --code {code} MOUNTPOINT")
+                if not event["mdns"]:
+                    _say(
+                        f"(this node does not use mDNS: add --peer with its address, port {event['listen'].rsplit(':', 1)[-1]})"
+                    )
+                _say(f"the code works once, for the next {valid}; Ctrl-C cancels it")
+                _say("waiting for the new machine…")
+            elif kind == "trying":
+                _say("a machine is trying the code…")
+            elif kind == "wrong":
+                _say(f"a machine tried a wrong code ({event['left']} of 3 tries left)")
+            elif kind == invitations.PAIRED:
+                _say(
+                    f"paired with `{event['name']}` (node {event['node'][:8]}); "
+                    "it is fetching the volume now"
+                )
+                return 0
+            elif kind in final:
+                raise final[kind]()
+    except OSError:
+        raise NodeNotRunning(data_dir=data_dir) from None
+    raise invitations.InviteCancelled()
+
+
 def _forget(args: argparse.Namespace) -> int:
     answer = _ask(_node_data_dir(args), "POST", "/forget", body={"node": args.node})
     print(
@@ -399,6 +521,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
             return _gc(args)
         if args.command == "forget":
             return _forget(args)
+        if args.command == "invite":
+            return _invite(args)
         return _status(args)
     except DfsError as exc:
         if args.debug:

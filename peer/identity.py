@@ -65,8 +65,7 @@ def _load(path: Path) -> NodeIdentity:
     return NodeIdentity(nacl.signing.SigningKey(seed))
 
 
-def _create(path: Path) -> None:
-    identity = NodeIdentity.generate()
+def _create(path: Path, identity: NodeIdentity) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -83,10 +82,11 @@ def _create(path: Path) -> None:
     _fsync_dir(path.parent)
 
 
-def load_or_create(data_dir: Path) -> NodeIdentity:
-    """This node's identity, made on first start in `data_dir`."""
+def load_or_create(data_dir: Path, new: NodeIdentity | None = None) -> NodeIdentity:
+    """This node's identity, made on first start in `data_dir` (as `new`, if
+    given: pairing names the node before its data dir exists)."""
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = data_dir / KEY_FILE
     if not path.exists():
-        _create(path)
+        _create(path, new or NodeIdentity.generate())
     return _load(path)

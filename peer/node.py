@@ -29,7 +29,7 @@ import cbor2
 from aiohttp import web
 
 from crdt.merge import Changes, Replica
-from peer import gc, history
+from peer import gc, history, invitations
 from peer.auth import PROTOCOL
 from peer.blocks import Blocks
 from peer.errors import (
@@ -227,6 +227,13 @@ class Node:
         # inside the request handler that committed (that can deadlock).
         self._stale_names: asyncio.Queue[list[tuple[int, bytes]]] = asyncio.Queue()
         self.journal.listeners.append(self._local_changed)
+        # Open pairing invitations (`dfs-peer invite`); None without the root.
+        self.invitations: invitations.Invitations | None = None
+
+    def allow_invitations(self, root: bytes) -> None:
+        """Let `dfs-peer invite` hand `root` to machines that prove a one-time code."""
+        self.invitations = invitations.Invitations(root, self.identity.node_id, self.config.name)
+        self.sync.pairing = self.invitations
 
     async def _remote_changed(self, changes: Changes) -> None:
         """Make the kernel forget what peers' operations changed."""
@@ -446,6 +453,79 @@ async def _forget(request: web.Request) -> web.Response:
     return web.json_response(done)
 
 
+async def _invite(request: web.Request) -> web.StreamResponse:
+    """POST /invite {ttl_s}: open an invitation and stream what happens to it
+    (one JSON object a line) until it is used, expires or burns; the caller
+    going away cancels it."""
+    node = request.app[NODE_KEY]
+    registry = node.invitations
+    if registry is None:
+        return _refused(invitations.NoInvitations(), 409)
+    try:
+        body = await request.json()
+        ttl_s = float(body.get("ttl_s", invitations.DEFAULT_TTL_S))
+    except (ValueError, TypeError, AttributeError):
+        return web.json_response({"error": "expected JSON {ttl_s}"}, status=400)
+    try:
+        invitation = registry.open(ttl_s)
+    except DfsError as exc:
+        return _refused(exc, 409)
+    resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    try:
+        await resp.prepare(request)
+
+        async def line(obj: Mapping[str, object]) -> None:
+            await resp.write(json.dumps(obj).encode() + b"\n")
+
+        def alive() -> bool:
+            return request.transport is not None and not request.transport.is_closing()
+
+        async with _invitation_advert(node, invitation.number) as advertised:
+            await line(
+                {
+                    "event": "open",
+                    "code": str(invitation.code),
+                    "ttl_s": min(ttl_s, invitations.MAX_TTL_S),
+                    "listen": node.sync.listen,
+                    "mdns": advertised,
+                }
+            )
+            async for event in registry.events(invitation, alive):
+                await line(event.to_json())
+    except (ConnectionError, OSError):
+        log.info("the inviting command went away: invitation %d cancelled", invitation.number)
+    finally:
+        registry.close(invitation, invitations.CANCELLED)
+    return resp
+
+
+@contextlib.asynccontextmanager
+async def _invitation_advert(node: Node, number: int) -> AsyncIterator[bool]:
+    """Advertise invitation `number` by mDNS while the block runs (unless the
+    node runs without mDNS); yields whether it is advertised."""
+    if not node.config.mdns:
+        yield False
+        return
+    from discovery.invites import advertise_invitation
+
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            await stack.enter_async_context(
+                advertise_invitation(
+                    number, node.sync.port, PROTOCOL, _advertised(node.config.listen_host)
+                )
+            )
+        except (OSError, TimeoutError) as exc:
+            log.warning(
+                "cannot advertise the invitation on the LAN (%s): the new machine must "
+                "give this node's address with --peer",
+                exc,
+            )
+            yield False
+            return
+        yield True
+
+
 def make_control_app(node: Node) -> web.Application:
     """The local control API (a unix socket in the data dir, mode 0600)."""
     app = web.Application()
@@ -455,6 +535,7 @@ def make_control_app(node: Node) -> web.Application:
     app.router.add_post("/restore", _restore)
     app.router.add_post("/gc", _gc)
     app.router.add_post("/forget", _forget)
+    app.router.add_post("/invite", _invite)
     return app
 
 
@@ -476,8 +557,12 @@ async def control_server(node: Node) -> AsyncIterator[Path]:
             path.unlink()
 
 
-async def run(config: NodeConfig, keys: VolumeKeys, announce: bool = True) -> None:
-    """Run a node in the foreground until SIGINT/SIGTERM; unmounts on every way out."""
+async def run(
+    config: NodeConfig, keys: VolumeKeys, announce: bool = True, root: bytes | None = None
+) -> None:
+    """Run a node in the foreground until SIGINT/SIGTERM; unmounts on every way out.
+
+    With the volume `root`, the node can invite new machines (`dfs-peer invite`)."""
     if config.at_ms is not None:
         await run_at(config, keys, announce)
         return
@@ -490,6 +575,8 @@ async def run(config: NodeConfig, keys: VolumeKeys, announce: bool = True) -> No
         if not existed:
             write_check(config.data_dir, keys)
         node = Node(config, keys, identity)
+        if root is not None:
+            node.allow_invitations(root)
         try:
             node.start()
             async with (
@@ -692,3 +779,30 @@ async def ask_node(
 async def query_status(data_dir: Path) -> dict[str, Any]:
     """Ask the node running on `data_dir` for its status."""
     return await ask_node(data_dir, "GET", "/status", timeout_s=10)
+
+
+async def stream_node(
+    data_dir: Path, path: str, body: dict[str, object]
+) -> AsyncIterator[dict[str, Any]]:
+    """POST to the control API of the node on `data_dir` and yield each JSON
+    line it streams back; a refusal becomes `NodeAnswered`; OSError if none runs."""
+    import aiohttp
+
+    connector = aiohttp.UnixConnector(path=str(data_dir / CONTROL_NAME))
+    # No total timeout: an invitation waits up to 10 minutes. The node writes
+    # within POLL_S of anything happening, and closes the stream at the end.
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
+    async with (
+        aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
+        session.post(f"http://node{path}", json=body) as resp,
+    ):
+        if resp.status >= 400:
+            text = await resp.text()
+            try:
+                message = str(json.loads(text).get("error") or f"HTTP {resp.status}")
+            except (ValueError, AttributeError):
+                message = text.strip() or f"HTTP {resp.status}"
+            raise history.NodeAnswered(message=message)
+        async for raw in resp.content:
+            if raw.strip():
+                yield json.loads(raw)

@@ -2,7 +2,9 @@
 
 Invariant: no handler runs for a request that does not authenticate (see
 `peer.auth`): a party without the secret gets a bare 401 for every path,
-learns nothing (not even which paths exist) and changes nothing. Every
+learns nothing (not even which paths exist) and changes nothing; the one
+exception is `/pair/*` while `dfs-peer invite` has an invitation open, which
+proves a one-time code instead (`peer.invitations`). Every
 response to an authenticated request carries a MAC bound to that request.
 Serving is read-only: peers pull from us; nothing a peer sends is written to
 the store by this server. Our own log entries are made durable (`Store.sync`)
@@ -16,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
@@ -33,6 +35,7 @@ from peer.auth import (
     verify_request,
     wall_ms,
 )
+from peer.pairing import PATHS as PAIRING_PATHS
 
 if TYPE_CHECKING:
     from peer.sync import Sync
@@ -50,6 +53,19 @@ BODY_KEY: web.RequestKey[bytes] = web.RequestKey("body", bytes)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+class Pairing(Protocol):
+    """The endpoint of pairing by a one-time code (`peer.invitations`)."""
+
+    def active(self) -> bool:
+        """Whether an invitation is open (or closed lately, to say so)."""
+        ...
+
+    async def handle(self, request: web.Request) -> web.Response: ...
+
+
+PAIRING_KEY: web.AppKey[Pairing] = web.AppKey("pairing")
+
+
 def _refuse(request: web.Request, reason: str) -> web.Response:
     sync = request.app[SYNC_KEY]
     sync.note_refused(request.remote or "?", reason)
@@ -58,6 +74,11 @@ def _refuse(request: web.Request, reason: str) -> web.Response:
 
 @web.middleware
 async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    pairing = request.app.get(PAIRING_KEY)
+    if pairing is not None and request.path in PAIRING_PATHS and pairing.active():
+        # The one exchange open to a machine without the secret, and only while
+        # an invitation is open: it proves a one-time code instead (peer/invitations.py).
+        return await pairing.handle(request)
     sync = request.app[SYNC_KEY]
     key = sync.keys.peers
     if request.content_length is not None and request.content_length > wire.MAX_REQUEST_BYTES:
@@ -156,6 +177,8 @@ def make_peer_app(sync: Sync) -> web.Application:
     app = web.Application(middlewares=[authenticate], client_max_size=wire.MAX_REQUEST_BYTES)
     app[SYNC_KEY] = sync
     app[GUARD_KEY] = ReplayGuard()
+    if sync.pairing is not None:
+        app[PAIRING_KEY] = sync.pairing
     app.router.add_get("/hello", hello)
     app.router.add_post("/log", log_suffix)
     app.router.add_post("/blocks", blocks)

@@ -53,7 +53,7 @@ from peer.identity import NodeIdentity
 from peer.journal import Journal
 from peer.keys import VolumeKeys
 from peer.sealing import LogEntry, open_block
-from peer.server import MAX_WATCH_S, make_peer_app
+from peer.server import MAX_WATCH_S, Pairing, make_peer_app
 
 log = logging.getLogger(__name__)
 
@@ -291,6 +291,8 @@ class Sync:
         # Fetch the blocks of superseded versions too (history for --at and
         # restore); a node that keeps no history (`--keep-history 0`) skips them.
         self.fetch_history = True
+        # Serves `/pair/*` without the volume MAC (set by the node: peer.invitations).
+        self.pairing: Pairing | None = None
         journal.grew.append(self._log_grew)
 
     # -- lifetime ------------------------------------------------------------------

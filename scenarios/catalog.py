@@ -21,6 +21,7 @@ from scenarios import (
     late_joiner,
     mdns_three,
     outsider,
+    pairing,
     partition_heal,
     restart,
     two_nodes,
@@ -69,6 +70,7 @@ SCENARIOS: dict[str, Scenario] = {
             history,
             gc_safety,
             forget_member,
+            pairing,
         ],
     )
 }

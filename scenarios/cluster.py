@@ -59,6 +59,7 @@ class ClusterNode:
     process: NodeProcess
     mdns: bool
     peers: list[ClusterNode] | None  # static --peer; None: all others of the volume
+    volume: Path  # the secret file of its volume (a paired node holds that secret too)
     node_id: str = ""
     up: bool = False  # started and not stopped or killed on purpose
     allowed_errors: list[re.Pattern[str]] = field(default_factory=list)
@@ -185,8 +186,12 @@ class Cluster:
         secret_file: Path | None = None,
         mdns: bool | None = None,
         peers: Iterable[ClusterNode] | None = None,
+        paired: bool = False,
     ) -> ClusterNode:
         """Make a node (not started), with an address on the LAN.
+
+        `paired`: the node is given no secret; set `node.process.code` to the
+        code of an invitation (`scenarios.invite`) before starting it.
 
         Discovery, unless `mdns` or `peers` say otherwise: on a real LAN, mDNS
         and no static peers; on loopback, no mDNS and, as static peers, every
@@ -198,7 +203,7 @@ class Cluster:
         host = self.lan.add_host(name)
         base = self.workdir / name
         process = NodeProcess(
-            secret_file=secret_file or self.secret_file,
+            secret_file=None if paired else secret_file or self.secret_file,
             data_dir=base / "data",
             mountpoint=base / "mnt",
             name=name,
@@ -211,6 +216,7 @@ class Cluster:
             process=process,
             mdns=self.lan.real if mdns is None else mdns,
             peers=None if peers is None and not self.lan.real else list(peers or []),
+            volume=secret_file or self.secret_file,
         )
         self.nodes.append(node)
         return node
@@ -222,11 +228,7 @@ class Cluster:
             args.append("--no-mdns")
         peers = node.peers
         if peers is None:
-            peers = [
-                n
-                for n in self.nodes
-                if n is not node and n.process.secret_file == node.process.secret_file
-            ]
+            peers = [n for n in self.nodes if n is not node and n.volume == node.volume]
         for peer in peers:
             args += ["--peer", peer.host.address]
         return args
@@ -297,7 +299,7 @@ class Cluster:
 
     def members(self) -> list[ClusterNode]:
         """The nodes up (started, not stopped) that hold the volume's secret."""
-        return [n for n in self.nodes if n.up and n.process.secret_file == self.secret_file]
+        return [n for n in self.nodes if n.up and n.volume == self.secret_file]
 
     # --- waiting ----------------------------------------------------------
 

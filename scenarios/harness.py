@@ -140,9 +140,13 @@ def query_status(data_dir: Path, timeout: float = STATUS_TIMEOUT_S) -> dict[str,
 
 @dataclass
 class NodeProcess:
-    """One `dfs-peer join` process."""
+    """One `dfs-peer join` process.
 
-    secret_file: Path
+    With `code`, its first start pairs by that one-time code (`join --code`);
+    with neither `code` nor `secret_file`, it uses the secret pairing stored in
+    its data dir."""
+
+    secret_file: Path | None
     data_dir: Path
     mountpoint: Path
     name: str = "node"
@@ -150,18 +154,25 @@ class NodeProcess:
     prefix: list[str] = field(default_factory=list)  # e.g. nsenter into a netns
     log_path: Path | None = None
     proc: subprocess.Popen[bytes] | None = None
+    code: str | None = None
 
     def start(self, wait: bool = True) -> NodeProcess:
         self.mountpoint.mkdir(parents=True, exist_ok=True)
         if self.log_path is None:
             self.log_path = self.data_dir.parent / f"{self.name}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.code is not None:
+            secret = ["--code", self.code]
+            self.code = None  # one use: later starts use the secret it stored
+        elif self.secret_file is not None:
+            secret = ["--secret-file", str(self.secret_file)]
+        else:
+            secret = []
         cmd = [
             *self.prefix,
             *dfs_peer_command(),
             "join",
-            "--secret-file",
-            str(self.secret_file),
+            *secret,
             "--data-dir",
             str(self.data_dir),
             "--name",

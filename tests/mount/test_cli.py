@@ -150,3 +150,56 @@ def test_status_without_a_running_node_says_so(tmp_path: Path) -> None:
     out = _run("status", env=env)
     assert out.returncode != 0
     assert out.stderr.startswith("dfs-peer: ")
+
+
+@pytest.mark.parametrize(
+    ("code", "says"),
+    [
+        ("7-orbit", "is not a pairing code"),
+        ("7-orbit-lanternn", "`lanternn` is not one of the words"),
+    ],
+)
+def test_a_mistyped_code_is_caught_before_anything_is_sent(
+    tmp_path: Path, code: str, says: str
+) -> None:
+    (tmp_path / "m").mkdir()
+    out = _run(
+        "join",
+        "--code",
+        code,
+        "--peer",
+        "127.0.0.1:9",
+        "--data-dir",
+        str(tmp_path / "d"),
+        str(tmp_path / "m"),
+    )
+    assert out.returncode != 0
+    assert len(out.stderr.splitlines()) == 1, out.stderr
+    assert says in out.stderr
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_code_takes_the_place_of_a_secret(tmp_path: Path, secret_file: Path) -> None:
+    (tmp_path / "m").mkdir()
+    out = _run(
+        "join", "--code", "7-orbit-lantern", "--secret-file", str(secret_file), str(tmp_path / "m")
+    )
+    assert out.returncode != 0
+    assert out.stderr.startswith("dfs-peer: --code takes the place of a secret")
+
+
+def test_a_code_is_not_spent_on_a_busy_mountpoint(tmp_path: Path) -> None:
+    """The mount point is checked before the inviter is contacted (none listens here)."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "f").write_text("x")
+    out = _run("join", "--code", "7-orbit-lantern", "--peer", "127.0.0.1:9", str(tmp_path / "m"))
+    assert out.returncode != 0
+    assert "is not empty" in out.stderr
+
+
+def test_invite_without_a_running_node_says_so(tmp_path: Path) -> None:
+    out = _run("invite", "--data-dir", str(tmp_path))
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines() == [
+        f"dfs-peer: no dfs-peer node is running for {tmp_path}: start one with `dfs-peer join`."
+    ]
