@@ -19,7 +19,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from peer.errors import BadPeerAddress, DfsError, NodeNotRunning
+from peer.errors import (
+    BadPeerAddress,
+    DfsError,
+    NodeNotRunning,
+    NoNodeRunning,
+    SeveralNodesRunning,
+)
 from peer.keys import VolumeKeys
 from peer.secret import format_secret, new_secret, read_secret
 
@@ -206,8 +212,49 @@ def _join(args: argparse.Namespace) -> int:
         keep_history_s=keep_history_s,
         at_ms=at_ms,
     )
-    asyncio.run(node.run(config, keys))
+    held = _HoldBack.install(enabled=not args.debug)
+    try:
+        asyncio.run(node.run(config, keys, on_ready=held.release))
+    finally:
+        held.drop()
     return 0
+
+
+class _HoldBack(logging.Filter):
+    """Hold INFO records back until the mount is ready, then let them through
+    in order: the first line a node prints says when its mount is ready. A
+    start that fails drops them (its one error line says what happened)."""
+
+    def __init__(self, handler: logging.Handler) -> None:
+        super().__init__()
+        self.handler = handler
+        self.held: list[logging.LogRecord] = []
+        self.holding = True
+
+    @classmethod
+    def install(cls, *, enabled: bool) -> _HoldBack:
+        handler = logging.getLogger().handlers[0]
+        hold = cls(handler)
+        hold.holding = enabled
+        handler.addFilter(hold)
+        return hold
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.holding and record.levelno < logging.WARNING:
+            self.held.append(record)
+            return False
+        return True
+
+    def release(self) -> None:
+        self.holding = False
+        held, self.held = self.held, []
+        for record in held:
+            self.handler.handle(record)
+
+    def drop(self) -> None:
+        self.holding = False
+        self.held.clear()
+        self.handler.removeFilter(self)
 
 
 def _address(text: str, option: str) -> tuple[str, int]:
@@ -219,23 +266,14 @@ def _address(text: str, option: str) -> tuple[str, int]:
         raise BadPeerAddress(detail=f"{option} {text!r}: {exc}") from None
 
 
-def _running_data_dirs() -> list[Path]:
-    from peer import node
-
-    home = node.default_data_home()
-    if not home.is_dir():
-        return []
-    return sorted(p.parent for p in home.glob(f"*/{node.CONTROL_NAME}") if p.is_socket())
-
-
 def _status(args: argparse.Namespace) -> int:
+    from peer import statustext
+
     status = _ask(_node_data_dir(args), "GET", "/status", timeout_s=10)
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
     else:
-        width = max(len(k) for k in status)
-        for key, value in status.items():
-            print(f"{key:<{width}}  {value}")
+        sys.stdout.write(statustext.render(status, time.time()))
     return 0
 
 
@@ -255,12 +293,16 @@ def _glue_times(argv: Sequence[str]) -> list[str]:
 
 def _node_data_dir(args: argparse.Namespace) -> Path:
     """The data dir of the node to ask: --data-dir, else the only one running."""
+    from peer import running
+
     if args.data_dir is not None:
         return Path(args.data_dir)
-    running = _running_data_dirs()
-    if len(running) != 1:
-        raise NodeNotRunning(data_dir="(none given)" if not running else "several; use --data-dir")
-    return running[0]
+    found = running.running_data_dirs()
+    if not found:
+        raise NoNodeRunning()
+    if len(found) > 1:
+        raise SeveralNodesRunning(choices=" or ".join(f"--data-dir {d}" for d in found))
+    return found[0]
 
 
 def _ask(

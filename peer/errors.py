@@ -127,6 +127,15 @@ class NodeNotRunning(DfsError):
     `dfs-peer join`."""
 
 
+class NoNodeRunning(DfsError):
+    """no dfs-peer node is running here: start one with `dfs-peer join`, or
+    name the data dir of one with --data-dir."""
+
+
+class SeveralNodesRunning(DfsError):
+    """several dfs-peer nodes are running; choose one with {choices}."""
+
+
 class CorruptStore(DfsError):
     """cannot use the store {path}: {detail}."""
 
