@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -285,8 +286,11 @@ class Sync:
 
     # -- lifetime ------------------------------------------------------------------
     @contextlib.asynccontextmanager
-    async def running(self, host: str, port: int) -> AsyncIterator[Sync]:
-        """Serve peers on host:port and run links until the block exits.
+    async def running(
+        self, host: str, port: int, sock: socket.socket | None = None
+    ) -> AsyncIterator[Sync]:
+        """Serve peers on host:port (or on `sock`, bound there already) and run
+        links until the block exits.
 
         Raises OSError (e.g. EADDRINUSE) before anything starts if the port
         cannot be bound."""
@@ -295,7 +299,11 @@ class Sync:
         )
         await runner.setup()
         try:
-            site = web.TCPSite(runner, host, port, reuse_address=True)
+            site: web.BaseSite
+            if sock is not None:
+                site = web.SockSite(runner, sock)
+            else:
+                site = web.TCPSite(runner, host, port, reuse_address=True)
             await site.start()
             bound = runner.addresses[0] if runner.addresses else (host, port)
             shown = f"[{host}]" if ":" in host else host
