@@ -24,6 +24,7 @@ from peer.errors import (
     DfsError,
     NodeNotRunning,
     NoNodeRunning,
+    NoPage,
     SeveralNodesRunning,
 )
 from peer.keys import VolumeKeys
@@ -39,6 +40,7 @@ dfs-peer: a peer-to-peer, end-to-end encrypted, replicated file system.
   dfs-peer init > volume.secret                       make a new volume secret
   dfs-peer join --secret-file volume.secret ~/shared  run a node and mount it
   dfs-peer status                                     ask the running node
+  dfs-peer open                                       its status page (and /metrics)
   dfs-peer history ~/shared/notes.txt                 list a file's versions
   dfs-peer restore ~/shared/notes.txt --at -2h        bring back its content of 2 h ago
   dfs-peer gc                                         collect unused blocks now
@@ -115,6 +117,13 @@ def _parser() -> argparse.ArgumentParser:
         help="how long old versions stay for --at, history and restore "
         "(default 7d; 0 keeps none; units s, m, h, d, w)",
     )
+    j.add_argument(
+        "--page-port",
+        metavar="PORT",
+        default="0",
+        help="the port of the status page and /metrics, on 127.0.0.1 only (default 0: "
+        "any free one, shown by `status`; `off`: none)",
+    )
     j.add_argument("--debug-fuse", action="store_true", help="log every FUSE request")
 
     s = sub.add_parser(
@@ -171,6 +180,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     f.add_argument("node", metavar="NODE")
     _asks_node(f)
+
+    o = sub.add_parser(
+        "open",
+        help="open the running node's status page",
+        description="Print the address of the running node's status page, with the token "
+        "that lets you in (kept in its data dir), and open it in a browser if there is a "
+        "display. The page and /metrics answer on 127.0.0.1 only.",
+    )
+    o.add_argument("--print", action="store_true", help="only print the address")
+    _asks_node(o)
     return p
 
 
@@ -211,6 +230,7 @@ def _join(args: argparse.Namespace) -> int:
         mdns=not args.no_mdns,
         keep_history_s=keep_history_s,
         at_ms=at_ms,
+        page_port=_page_port(args.page_port),
     )
     held = _HoldBack.install(enabled=not args.debug)
     try:
@@ -255,6 +275,31 @@ class _HoldBack(logging.Filter):
         self.holding = False
         self.held.clear()
         self.handler.removeFilter(self)
+
+
+def _page_port(text: str) -> int | None:
+    if text == "off":
+        return None
+    if text.isdigit() and int(text) < 65536:
+        return int(text)
+    raise BadPeerAddress(detail=f"--page-port {text!r}: a port number, 0 or off")
+
+
+def _open(args: argparse.Namespace) -> int:
+    from peer import statuspage
+
+    data_dir = _node_data_dir(args)
+    status = _ask(data_dir, "GET", "/status", timeout_s=10)
+    token = statuspage.read_token(data_dir)
+    if not status.get("page") or token is None:
+        raise NoPage(data_dir=data_dir)
+    url = f"{status['page']}?token={token}"
+    print(url)
+    if not args.print and (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        import webbrowser
+
+        webbrowser.open(url)
+    return 0
 
 
 def _address(text: str, option: str) -> tuple[str, int]:
@@ -441,6 +486,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
             return _gc(args)
         if args.command == "forget":
             return _forget(args)
+        if args.command == "open":
+            return _open(args)
         return _status(args)
     except DfsError as exc:
         if args.debug:

@@ -127,6 +127,16 @@ class NodeNotRunning(DfsError):
     `dfs-peer join`."""
 
 
+class PagePortInUse(DfsError):
+    """the status page port {address} is already in use: choose another with
+    --page-port PORT (0 picks a free one)."""
+
+
+class NoPage(DfsError):
+    """the node in {data_dir} serves no status page (started with --page-port
+    off)."""
+
+
 class NoNodeRunning(DfsError):
     """no dfs-peer node is running here: start one with `dfs-peer join`, or
     name the data dir of one with --data-dir."""

@@ -29,7 +29,7 @@ import cbor2
 from aiohttp import web
 
 from crdt.merge import Changes, Replica
-from peer import gc, history, running, service
+from peer import gc, history, metrics, running, service, statuspage
 from peer.auth import PROTOCOL
 from peer.blocks import Blocks
 from peer.errors import (
@@ -94,6 +94,8 @@ class NodeConfig:
     keep_history_s: float = history.DEFAULT_KEEP_HISTORY_S
     # `--at`: show the volume as it was at this unix time (ms), read-only.
     at_ms: int | None = None
+    # The status page and /metrics on 127.0.0.1 (0: any free port; None: none).
+    page_port: int | None = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +226,28 @@ class Node:
         self.sync.attach(self.stability)
         self.sync.fetch_history = config.keep_history_s > 0
         self.collector = gc.Collector(self.stability, self.volume, config.keep_history_s)
+        self.metrics = self.sync.metrics
+        self.metrics.read_gauges_with(self._gauges)
+
+    def _gauges(self) -> metrics.Gauges:
+        """What /metrics reports as gauges; cheap (no table scans): scraped often."""
+        net = self.sync.statistics()
+        store_bytes = 0
+        for suffix in ("", "-wal"):
+            with contextlib.suppress(OSError):
+                store_bytes += os.stat(f"{self.config.data_dir / DB_NAME}{suffix}").st_size
+        return metrics.Gauges(
+            operations=self.replica.counts()[0],
+            operations_behind=net.operations_behind,
+            # What sync waits for now (the blocks of the piece being merged).
+            blocks_wanted=net.blocks_missing,
+            store_bytes=store_bytes,
+            peers_known=len(net.peers),
+            peers_connected=sum(1 for p in net.peers if p.connected),
+            members_holding_back=len(self.stability.held_back_by()),
+            collection_runs=self.collector.runs,
+            collection_freed_bytes=self.collector.bytes_freed,
+        )
 
     async def _remote_changed(self, changes: Changes) -> None:
         """Make the kernel forget what peers' operations changed."""
@@ -477,12 +501,23 @@ async def run(
     # The peer port is a check a user can fail too (in use): bound before the
     # data dir is touched, so a refused start creates and changes nothing.
     peer_sock = bind_peer_port(config.listen_host, config.listen_port)
+    page_sock = None
     try:
+        if config.page_port is not None:
+            page_sock = statuspage.bind_local(config.page_port)
         config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     except BaseException:
         peer_sock.close()
+        if page_sock is not None:
+            page_sock.close()
         raise
-    with contextlib.closing(peer_sock), data_dir_lock(config.data_dir):
+    with (
+        contextlib.closing(peer_sock),
+        contextlib.ExitStack() as closing,
+        data_dir_lock(config.data_dir),
+    ):
+        if page_sock is not None:
+            closing.enter_context(contextlib.closing(page_sock))
         existed = check_secret(config.data_dir, keys)
         identity = load_or_create(config.data_dir)
         if not existed:
@@ -493,8 +528,11 @@ async def run(
             async with (
                 peer_network(node, peer_sock) as _,
                 control_server(node),
+                contextlib.AsyncExitStack() as page,
                 asyncio.TaskGroup() as tasks,
             ):
+                if page_sock is not None:
+                    await page.enter_async_context(statuspage.page_server(node, page_sock))
                 progress = tasks.create_task(show_progress(node, announce))
                 collecting = tasks.create_task(node.collector.run_periodically())
                 try:
@@ -571,6 +609,7 @@ async def serve_mount(
     from fuse.mount import MountFailed, serve, terminate
 
     node.operations = FuseOperations(node.volume)
+    node.operations.on_request = node.metrics.fuse_request
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, terminate)
