@@ -41,7 +41,8 @@ def format_duration(seconds: float) -> str:
         return f"{s // 60}m {s % 60:02d}s"
     if s < 86400:
         return f"{s // 3600}h {s % 3600 // 60:02d}m"
-    return f"{s // 86400}d {s % 86400 // 3600}h"
+    hours = s % 86400 // 3600
+    return f"{s // 86400}d {hours}h" if hours else f"{s // 86400}d"
 
 
 class CatchUp:

@@ -35,7 +35,8 @@ function duration(s) {
   if (s < 60) return s + "s";
   if (s < 3600) return Math.floor(s / 60) + "m " + String(s % 60).padStart(2, "0") + "s";
   if (s < 86400) return Math.floor(s / 3600) + "h " + String(Math.floor(s % 3600 / 60)).padStart(2, "0") + "m";
-  return Math.floor(s / 86400) + "d " + Math.floor(s % 86400 / 3600) + "h";
+  const h = Math.floor(s % 86400 / 3600);
+  return Math.floor(s / 86400) + "d" + (h ? " " + h + "h" : "");
 }
 function ago(t) { return t ? duration(Date.now() / 1000 - t) + " ago" : "never"; }
 function mib(n) { return (n / 1048576).toFixed(1) + " MiB"; }
