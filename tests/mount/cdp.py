@@ -12,7 +12,7 @@ import json
 import shutil
 import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +61,8 @@ class Browser:
             raise RuntimeError(f"{expression}: {got['exceptionDetails']}")
         return got["result"].get("value")
 
-    async def wait_for(self, expression: str, what: str, timeout: float = 20.0) -> Any:
-        deadline = time.monotonic() + timeout
+    async def wait_for(self, expression: str, what: str, limit_s: float = 20.0) -> Any:
+        deadline = time.monotonic() + limit_s
         while True:
             with contextlib.suppress(RuntimeError):
                 value = await self.evaluate(expression)
@@ -73,15 +73,15 @@ class Browser:
                 raise AssertionError(f"timed out waiting for {what}; the page shows:\n{text}")
             await asyncio.sleep(0.2)
 
-    async def screenshot(self, path: Path) -> None:
+    async def screenshot(self) -> bytes:
+        """The whole page as PNG."""
         shot = await self.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(base64.b64decode(shot["data"]))
+        return base64.b64decode(shot["data"])
 
 
-@contextlib.asynccontextmanager
-async def headless(profile: Path, width: int = 1280, height: int = 1000) -> AsyncIterator[Browser]:
-    """Start chromium with a fresh profile in `profile`; always stops it."""
+@contextlib.contextmanager
+def _started(profile: Path, width: int, height: int) -> Iterator[int]:
+    """Run chromium with a fresh profile in `profile`; yield its DevTools port."""
     binary = chromium()
     assert binary is not None, "chromium is not installed (.ci/setup installs it)"
     profile.mkdir(parents=True, exist_ok=True)
@@ -109,8 +109,22 @@ async def headless(profile: Path, width: int = 1280, height: int = 1000) -> Asyn
         while not (port_file.exists() and port_file.read_text().strip()):
             assert proc.poll() is None, f"chromium exited with {proc.returncode}"
             assert time.monotonic() < deadline, "chromium did not start"
-            await asyncio.sleep(0.1)
-        port = int(port_file.read_text().split()[0])
+            time.sleep(0.1)
+        yield int(port_file.read_text().split()[0])
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@contextlib.asynccontextmanager
+async def headless(profile: Path, width: int = 1280, height: int = 1000) -> AsyncIterator[Browser]:
+    """Start chromium with a fresh profile in `profile` (the start blocks the
+    loop for a second: nothing else runs on it in these tests); always stops it."""
+    with _started(profile, width, height) as port:
         async with aiohttp.ClientSession() as session:
             async with session.get(f"http://127.0.0.1:{port}/json/list") as resp:
                 targets = await resp.json()
@@ -127,10 +141,3 @@ async def headless(profile: Path, width: int = 1280, height: int = 1000) -> Asyn
                     mobile=False,
                 )
                 yield browser
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)

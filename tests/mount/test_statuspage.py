@@ -127,7 +127,8 @@ def test_status_page_in_a_browser(make_node: Callable[..., NodeProcess], tmp_pat
                 "the page to update by itself",
             )
             await asyncio.sleep(2.5)  # one more poll, so the screenshot is settled
-            await browser.screenshot(tmp_path / "status-page.png")
+            shot = await browser.screenshot()
+            (tmp_path / "status-page.png").write_bytes(shot)
 
     asyncio.run(drive())
     shot = tmp_path / "status-page.png"
