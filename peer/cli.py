@@ -190,6 +190,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     o.add_argument("--print", action="store_true", help="only print the address")
     _asks_node(o)
+
+    u = sub.add_parser(
+        "units",
+        help="print or install the systemd unit",
+        description="Print the systemd unit that runs a node per volume (dfs-peer@NAME: "
+        "secret in /etc/dfs-peer/NAME.secret, MOUNTPOINT=... in /etc/dfs-peer/NAME.conf; "
+        "with --user, under ~/.config/dfs-peer/), with ExecStart naming this dfs-peer; "
+        "--write DIR writes it there instead (/etc/systemd/system, ~/.config/systemd/user).",
+    )
+    u.add_argument("--user", action="store_true", help="the unit for your user manager")
+    u.add_argument("--write", metavar="DIR", type=Path, help="write dfs-peer@.service into DIR")
     return p
 
 
@@ -299,6 +310,21 @@ def _open(args: argparse.Namespace) -> int:
         import webbrowser
 
         webbrowser.open(url)
+    return 0
+
+
+def _units(args: argparse.Namespace) -> int:
+    from peer import service
+
+    text = service.unit_text(user=args.user, executable=service.this_executable())
+    if args.write is None:
+        sys.stdout.write(text)
+        return 0
+    args.write.mkdir(parents=True, exist_ok=True)
+    path = args.write / service.UNIT
+    path.write_text(text)
+    manager = "systemctl --user" if args.user else "systemctl"
+    print(f"dfs-peer: wrote {path}; now run {manager} daemon-reload")
     return 0
 
 
@@ -488,6 +514,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
             return _forget(args)
         if args.command == "open":
             return _open(args)
+        if args.command == "units":
+            return _units(args)
         return _status(args)
     except DfsError as exc:
         if args.debug:

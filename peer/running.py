@@ -27,14 +27,29 @@ def data_home() -> Path:
     return Path(base) / "dfs-peer"
 
 
-def runtime_dir() -> Path:
-    """Where running nodes leave their records."""
+def runtime_dirs() -> list[Path]:
+    """Where running nodes may leave their records, the one they use first.
+
+    A system service runs without $XDG_RUNTIME_DIR (so as root it writes to
+    /run/dfs-peer) while a root login shell may have one: the command line
+    looks in every one of them. $DFS_PEER_RUNTIME_DIR, if set, is the only one
+    (tests use it to see their own nodes alone)."""
+    own = os.environ.get("DFS_PEER_RUNTIME_DIR")
+    if own:
+        return [Path(own)]
+    found: list[Path] = []
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg and Path(xdg).is_dir():
-        return Path(xdg) / "dfs-peer" / "nodes"
+        found.append(Path(xdg) / "dfs-peer" / "nodes")
     if os.geteuid() == 0:
-        return Path("/run/dfs-peer/nodes")
-    return Path(f"/tmp/dfs-peer-{os.getuid()}/nodes")
+        found.append(Path("/run/dfs-peer/nodes"))
+    found.append(Path(f"/tmp/dfs-peer-{os.getuid()}/nodes"))
+    return found
+
+
+def runtime_dir() -> Path:
+    """Where this process's node leaves its record."""
+    return runtime_dirs()[0]
 
 
 def answers(data_dir: Path) -> bool:
@@ -86,8 +101,9 @@ def running_data_dirs() -> list[Path]:
     home = data_home()
     if home.is_dir():
         found.update(p.parent for p in home.glob(f"*/{CONTROL_NAME}"))
-    records = runtime_dir()
-    if records.is_dir():
+    for records in runtime_dirs():
+        if not records.is_dir():
+            continue
         for record in records.glob("*.json"):
             try:
                 data_dir = Path(json.loads(record.read_text())["data_dir"])

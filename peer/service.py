@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import socket
+import sys
 from importlib import resources
 from pathlib import Path
 
@@ -50,11 +52,21 @@ async def wait_answers(mountpoint: Path) -> bool:
     return True
 
 
-def unit_files() -> dict[str, str]:
-    """The systemd units shipped with the package: name -> text."""
-    folder = resources.files("peer") / "systemd"
-    return {
-        item.name: item.read_text()
-        for item in folder.iterdir()
-        if item.name.endswith((".service", ".target"))
-    }
+UNIT = "dfs-peer@.service"
+
+
+def unit_text(*, user: bool, executable: str) -> str:
+    """The shipped unit (of the user manager if `user`, else of the system's)
+    with ExecStart naming `executable`, the dfs-peer to run."""
+    folder = resources.files("peer") / "systemd" / ("user" if user else "system")
+    text = (folder / UNIT).read_text()
+    return text.replace("ExecStart=dfs-peer ", f"ExecStart={executable} ")
+
+
+def this_executable() -> str:
+    """The `dfs-peer` command of this installation (beside this Python first)."""
+    beside = Path(sys.executable).with_name("dfs-peer")
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("dfs-peer")
+    return str(Path(found).resolve()) if found else "dfs-peer"

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.mount
 def own_homes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A data home and a runtime dir of this test's own: nodes of other tests
     (or of the machine) must not count."""
-    for var, name in (("XDG_DATA_HOME", "home"), ("XDG_RUNTIME_DIR", "run")):
+    for var, name in (("XDG_DATA_HOME", "home"), ("DFS_PEER_RUNTIME_DIR", "run")):
         (tmp_path / name).mkdir(mode=0o700)
         monkeypatch.setenv(var, str(tmp_path / name))
 
@@ -71,7 +71,7 @@ def test_a_node_under_the_data_home_is_found_without_a_record(
     node.start()
     # No record: another runtime dir than the node's.
     (tmp_path / "run2").mkdir()
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run2"))
+    monkeypatch.setenv("DFS_PEER_RUNTIME_DIR", str(tmp_path / "run2"))
     out = _run("status", "--json")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["data_dir"] == str(node.data_dir)
@@ -87,7 +87,7 @@ def test_status_without_a_node_says_what_to_do(tmp_path: Path) -> None:
 
 
 def test_a_record_left_by_a_killed_node_is_ignored(node: NodeProcess) -> None:
-    records = list(Path(os.environ["XDG_RUNTIME_DIR"], "dfs-peer", "nodes").glob("*.json"))
+    records = list(Path(os.environ["DFS_PEER_RUNTIME_DIR"]).glob("*.json"))
     assert len(records) == 1
     node.kill()
     out = _run("status")
