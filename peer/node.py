@@ -504,7 +504,13 @@ async def run(
     page_sock = None
     try:
         if config.page_port is not None:
-            page_sock = statuspage.bind_local(config.page_port)
+            try:
+                page_sock = statuspage.bind_local(config.page_port)
+            except ListenFailed as exc:
+                if config.page_port:
+                    raise
+                # No loopback to listen on: the node is worth more than its page.
+                log.warning("no status page: %s", exc.message())
         config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     except BaseException:
         peer_sock.close()

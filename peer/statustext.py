@@ -18,6 +18,10 @@ def _mib(n: int) -> str:
     return f"{n / MIB:.1f} MiB"
 
 
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def _count(n: int, what: str) -> str:
     return f"{n:,} {what}" if n == 1 else f"{n:,} {what}s"
 
@@ -108,7 +112,7 @@ def render(status: Mapping[str, Any], now: float) -> str:
                 )
             )
             if not p["connected"] and p.get("last_error"):
-                errors.append(f"  {p['address']}: {p['last_error']}")
+                errors.append(_clip(f"  {p['address']}: {p['last_error']}", 100))
         widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
         lines.append("")
         for row in table:
