@@ -815,6 +815,10 @@ class Replica:
         copy = self._copies.get(entry)
         return (copy.file, copy.version) if copy is not None else None
 
+    def conflict_copies(self) -> dict[bytes, tuple[bytes, Hlc]]:
+        """Every conflict copy shown now -> (its file, the version it shows)."""
+        return {copy: (c.file, c.version) for copy, c in self._copies.items()}
+
     def members(self) -> dict[bytes, str]:
         """Every node that announced itself, forgotten ones included (for names)."""
         return {node: name for node, (_, name) in self._members.items()}

@@ -87,6 +87,8 @@ class FuseOperations(pyfuse3.Operations):
     ) -> None:
         super().__init__()
         self.volume = volume
+        # Told every request's handler name and seconds (see `fuse.errors.translate`).
+        self.on_request: Callable[[str, float], None] | None = None
         self.entry_timeout = entry_timeout
         self.attr_timeout = attr_timeout
         self.keep_cache = keep_cache

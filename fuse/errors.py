@@ -17,6 +17,7 @@ import errno
 import functools
 import logging
 import reprlib
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, ClassVar, ParamSpec, TypeVar
 
@@ -156,6 +157,10 @@ def translate(handler: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Corou
     WARNING: the node's disk failed us); anything else is a bug, logged with
     its traceback, and becomes EIO. `CancelledError` (a BaseException)
     propagates: it means the mount is shutting down.
+
+    If the handler's object (the first argument) has an `on_request`
+    callable, it is told each request's handler name and seconds taken,
+    whatever the outcome (for latency metrics).
     """
     from pyfuse3 import FUSEError  # here, not at import: see the module docstring
 
@@ -163,6 +168,7 @@ def translate(handler: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Corou
 
     @functools.wraps(handler)
     async def translated(*args: P.args, **kwargs: P.kwargs) -> R:
+        t0 = time.perf_counter()
         try:
             return await handler(*args, **kwargs)
         except FUSEError:
@@ -187,6 +193,13 @@ def translate(handler: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Corou
                 reprlib.repr(args[1:]),
             )
             raise FUSEError(errno.EIO) from None
+        finally:
+            observe = getattr(args[0], "on_request", None) if args else None
+            if observe is not None:
+                try:
+                    observe(name, time.perf_counter() - t0)
+                except Exception:
+                    log.exception("request observer failed: handler=%s", name)
 
     return translated
 

@@ -20,7 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from peer.auth import PROTOCOL
-from peer.errors import BadPeerAddress, DfsError, NodeNotRunning, SecretMissing
+from peer.errors import (
+    BadPeerAddress,
+    DfsError,
+    NodeNotRunning,
+    NoNodeRunning,
+    NoPage,
+    SecretMissing,
+    SeveralNodesRunning,
+)
 from peer.keys import VolumeKeys
 from peer.secret import format_secret, new_secret, read_secret
 
@@ -36,6 +44,7 @@ dfs-peer: a peer-to-peer, end-to-end encrypted, replicated file system.
   dfs-peer invite                                     a one-time code for a new machine
   dfs-peer join --code 7-orbit-lantern ~/shared       pair a new machine by that code
   dfs-peer status                                     ask the running node
+  dfs-peer open                                       its status page (and /metrics)
   dfs-peer history ~/shared/notes.txt                 list a file's versions
   dfs-peer restore ~/shared/notes.txt --at -2h        bring back its content of 2 h ago
   dfs-peer gc                                         collect unused blocks now
@@ -118,6 +127,13 @@ def _parser() -> argparse.ArgumentParser:
         help="how long old versions stay for --at, history and restore "
         "(default 7d; 0 keeps none; units s, m, h, d, w)",
     )
+    j.add_argument(
+        "--page-port",
+        metavar="PORT",
+        default="0",
+        help="the port of the status page and /metrics, on 127.0.0.1 only (default 0: "
+        "any free one, shown by `status`; `off`: none)",
+    )
     j.add_argument("--debug-fuse", action="store_true", help="log every FUSE request")
 
     i = sub.add_parser(
@@ -190,6 +206,27 @@ def _parser() -> argparse.ArgumentParser:
     )
     f.add_argument("node", metavar="NODE")
     _asks_node(f)
+
+    o = sub.add_parser(
+        "open",
+        help="open the running node's status page",
+        description="Print the address of the running node's status page, with the token "
+        "that lets you in (kept in its data dir), and open it in a browser if there is a "
+        "display. The page and /metrics answer on 127.0.0.1 only.",
+    )
+    o.add_argument("--print", action="store_true", help="only print the address")
+    _asks_node(o)
+
+    u = sub.add_parser(
+        "units",
+        help="print or install the systemd unit",
+        description="Print the systemd unit that runs a node per volume (dfs-peer@NAME: "
+        "secret in /etc/dfs-peer/NAME.secret, MOUNTPOINT=... in /etc/dfs-peer/NAME.conf; "
+        "with --user, under ~/.config/dfs-peer/), with ExecStart naming this dfs-peer; "
+        "--write DIR writes it there instead (/etc/systemd/system, ~/.config/systemd/user).",
+    )
+    u.add_argument("--user", action="store_true", help="the unit for your user manager")
+    u.add_argument("--write", metavar="DIR", type=Path, help="write dfs-peer@.service into DIR")
     return p
 
 
@@ -254,8 +291,90 @@ def _join(args: argparse.Namespace) -> int:
         mdns=not args.no_mdns,
         keep_history_s=keep_history_s,
         at_ms=at_ms,
+        page_port=_page_port(args.page_port),
     )
-    asyncio.run(node.run(config, keys, root=root))
+    held = _HoldBack.install(enabled=not args.debug)
+    try:
+        asyncio.run(node.run(config, keys, on_ready=held.release, root=root))
+    finally:
+        held.drop()
+    return 0
+
+
+class _HoldBack(logging.Filter):
+    """Hold INFO records back until the mount is ready, then let them through
+    in order: the first line a node prints says when its mount is ready. A
+    start that fails drops them (its one error line says what happened)."""
+
+    def __init__(self, handler: logging.Handler) -> None:
+        super().__init__()
+        self.handler = handler
+        self.held: list[logging.LogRecord] = []
+        self.holding = True
+
+    @classmethod
+    def install(cls, *, enabled: bool) -> _HoldBack:
+        handler = logging.getLogger().handlers[0]
+        hold = cls(handler)
+        hold.holding = enabled
+        handler.addFilter(hold)
+        return hold
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.holding and record.levelno < logging.WARNING:
+            self.held.append(record)
+            return False
+        return True
+
+    def release(self) -> None:
+        self.holding = False
+        held, self.held = self.held, []
+        for record in held:
+            self.handler.handle(record)
+
+    def drop(self) -> None:
+        self.holding = False
+        self.held.clear()
+        self.handler.removeFilter(self)
+
+
+def _page_port(text: str) -> int | None:
+    if text == "off":
+        return None
+    if text.isdigit() and int(text) < 65536:
+        return int(text)
+    raise BadPeerAddress(detail=f"--page-port {text!r}: a port number, 0 or off")
+
+
+def _open(args: argparse.Namespace) -> int:
+    from peer import statuspage
+
+    data_dir = _node_data_dir(args)
+    status = _ask(data_dir, "GET", "/status", timeout_s=10)
+    token = statuspage.read_token(data_dir)
+    if not status.get("page") or token is None:
+        raise NoPage(data_dir=data_dir)
+    url = f"{status['page']}?token={token}"
+    print(url)
+    if not args.print and (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        import webbrowser
+
+        webbrowser.open(url)
+    return 0
+
+
+def _units(args: argparse.Namespace) -> int:
+    from peer import service
+
+    text = service.unit_text(user=args.user, executable=service.this_executable())
+    if args.write is None:
+        sys.stdout.write(text)
+        return 0
+    args.write.mkdir(parents=True, exist_ok=True)
+    path = args.write / service.UNIT
+    path.write_text(text)
+    manager = "systemctl --user" if args.user else "systemctl"
+    print(f"dfs-peer: wrote {path}; now run {manager} daemon-reload")
     return 0
 
 
@@ -291,23 +410,14 @@ def _address(text: str, option: str) -> tuple[str, int]:
         raise BadPeerAddress(detail=f"{option} {text!r}: {exc}") from None
 
 
-def _running_data_dirs() -> list[Path]:
-    from peer import node
-
-    home = node.default_data_home()
-    if not home.is_dir():
-        return []
-    return sorted(p.parent for p in home.glob(f"*/{node.CONTROL_NAME}") if p.is_socket())
-
-
 def _status(args: argparse.Namespace) -> int:
+    from peer import statustext
+
     status = _ask(_node_data_dir(args), "GET", "/status", timeout_s=10)
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
     else:
-        width = max(len(k) for k in status)
-        for key, value in status.items():
-            print(f"{key:<{width}}  {value}")
+        sys.stdout.write(statustext.render(status, time.time()))
     return 0
 
 
@@ -327,12 +437,16 @@ def _glue_times(argv: Sequence[str]) -> list[str]:
 
 def _node_data_dir(args: argparse.Namespace) -> Path:
     """The data dir of the node to ask: --data-dir, else the only one running."""
+    from peer import running
+
     if args.data_dir is not None:
         return Path(args.data_dir)
-    running = _running_data_dirs()
-    if len(running) != 1:
-        raise NodeNotRunning(data_dir="(none given)" if not running else "several; use --data-dir")
-    return running[0]
+    found = running.running_data_dirs()
+    if not found:
+        raise NoNodeRunning()
+    if len(found) > 1:
+        raise SeveralNodesRunning(choices=" or ".join(f"--data-dir {d}" for d in found))
+    return found[0]
 
 
 def _ask(
@@ -523,6 +637,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
             return _forget(args)
         if args.command == "invite":
             return _invite(args)
+        if args.command == "open":
+            return _open(args)
+        if args.command == "units":
+            return _units(args)
         return _status(args)
     except DfsError as exc:
         if args.debug:

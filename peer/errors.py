@@ -127,6 +127,25 @@ class NodeNotRunning(DfsError):
     `dfs-peer join`."""
 
 
+class PagePortInUse(DfsError):
+    """the status page port {address} is already in use: choose another with
+    --page-port PORT (0 picks a free one)."""
+
+
+class NoPage(DfsError):
+    """the node in {data_dir} serves no status page (started with --page-port
+    off)."""
+
+
+class NoNodeRunning(DfsError):
+    """no dfs-peer node is running here: start one with `dfs-peer join`, or
+    name the data dir of one with --data-dir."""
+
+
+class SeveralNodesRunning(DfsError):
+    """several dfs-peer nodes are running; choose one with {choices}."""
+
+
 class CorruptStore(DfsError):
     """cannot use the store {path}: {detail}."""
 

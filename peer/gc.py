@@ -455,6 +455,8 @@ class Collector:
         self.journal.history_ms = self.keep_ms
         self._now = now_ms
         self.last: Collection | None = None
+        self.runs = 0  # collections that ran (for metrics)
+        self.bytes_freed = 0  # by all of them
         self._signature: object = None
         self._next_expiry_ms: int | None = None
         self._ops_at_last = 0
@@ -527,6 +529,8 @@ class Collector:
             store_bytes_reclaimed=reclaimed,
         )
         self.last = result
+        self.runs += 1
+        self.bytes_freed += freed_bytes
         if freed:
             log.info(
                 "collected blocks=%d bytes=%d kept=%d seconds=%.3f",

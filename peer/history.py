@@ -289,6 +289,47 @@ def history(
     return file_versions(live, entry, held)
 
 
+def path_of(replica: Replica, entry: bytes) -> bytes | None:
+    """The path (relative to the root) at which `entry` is shown, or None."""
+    parts: list[bytes] = []
+    cur = entry
+    while cur != ROOT:
+        view = replica.entry(cur)
+        if view is None:
+            return None
+        parts.append(view.name)
+        cur = view.parent
+    return b"/".join(reversed(parts))
+
+
+def conflicts(replica: Replica) -> list[dict[str, Any]]:
+    """Every conflict copy shown now, with the file and version it came from,
+    sorted by path (for `status` and the status page)."""
+    members = replica.members()
+    out = []
+    for copy, (file, version) in replica.conflict_copies().items():
+        path = path_of(replica, copy)
+        if path is None:
+            continue
+        file_path = path_of(replica, file)
+        shown = replica.contents.shown(file)
+        out.append(
+            {
+                "path": show_path(path),
+                "file": show_path(file_path) if file_path is not None else None,
+                "version": version.short(),
+                "version_time": format_time(version.wall_ms),
+                "version_node": members.get(version.node, version.node[:4].hex()),
+                "file_version": shown.short() if shown is not None else None,
+                "file_version_time": format_time(shown.wall_ms) if shown is not None else None,
+                "file_version_node": (
+                    members.get(shown.node, shown.node[:4].hex()) if shown is not None else None
+                ),
+            }
+        )
+    return sorted(out, key=lambda c: c["path"])
+
+
 # -- restoring ---------------------------------------------------------------------
 
 

@@ -20,8 +20,8 @@ import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
-from dataclasses import asdict, dataclass, fields
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +29,7 @@ import cbor2
 from aiohttp import web
 
 from crdt.merge import Changes, Replica
-from peer import gc, history, invitations
+from peer import gc, history, invitations, metrics, running, service, statuspage
 from peer.auth import PROTOCOL
 from peer.blocks import Blocks
 from peer.errors import (
@@ -48,6 +48,7 @@ from peer.errors import (
 from peer.identity import NodeIdentity, load_or_create
 from peer.journal import Journal
 from peer.keys import VolumeKeys
+from peer.progress import CatchUp
 from peer.sealing import check_opens, make_check
 from peer.store import ReadOnlyStore, Store
 from peer.sync import PeerStatistics, Sync
@@ -66,8 +67,7 @@ FUSE_DEVICE = Path("/dev/fuse")
 
 
 def default_data_home() -> Path:
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "dfs-peer"
+    return running.data_home()
 
 
 def default_data_dir(keys: VolumeKeys) -> Path:
@@ -94,6 +94,8 @@ class NodeConfig:
     keep_history_s: float = history.DEFAULT_KEEP_HISTORY_S
     # `--at`: show the volume as it was at this unix time (ms), read-only.
     at_ms: int | None = None
+    # The status page and /metrics on 127.0.0.1 (0: any free port; None: none).
+    page_port: int | None = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +131,12 @@ class NodeStatus:
     entries_refused: dict[str, str]
     # Causal stability and collection: what is stable, who holds it back.
     gc: dict[str, Any]
+    # The local status page (without its token; `dfs-peer open` adds it), or "".
+    page: str = ""
+    # While behind the peers: forward-only progress (see `peer.progress`).
+    catching_up: dict[str, Any] | None = None
+    # Conflict copies shown now, with the versions they came from.
+    conflicts: list[dict[str, Any]] = field(default_factory=list)
 
 
 def give_back_memory() -> None:
@@ -211,6 +219,8 @@ class Node:
             self.journal, self.blocks, read_only=config.read_only, data_dir=config.data_dir
         )
         self.started = time.monotonic()
+        self.catch_up = CatchUp()
+        self.page_url = ""
         self.operations: FuseOperations | None = None
         self.sync = Sync(
             self.journal, self.blocks, keys, identity, config.name, self._remote_changed
@@ -234,6 +244,28 @@ class Node:
         """Let `dfs-peer invite` hand `root` to machines that prove a one-time code."""
         self.invitations = invitations.Invitations(root, self.identity.node_id, self.config.name)
         self.sync.pairing = self.invitations
+        self.metrics = self.sync.metrics
+        self.metrics.read_gauges_with(self._gauges)
+
+    def _gauges(self) -> metrics.Gauges:
+        """What /metrics reports as gauges; cheap (no table scans): scraped often."""
+        net = self.sync.statistics()
+        store_bytes = 0
+        for suffix in ("", "-wal"):
+            with contextlib.suppress(OSError):
+                store_bytes += os.stat(f"{self.config.data_dir / DB_NAME}{suffix}").st_size
+        return metrics.Gauges(
+            operations=self.replica.counts()[0],
+            operations_behind=net.operations_behind,
+            # What sync waits for now (the blocks of the piece being merged).
+            blocks_wanted=net.blocks_missing,
+            store_bytes=store_bytes,
+            peers_known=len(net.peers),
+            peers_connected=sum(1 for p in net.peers if p.connected),
+            members_holding_back=len(self.stability.held_back_by()),
+            collection_runs=self.collector.runs,
+            collection_freed_bytes=self.collector.bytes_freed,
+        )
 
     async def _remote_changed(self, changes: Changes) -> None:
         """Make the kernel forget what peers' operations changed."""
@@ -350,6 +382,9 @@ class Node:
                 node.hex(): refused.describe() for node, refused in self.journal.refused.items()
             },
             gc=self.collector.status(),
+            page=self.page_url,
+            catching_up=asdict(self.catch_up.last) if self.catch_up.last is not None else None,
+            conflicts=history.conflicts(self.replica),
         )
 
 
@@ -550,7 +585,8 @@ async def control_server(node: Node) -> AsyncIterator[Path]:
     await site.start()
     os.chmod(path, 0o600)
     try:
-        yield path
+        with running.registered(node.config.data_dir, node.config.mountpoint):
+            yield path
     finally:
         await runner.cleanup()
         with contextlib.suppress(FileNotFoundError):
@@ -558,18 +594,48 @@ async def control_server(node: Node) -> AsyncIterator[Path]:
 
 
 async def run(
-    config: NodeConfig, keys: VolumeKeys, announce: bool = True, root: bytes | None = None
+    config: NodeConfig,
+    keys: VolumeKeys,
+    announce: bool = True,
+    on_ready: Callable[[], None] | None = None,
+    root: bytes | None = None,
 ) -> None:
     """Run a node in the foreground until SIGINT/SIGTERM; unmounts on every way out.
 
-    With the volume `root`, the node can invite new machines (`dfs-peer invite`)."""
+    Once the mount answers, `on_ready` is called and a service manager that
+    started us (systemd, `Type=notify`) is told READY=1. With the volume
+    `root`, the node can invite new machines (`dfs-peer invite`)."""
     if config.at_ms is not None:
-        await run_at(config, keys, announce)
+        await run_at(config, keys, announce, on_ready)
         return
     check_fuse_device()
     check_mountpoint(config.mountpoint)
-    config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with data_dir_lock(config.data_dir):
+    # The peer port is a check a user can fail too (in use): bound before the
+    # data dir is touched, so a refused start creates and changes nothing.
+    peer_sock = bind_peer_port(config.listen_host, config.listen_port)
+    page_sock = None
+    try:
+        if config.page_port is not None:
+            try:
+                page_sock = statuspage.bind_local(config.page_port)
+            except ListenFailed as exc:
+                if config.page_port:
+                    raise
+                # No loopback to listen on: the node is worth more than its page.
+                log.warning("no status page: %s", exc.message())
+        config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except BaseException:
+        peer_sock.close()
+        if page_sock is not None:
+            page_sock.close()
+        raise
+    with (
+        contextlib.closing(peer_sock),
+        contextlib.ExitStack() as closing,
+        data_dir_lock(config.data_dir),
+    ):
+        if page_sock is not None:
+            closing.enter_context(contextlib.closing(page_sock))
         existed = check_secret(config.data_dir, keys)
         identity = load_or_create(config.data_dir)
         if not existed:
@@ -580,16 +646,20 @@ async def run(
         try:
             node.start()
             async with (
-                peer_network(node) as _,
+                peer_network(node, peer_sock) as _,
                 control_server(node),
+                contextlib.AsyncExitStack() as page,
                 asyncio.TaskGroup() as tasks,
             ):
+                if page_sock is not None:
+                    await page.enter_async_context(statuspage.page_server(node, page_sock))
                 progress = tasks.create_task(show_progress(node, announce))
                 collecting = tasks.create_task(node.collector.run_periodically())
                 invalidating = tasks.create_task(node.invalidate_local())
                 try:
                     await serve_mount(
                         node,
+                        on_ready=on_ready,
                         read_only=config.read_only,
                         ready_line=(
                             f"dfs-peer: node {identity.short} ({config.name}) mounted volume "
@@ -607,7 +677,12 @@ async def run(
     log.info("node stopped cleanly")
 
 
-async def run_at(config: NodeConfig, keys: VolumeKeys, announce: bool = True) -> None:
+async def run_at(
+    config: NodeConfig,
+    keys: VolumeKeys,
+    announce: bool = True,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
     """Mount the volume as it was at `config.at_ms`, read-only, until SIGINT/SIGTERM.
 
     Beside or instead of the live node of the same data dir: it takes no
@@ -626,6 +701,7 @@ async def run_at(config: NodeConfig, keys: VolumeKeys, announce: bool = True) ->
         node.start()
         await serve_mount(
             node,
+            on_ready=on_ready,
             read_only=True,
             ready_line=(
                 f"dfs-peer: volume {keys.tag_hex} as it was at "
@@ -640,21 +716,40 @@ async def run_at(config: NodeConfig, keys: VolumeKeys, announce: bool = True) ->
     log.info("node stopped cleanly")
 
 
-async def serve_mount(node: Node, *, read_only: bool, ready_line: str | None) -> None:
+async def serve_mount(
+    node: Node,
+    *,
+    read_only: bool,
+    ready_line: str | None,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
     """Mount `node`'s volume and serve it until SIGINT/SIGTERM or an unmount;
-    prints `ready_line` once the mount exists."""
+    prints `ready_line` once the mount exists, then, once it answers, calls
+    `on_ready` and tells systemd READY=1."""
     # imported here so `init` and `status` work without libfuse
     from fuse.adapter import FuseOperations
     from fuse.mount import MountFailed, serve, terminate
 
     node.operations = FuseOperations(node.volume)
+    node.operations.on_request = node.metrics.fuse_request
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, terminate)
 
+    answering: set[asyncio.Task[None]] = set()  # a strong reference while it runs
+
+    async def tell_when_answering() -> None:
+        if await service.wait_answers(node.config.mountpoint):
+            service.notify(f"READY=1\nSTATUS=mounted at {node.config.mountpoint}")
+
     def ready() -> None:
         if ready_line is not None:
             print(ready_line, flush=True)
+        if on_ready is not None:
+            on_ready()
+        task = loop.create_task(tell_when_answering())
+        answering.add(task)
+        task.add_done_callback(answering.discard)
 
     try:
         await serve(
@@ -667,19 +762,48 @@ async def serve_mount(node: Node, *, read_only: bool, ready_line: str | None) ->
     except MountFailed as exc:
         raise MountRefused(path=node.config.mountpoint, reason=str(exc)) from exc
     finally:
+        service.notify("STOPPING=1")
+        for task in answering:
+            task.cancel()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
 
 
+def bind_peer_port(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port for the peer server; `PortInUse` or
+    `ListenFailed` (one line for the user) if it cannot be had."""
+    address = f"{host}:{port}"
+    try:
+        family, kind, proto, _, where = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except (OSError, IndexError) as exc:
+        detail = getattr(exc, "strerror", None) or str(exc)
+        raise ListenFailed(address=address, detail=detail) from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(where)
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUse(address=address) from None
+        raise ListenFailed(address=address, detail=exc.strerror or str(exc)) from None
+    return sock
+
+
 @contextlib.asynccontextmanager
-async def peer_network(node: Node) -> AsyncIterator[Sync]:
-    """Serve peers, connect to static and remembered ones, discover the rest."""
+async def peer_network(node: Node, sock: socket.socket | None = None) -> AsyncIterator[Sync]:
+    """Serve peers (on `sock` if bound already), connect to static and
+    remembered ones, discover the rest."""
     config = node.config
     address = f"{config.listen_host}:{config.listen_port}"
     async with contextlib.AsyncExitStack() as stack:
         try:
             sync = await stack.enter_async_context(
-                node.sync.running(config.listen_host, config.listen_port)
+                node.sync.running(config.listen_host, config.listen_port, sock)
             )
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
@@ -726,21 +850,31 @@ def _advertised(host: str) -> list[str] | None:
 
 
 async def show_progress(node: Node, announce: bool) -> None:
-    """While this node is behind its peers, print how far, once a second."""
-    behind_before = False
+    """While this node is behind its peers, print how far, once a second
+    (only forward: see `peer.progress`)."""
+    shown = ""
     while True:
         await asyncio.sleep(PROGRESS_EVERY_S)
         net = node.sync.statistics()
-        behind = net.operations_behind > 0 or net.blocks_missing > 0
-        if behind and announce:
-            print(
-                f"dfs-peer: catching up: {net.operations_behind} operations, "
-                f"{net.blocks_missing} blocks ({net.bytes_missing / 2**20:.1f} MiB) to go",
-                flush=True,
-            )
-        elif behind_before and announce:
+        was_active = node.catch_up.active
+        now = node.catch_up.update(
+            time.monotonic(),
+            operations_received=net.operations_received,
+            blocks_received=net.blocks_received,
+            bytes_received=net.bytes_received,
+            operations_behind=net.operations_behind,
+            blocks_missing=net.blocks_missing,
+        )
+        if not announce:
+            continue
+        if now is not None:
+            line = now.line()
+            if line != shown:
+                print(f"dfs-peer: {line}", flush=True)
+                shown = line
+        elif was_active:
             print("dfs-peer: up to date with the peers", flush=True)
-        behind_before = behind
+            shown = ""
 
 
 def default_name() -> str:

@@ -49,6 +49,7 @@ CBOR = "application/cbor"
 SYNC_KEY: web.AppKey[Sync] = web.AppKey("sync")
 GUARD_KEY: web.AppKey[ReplayGuard] = web.AppKey("guard", ReplayGuard)
 BODY_KEY: web.RequestKey[bytes] = web.RequestKey("body", bytes)
+PEER_KEY: web.RequestKey[str] = web.RequestKey("peer", str)  # its short id, for metrics
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -114,6 +115,8 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         resp = web.Response(status=409, body=wire.encode_error("self"), content_type=CBOR)
     else:
         request[BODY_KEY] = body
+        request[PEER_KEY] = peer
+        sync.metrics.wire_bytes.labels("received").inc(len(body))
         try:
             result = await handler(request)
             if not isinstance(result, web.Response):
@@ -128,6 +131,7 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
             log.exception("error serving a peer: path=%s peer=%s", request.path, peer)
             resp = web.Response(status=500, body=wire.encode_error("internal error"))
     body_out = resp.body if isinstance(resp.body, bytes) else b""
+    sync.metrics.wire_bytes.labels("sent").inc(len(body_out))
     resp.headers[HEADER_MAC] = sign_response(key, auth.nonce, resp.status, body_out)
     return resp
 
@@ -150,13 +154,17 @@ async def hello(request: web.Request) -> web.Response:
 async def log_suffix(request: web.Request) -> web.Response:
     sync = request.app[SYNC_KEY]
     req = wire.decode_log_request(request[BODY_KEY])
-    return _cbor(wire.encode_log_response(sync.entries_for(req.vv, req.max_bytes)))
+    answer = sync.entries_for(req.vv, req.max_bytes)
+    sync.metrics.ops_sent.labels(request[PEER_KEY]).inc(len(answer.entries))
+    return _cbor(wire.encode_log_response(answer))
 
 
 async def blocks(request: web.Request) -> web.Response:
     sync = request.app[SYNC_KEY]
     req = wire.decode_blocks_request(request[BODY_KEY])
-    return _cbor(wire.encode_blocks_response(wire.BlocksResponse(sync.sealed_blocks(req.ids))))
+    found = sync.sealed_blocks(req.ids)
+    sync.metrics.blocks_sent.labels(request[PEER_KEY]).inc(len(found))
+    return _cbor(wire.encode_blocks_response(wire.BlocksResponse(found)))
 
 
 async def watch(request: web.Request) -> web.Response:

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ from peer.gc import Stability
 from peer.identity import NodeIdentity
 from peer.journal import Journal
 from peer.keys import VolumeKeys
+from peer.metrics import Metrics
 from peer.sealing import LogEntry, open_block
 from peer.server import MAX_WATCH_S, Pairing, make_peer_app
 
@@ -151,6 +153,7 @@ class PeerClient:
                 keys.peers, method, path, node, body, time_ms=wall_ms() + self.offset_ms
             )
             client_timeout = aiohttp.ClientTimeout(total=limit_s, sock_connect=CONNECT_TIMEOUT_S)
+            self.sync.metrics.wire_bytes.labels("sent").inc(len(body))
             async with self.session.request(
                 method, self.base + path, data=body, headers=auth.headers(), timeout=client_timeout
             ) as resp:
@@ -182,6 +185,7 @@ class PeerClient:
                 if resp.status != 200:
                     raise PeerError(f"HTTP {resp.status}: {wire.decode_error(data)}")
                 self.sync.bytes_in += len(data)
+                self.sync.metrics.wire_bytes.labels("received").inc(len(data))
                 return data
         raise PeerError("clock skew could not be corrected")
 
@@ -223,6 +227,11 @@ class Link:
     @property
     def address(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def label(self) -> str:
+        """How metrics name the peer: its short id, its address until known."""
+        return self.node_id[:4].hex() if self.node_id is not None else self.address
 
     def responsive(self) -> bool:
         """Connected, and heard from within a long poll's time (a partition
@@ -266,6 +275,7 @@ class Sync:
         self.listen = ""
         self.port = 0
         self._closing = False
+        self.metrics = Metrics()  # the node shares its own (see peer.metrics)
         self.bytes_in = 0
         self.ops_in = 0
         self.blocks_in = 0
@@ -297,8 +307,11 @@ class Sync:
 
     # -- lifetime ------------------------------------------------------------------
     @contextlib.asynccontextmanager
-    async def running(self, host: str, port: int) -> AsyncIterator[Sync]:
-        """Serve peers on host:port and run links until the block exits.
+    async def running(
+        self, host: str, port: int, sock: socket.socket | None = None
+    ) -> AsyncIterator[Sync]:
+        """Serve peers on host:port (or on `sock`, bound there already) and run
+        links until the block exits.
 
         Raises OSError (e.g. EADDRINUSE) before anything starts if the port
         cannot be bound."""
@@ -307,7 +320,11 @@ class Sync:
         )
         await runner.setup()
         try:
-            site = web.TCPSite(runner, host, port, reuse_address=True)
+            site: web.BaseSite
+            if sock is not None:
+                site = web.SockSite(runner, sock)
+            else:
+                site = web.TCPSite(runner, host, port, reuse_address=True)
             await site.start()
             bound = runner.addresses[0] if runner.addresses else (host, port)
             shown = f"[{host}]" if ":" in host else host
@@ -492,6 +509,7 @@ class Sync:
         fetched, lost = await self._fetch(list(required), prefer=link, optional=list(optional))
         changes = self.journal.adopt_checkpoint(cp, fetched, wanted=lost)
         self._now_wanted(lost, link)
+        self.metrics.ops_received.labels(link.label).inc(len(ops))  # old: no merge delay
         self.ops_in += len(ops)
         self.blocks_in += len(fetched)
         log.info(
@@ -568,6 +586,7 @@ class Sync:
                 entries[start:end], ops[start:end], fetched, wanted=lost, source=link.address
             )
             self._now_wanted(lost, link)
+            self.metrics.merged(link.label, [op.hlc for op in ops[start:end]], wall_ms())
             self.ops_in += end - start
             self.blocks_in += len(fetched)
             log.debug("merged: from=%s ops=%d blocks=%d", link.address, end - start, len(fetched))
@@ -632,6 +651,7 @@ class Sync:
                         continue
                     verified = await asyncio.to_thread(self._verify, pairs, set(want), link)
                     got.update(verified)
+                    self.metrics.blocks_received.labels(link.label).inc(len(verified))
                     self._missing_blocks = max(0, self._missing_blocks - len(verified))
                     self._missing_bytes = max(0, self._missing_bytes - BLOCK_SIZE * len(verified))
                     want = [b for b in want if b not in got]
