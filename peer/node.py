@@ -239,13 +239,13 @@ class Node:
         self.journal.listeners.append(self._local_changed)
         # Open pairing invitations (`dfs-peer invite`); None without the root.
         self.invitations: invitations.Invitations | None = None
+        self.metrics = self.sync.metrics
+        self.metrics.read_gauges_with(self._gauges)
 
     def allow_invitations(self, root: bytes) -> None:
         """Let `dfs-peer invite` hand `root` to machines that prove a one-time code."""
         self.invitations = invitations.Invitations(root, self.identity.node_id, self.config.name)
         self.sync.pairing = self.invitations
-        self.metrics = self.sync.metrics
-        self.metrics.read_gauges_with(self._gauges)
 
     def _gauges(self) -> metrics.Gauges:
         """What /metrics reports as gauges; cheap (no table scans): scraped often."""
@@ -257,8 +257,8 @@ class Node:
         return metrics.Gauges(
             operations=self.replica.counts()[0],
             operations_behind=net.operations_behind,
-            # What sync waits for now (the blocks of the piece being merged).
-            blocks_wanted=net.blocks_missing,
+            # Blocks that no peer had when their operations merged.
+            blocks_wanted=net.blocks_wanted,
             store_bytes=store_bytes,
             peers_known=len(net.peers),
             peers_connected=sum(1 for p in net.peers if p.connected),
