@@ -123,6 +123,8 @@ class NodeStatus:
     sync: dict[str, int]
     # Causal stability and collection: what is stable, who holds it back.
     gc: dict[str, Any]
+    # What members signed that contradicts itself (`peer.chain`), oldest first.
+    lies: list[dict[str, Any]]
 
 
 def give_back_memory() -> None:
@@ -314,7 +316,24 @@ class Node:
                 if f.name not in ("listen", "version_vector", "peers")
             },
             gc=self.collector.status(),
+            lies=self.lies(),
         )
+
+    def lies(self) -> list[dict[str, Any]]:
+        """The evidence this node keeps of members that lied (`peer.chain`)."""
+        names = self.replica.members()
+        return [
+            {
+                "node": ev.node.hex(),
+                "name": names.get(ev.node),
+                "seq": ev.seq,
+                "kind": ev.kind,
+                "detail": ev.detail,
+                "from": ev.source,
+                "seen": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ev.seen_ms / 1000)),
+            }
+            for ev in self.store.evidence()
+        ]
 
 
 NODE_KEY: web.AppKey[Node] = web.AppKey("node", Node)

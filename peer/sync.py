@@ -35,7 +35,7 @@ from aiohttp import web
 from crdt.content import Contents, Version
 from crdt.merge import Changes
 from crdt.ops import BLOCK_SIZE, TRASH, Move, Op, Write
-from peer import wire
+from peer import chain, wire
 from peer.auth import (
     HEADER_MAC,
     HEADER_SERVER_TIME,
@@ -46,13 +46,13 @@ from peer.auth import (
     wall_ms,
 )
 from peer.blocks import Blocks
-from peer.checkpoint import covered, open_checkpoint
+from peer.checkpoint import ForgedCheckpoint, covered, open_checkpoint
 from peer.errors import CorruptBlock, CorruptEntry
 from peer.gc import Stability
 from peer.identity import NodeIdentity
 from peer.journal import Journal
 from peer.keys import VolumeKeys
-from peer.sealing import LogEntry, open_block
+from peer.sealing import Head, LogEntry, open_block
 from peer.server import MAX_WATCH_S, make_peer_app
 
 log = logging.getLogger(__name__)
@@ -374,6 +374,7 @@ class Sync:
                 link.connected, link.last_error = True, None
                 link.last_seen = time.time()
                 self._learn(hello.node, hello.vv, hello.known)
+                await self._compare_chains(link, hello.heads, hello.forks)
                 backoff = BACKOFF_MIN_S
                 self._peers_changed()
                 while True:
@@ -383,6 +384,7 @@ class Sync:
                     link.vv = watched.vv
                     link.last_seen = time.time()
                     self._learn(hello.node, watched.vv, watched.known)
+                    await self._compare_chains(link, watched.heads, watched.forks)
             except asyncio.CancelledError:
                 link.connected = False
                 raise
@@ -424,6 +426,34 @@ class Sync:
         self._gossip_version += 1
         self._log_grew()
 
+    async def _compare_chains(self, link: Link, heads: list[Head], forks: list[wire.Proof]) -> None:
+        """Check a peer's heads against ours and take its fork proofs
+        (`peer.chain`). Where heads differ, the fork may lie lower: ask the
+        peer for that node's entries and keep the first that differs."""
+        journal = self.journal
+        for a, b in forks:
+            ev = chain.proof(a, b, link.address)
+            if ev is not None:
+                journal.add_evidence(ev)
+        for ev in journal.check_heads(heads, link.address):
+            await self._locate_fork(link, ev.node)
+
+    async def _locate_fork(self, link: Link, node: bytes) -> None:
+        client = link.client
+        assert client is not None
+        low = self.store.covers().get(node, 0)
+        resp = await client.log({**link.vv, node: low})
+        for e in resp.entries:
+            if e.node != node:
+                continue
+            ours = self.store.entry_at(node, e.seq)
+            if ours is None:
+                break
+            ev = chain.proof(chain.head_of(ours), chain.head_of(e), link.address)
+            if ev is not None:
+                self.journal.add_evidence(ev)
+                break
+
     def gossip(self) -> wire.Gossip:
         return self.stability.gossip() if self.stability is not None else {}
 
@@ -462,13 +492,19 @@ class Sync:
 
     async def _adopt(self, link: Link, blob: bytes) -> None:
         """Verify a peer's checkpoint, fetch the blocks its heads need, merge it."""
-        cp = await asyncio.to_thread(open_checkpoint, self.journal.keys, blob)
+        try:
+            cp = await asyncio.to_thread(open_checkpoint, self.journal.keys, blob)
+        except ForgedCheckpoint as exc:
+            self.journal.add_evidence(
+                chain.forged_checkpoint(exc.folder, exc.detail, link.address, blob)
+            )
+            raise
         if covered(self.journal.vv, cp.covers):
             return  # what it folds arrived meanwhile
         ops = cp.ops
         required, optional = self._needed(ops)
         fetched = await self.fetch(list(required), prefer=link, optional=list(optional))
-        changes = self.journal.adopt_checkpoint(cp, fetched)
+        changes = self.journal.adopt_checkpoint(cp, fetched, source=link.address)
         self.ops_in += len(ops)
         self.blocks_in += len(fetched)
         log.info(
@@ -535,7 +571,9 @@ class Sync:
                 fetched = await self.fetch(list(must), prefer=link, optional=list(want - must))
             finally:
                 self._missing_blocks = self._missing_bytes = 0
-            changes = self.journal.merge_remote(entries[start:end], ops[start:end], fetched)
+            changes = self.journal.merge_remote(
+                entries[start:end], ops[start:end], fetched, source=link.address
+            )
             self.ops_in += end - start
             self.blocks_in += len(fetched)
             log.debug("merged: from=%s ops=%d blocks=%d", link.address, end - start, len(fetched))
@@ -646,7 +684,20 @@ class Sync:
     # -- serving -------------------------------------------------------------------
     def hello(self) -> wire.Hello:
         return wire.Hello(
-            PROTOCOL, self.identity.node_id, self.name, dict(self.journal.vv), self.gossip()
+            PROTOCOL,
+            self.identity.node_id,
+            self.name,
+            dict(self.journal.vv),
+            self.gossip(),
+            list(self.journal.heads().values()),
+            self.journal.proofs(),
+        )
+
+    def watch_answer(self) -> bytes:
+        """What a long poll answers: our vector, gossip, heads and fork proofs."""
+        journal = self.journal
+        return wire.encode_vv(
+            journal.vv, self.gossip(), list(journal.heads().values()), journal.proofs()
         )
 
     def entries_for(self, theirs: dict[bytes, int], max_bytes: int) -> wire.LogResponse:
