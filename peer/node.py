@@ -270,8 +270,25 @@ class Node:
         cut = gc.forget_cut(self.stability, node)
         name = self.replica.members().get(node, "?")
         self.journal.commit(lambda stamp: [gc.Forget(stamp(), node, cut)])
-        log.info("forgot member node=%s name=%s upto=%d", node.hex()[:8], name, cut)
-        return {"id": node.hex(), "name": name, "upto": cut}
+        done = node in self.replica.forgotten()
+        votes, needed = gc.forget_tally(self.replica, node)
+        log.info(
+            "voted to forget member node=%s name=%s upto=%d votes=%d needed=%d forgotten=%s",
+            node.hex()[:8],
+            name,
+            cut,
+            votes,
+            needed,
+            done,
+        )
+        return {
+            "id": node.hex(),
+            "name": name,
+            "upto": cut,
+            "forgotten": done,
+            "votes": votes,
+            "needed": needed,
+        }
 
     def close(self) -> None:
         try:
