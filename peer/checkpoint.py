@@ -168,6 +168,14 @@ def iter_checkpoint_ops(keys: VolumeKeys, blob: bytes) -> Iterator[Op]:
     return _open_ops(keys, body, True)
 
 
+def stored_logs(keys: VolumeKeys, blob: bytes) -> tuple[int, dict[bytes, list[LogEntry]]]:
+    """(format, logs) of a checkpoint from this node's store, without opening
+    any entry (what a new fold or a merge of checkpoints needs); format 1 has
+    no logs."""
+    _folder, version, body = _open_envelope(keys, blob, True)
+    return version, ({} if version == 1 else body)
+
+
 def verify_logs(folder: bytes, logs: dict[bytes, list[LogEntry]]) -> dict[bytes, list[LogEntry]]:
     """Check that every entry of `logs` is its node's: each chain of entries
     links up (`prev` is the previous entry's hash) to an entry its node signed,

@@ -23,11 +23,13 @@ from crdt.ops import Forget, MalformedOp, Member, Op, decode_op, encode_op
 from fuse.errors import NoSpace
 from peer import chain
 from peer.checkpoint import (
+    FORMAT_VERSION,
     Checkpoint,
     CheckpointTooLarge,
     iter_checkpoint_ops,
     open_checkpoint,
     seal_checkpoint,
+    stored_logs,
 )
 from peer.errors import CorruptEntry
 from peer.identity import NodeIdentity
@@ -100,6 +102,11 @@ class Journal:
 
     def _set_checkpoint(self) -> None:
         self._tops = None
+
+    def _stored_logs(self) -> tuple[int, dict[bytes, list[LogEntry]]]:
+        """(format, logs) of the stored checkpoint, entries not opened."""
+        blob = self.store.get_checkpoint()
+        return (FORMAT_VERSION, {}) if blob is None else stored_logs(self.keys, blob)
 
     # -- start-up --------------------------------------------------------------
     def replay(self, until_ms: int | None = None) -> int:
@@ -281,12 +288,12 @@ class Journal:
                 target[node] = seq
         if not target or sum(s - covers.get(n, 0) for n, s in target.items()) < min_entries:
             return 0
-        current = self.checkpoint
-        if current is not None and current.version == 1:
+        version, held = self._stored_logs()
+        if version == 1:
             log.info("not folding the log: the checkpoint is of format 1 (folded before chaining)")
             return 0
         new_covers = {**covers, **target}
-        logs = dict(current.logs) if current is not None else {}
+        logs: dict[bytes, Sequence[LogEntry]] = dict(held)
         for node, entries in self._entries_by_node(covers, target).items():
             logs[node] = (*logs.get(node, ()), *entries)
         try:
@@ -340,16 +347,16 @@ class Journal:
         that one comparison enough): otherwise that node forked its log, which
         is kept as evidence, and this checkpoint is refused (`chain.Forked`)."""
         covers = self.store.covers()
-        current = self.checkpoint
-        if current is not None and current.version == 1:
+        version, held_logs = self._stored_logs()
+        if version == 1:
             raise CorruptEntry("checkpoint: this node's own is of format 1 and cannot be merged")
         heads = cp.heads()
         for node, seq in cp.covers.items():
             both = min(seq, self.vv.get(node, 0))
             if both > covers.get(node, 0):
                 held = self._head_at(node, both)
-            elif current is not None and len(current.logs.get(node, ())) >= both > 0:
-                held = head_of(current.logs[node][both - 1])
+            elif len(held_logs.get(node, ())) >= both > 0:
+                held = head_of(held_logs[node][both - 1])
             else:
                 held = None
             if held is not None and entry_hash(cp.logs[node][both - 1]) != held.hash:
@@ -363,7 +370,7 @@ class Journal:
         if new_covers == covers:
             return Changes(frozenset(), frozenset())
         reach = {n: min(s, self.vv.get(n, 0)) for n, s in new_covers.items()}
-        logs = dict(current.logs) if current is not None else {}
+        logs: dict[bytes, Sequence[LogEntry]] = dict(held_logs)
         for node, entries in cp.logs.items():
             if len(entries) > len(logs.get(node, ())):
                 logs[node] = entries
