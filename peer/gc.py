@@ -31,8 +31,9 @@ of an old version by a node that still buffered it (an open file) lists only
 the blocks it changed; its other blocks are the old version's, which that node
 keeps (its buffer pins them), and peers fetch them from it with the write.
 
-`Forget` (`dfs-peer forget`) removes a member for good: it stops holding back
-stability, and its entries past the cut recorded in the op are refused by
+`Forget` (`dfs-peer forget`) is a vote to remove a member for good; once the
+member itself or more than half of the others voted (`Replica.forgotten`),
+it stops holding back stability, and its entries past the cut are refused by
 every node (`Journal.accepts`), because what it writes after being forgotten
 may build on history the others have already collected. It must join again
 with a fresh data dir, under a new id.

@@ -92,7 +92,8 @@ class Journal:
         # The hash of this node's last entry: the next one's `prev`.
         self._own_prev = self.hash_at(identity.node_id, self._next_seq - 1) or GENESIS
         # Nodes proven to have forked their log: node -> last seq still taken.
-        self.fork_cuts: dict[bytes, int] = chain.fork_cuts(store.evidence())
+        self.fork_cuts: dict[bytes, int] = chain.fork_cuts(store.evidence(chain.FORK_KINDS))
+        self._proofs: list[tuple[Head, Head]] | None = None
 
     @property
     def checkpoint(self) -> Checkpoint | None:
@@ -460,13 +461,22 @@ class Journal:
 
     def proofs(self) -> list[tuple[Head, Head]]:
         """The fork proofs this node keeps, to pass on (`chain.proof` checks them)."""
-        return chain.fork_proofs(self.store.evidence())
+        if self._proofs is None:
+            self._proofs = chain.fork_proofs(self.store.evidence(chain.FORK_KINDS))
+        return self._proofs
 
     def add_evidence(self, ev: Evidence) -> bool:
         """Keep `ev`; the first time, say so at WARNING and, for a fork, stop
         taking the node's entries from the fork on (dropping those held)."""
         if not self.store.add_evidence(ev):
             return False
+        if ev.node == self.identity.node_id:
+            log.warning(
+                "this node's own log forked at seq %d (was its data dir restored from an "
+                "old copy?): the other nodes no longer take its writes from there; join "
+                "again with a fresh --data-dir",
+                ev.seq,
+            )
         log.warning(
             "node %s lied: %s at seq %d (%s); from=%s; kept as evidence",
             ev.node.hex()[:8],
@@ -476,7 +486,8 @@ class Journal:
             ev.source,
         )
         if ev.kind in chain.FORK_KINDS:
-            self.fork_cuts = chain.fork_cuts(self.store.evidence())
+            self._proofs = None
+            self.fork_cuts = chain.fork_cuts(self.store.evidence(chain.FORK_KINDS))
             changes = self.enforce_forgets()
             if changes is not None:
                 self._notify(changes)

@@ -349,7 +349,7 @@ class Node:
                 "from": ev.source,
                 "seen": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ev.seen_ms / 1000)),
             }
-            for ev in self.store.evidence()
+            for ev in self.store.evidence(proofs=False)
         ]
 
 

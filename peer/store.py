@@ -22,7 +22,7 @@ import contextlib
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
@@ -557,12 +557,17 @@ class Store:
             )
             return self._conn.total_changes > before
 
-    def evidence(self) -> list[Evidence]:
-        """Every contradiction kept, oldest first."""
+    def evidence(self, kinds: Sequence[str] | None = None, proofs: bool = True) -> list[Evidence]:
+        """The contradictions kept (of `kinds`, or all), oldest first; without
+        `proofs`, their `a` and `b` are left empty (a forged checkpoint's is
+        the whole checkpoint)."""
+        where = f" WHERE kind IN ({','.join('?' * len(kinds))})" if kinds is not None else ""
+        blobs = "a, b" if proofs else "x'', x''"
         with self._lock:
             rows = self._conn.execute(
-                "SELECT node, seq, kind, detail, source, seen_ms, a, b FROM evidence"
-                " ORDER BY seen_ms, node, seq"
+                f"SELECT node, seq, kind, detail, source, seen_ms, {blobs} FROM evidence{where}"
+                " ORDER BY seen_ms, node, seq",
+                tuple(kinds or ()),
             ).fetchall()
         return [
             Evidence(bytes(n), int(s), str(k), str(d), str(src), int(ms), bytes(a), bytes(b))
@@ -651,8 +656,10 @@ class ReadOnlyStore(Store):
         if int(raw) < 3:
             self._prev_column = "x''"
 
-    def evidence(self) -> list[Evidence]:
-        return super().evidence() if self._prev_column == "prev" else []
+    def evidence(self, kinds: Sequence[str] | None = None, proofs: bool = True) -> list[Evidence]:
+        if self._prev_column != "prev":
+            return []  # a store from before evidence was kept
+        return super().evidence(kinds, proofs)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
