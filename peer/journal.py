@@ -445,19 +445,19 @@ class Journal:
 
     def check_heads(self, heads: Iterable[Head], source: str) -> list[Evidence]:
         """Compare a peer's heads with what this node holds at the same seqs;
-        keep and return the contradictions (heads that do not verify are
-        ignored: they prove nothing against their node)."""
+        keep the contradictions and return those not kept before (heads that
+        do not verify are ignored: they prove nothing against their node)."""
         found = []
         for theirs in heads:
+            if theirs.seq > self.vv.get(theirs.node, 0):
+                continue  # nothing held there to compare (and no lookup for made-up nodes)
             ours = self._head_at(theirs.node, theirs.seq)
             if ours is None or ours.hash == theirs.hash:
                 continue
             ev = chain.proof(ours, theirs, source)
             if ev is not None:
                 found.append(ev)
-        for ev in found:
-            self.add_evidence(ev)
-        return found
+        return [ev for ev in found if self.add_evidence(ev)]
 
     def proofs(self) -> list[tuple[Head, Head]]:
         """The fork proofs this node keeps, to pass on (`chain.proof` checks them)."""

@@ -432,6 +432,9 @@ class Sync:
         peer for that node's entries and keep the first that differs."""
         journal = self.journal
         for a, b in forks:
+            cut = journal.fork_cuts.get(a.node)
+            if cut is not None and cut <= min(a.seq, b.seq) - 1:
+                continue  # nothing this proof could add (and two signature checks saved)
             ev = chain.proof(a, b, link.address)
             if ev is not None:
                 journal.add_evidence(ev)
