@@ -20,11 +20,11 @@ import cbor2
 import pytest
 
 from crdt.clock import Hlc
-from crdt.ops import ROOT, Create, Forget, Member
+from crdt.ops import ROOT, Create, Forget, Member, SetAttr
 from peer.identity import NodeIdentity, load_or_create
 from peer.keys import VolumeKeys
 from peer.node import Node
-from peer.sealing import seal
+from peer.sealing import entry_hash, seal
 from tests.peer.hostile import HostilePeer, chain_of
 from tests.peer.test_gc import make_node, serving
 from tests.peer.test_sync import link, read_file, wait_until, write_file
@@ -100,9 +100,13 @@ async def test_a_forged_checkpoint_is_refused_and_the_victims_writes_still_arriv
         assert target.journal.vv[v] == victim.journal.vv[v]
 
 
+@pytest.mark.parametrize("after", [0, 3], ids=["heads-at-the-fork", "heads-past-the-fork"])
 async def test_equivocation_is_detected_on_both_nodes_and_they_converge(
-    tmp_path: Path, keys: VolumeKeys, expect_logs: Callable[..., None]
+    tmp_path: Path, keys: VolumeKeys, expect_logs: Callable[..., None], after: int
 ) -> None:
+    """Mallory tells A and B different second entries, then (`after`) goes on
+    writing on both stories: the heads A and B compare then differ past the
+    fork, and each finds the first entry that differs."""
     mallory = load_or_create(tmp_path / "mallory")
     expect_logs(rf"node {mallory.short} lied: fork at seq 2", logger="peer.journal")
     expect_logs(REFUSALS)
@@ -126,6 +130,9 @@ async def test_equivocation_is_detected_on_both_nodes_and_they_converge(
             prev=to_a[1].prev,
         ),
     ]
+    for story in (to_a, to_b):
+        more = [SetAttr(Hlc(t, 2 + i, m), b"x" * 16, "mode", 0o700 + i) for i in range(after)]
+        story += chain_of(mallory, keys, more, first=3, prev=entry_hash(story[-1]))
     liar = HostilePeer(
         keys,
         mallory,
@@ -144,7 +151,9 @@ async def test_equivocation_is_detected_on_both_nodes_and_they_converge(
             ),
             "Mallory's two stories to land",
         )
-        assert a.journal.vv[m] == b.journal.vv[m] == 2  # equal vectors, different entries
+        await wait_until(
+            lambda: a.journal.vv.get(m) == b.journal.vv.get(m) == 2 + after, "all of both stories"
+        )  # equal vectors, different entries
         # A and B talk: each sees the other's signed head for (mallory, 2).
         link(sa, sb)
         for node in (a, b):
@@ -165,7 +174,9 @@ async def test_equivocation_is_detected_on_both_nodes_and_they_converge(
             assert node.replica.lookup(ROOT, b"x-side") is None
             assert node.replica.lookup(ROOT, b"y-side") is None
             shown = [x for x in lies(node) if x["node"] == m.hex()]
-            assert [(x["kind"], x["seq"]) for x in shown] == [("fork", 2)]
+            # (first where the heads differed, then where the stories part)
+            assert {x["kind"] for x in shown} == {"fork"}
+            assert min(int(str(x["seq"])) for x in shown) == 2
         # Honest writes still flow both ways.
         write_file(a, b"after.txt", b"honest")
         await wait_until(lambda: read_file(b, b"after.txt") == b"honest", "B to get A's write")
