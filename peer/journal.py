@@ -351,6 +351,7 @@ class Journal:
         version, held_logs = self._stored_logs()
         if version == 1:
             raise CorruptEntry("checkpoint: this node's own is of format 1 and cannot be merged")
+        cp = self.within_cuts(cp)
         heads = cp.heads()
         for node, seq in cp.covers.items():
             both = min(seq, self.vv.get(node, 0))
@@ -397,6 +398,25 @@ class Journal:
         for op in cp.ops:
             self.clock.observe(op.hlc, now)
         return self._apply(cp.ops)
+
+    def within_cuts(self, cp: Checkpoint) -> Checkpoint:
+        """`cp` without the entries (and their ops) of forgotten or forked
+        nodes past their cuts: a peer that folded them before it learnt of
+        the cut must not bring them back here."""
+        own = self.identity.node_id
+        cuts = {n: c for n, c in self.cuts().items() if n != own and cp.covers.get(n, 0) > c}
+        if not cuts:
+            return cp
+        logs = {n: e[: cuts[n]] if n in cuts else e for n, e in cp.logs.items()}
+        seen: dict[bytes, int] = {}
+        ops = []
+        for op in cp.ops:  # each node's ops in seq order, one per entry (`open_checkpoint`)
+            node = op.hlc.node
+            seen[node] = seen.get(node, 0) + 1
+            if node not in cuts or seen[node] <= cuts[node]:
+                ops.append(op)
+        logs = {n: e for n, e in logs.items() if e}
+        return Checkpoint({n: len(e) for n, e in logs.items()}, tuple(ops), logs, cp.folder)
 
     def _horizon(self) -> int:
         return self._now() - self.history_ms

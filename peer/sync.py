@@ -476,25 +476,31 @@ class Sync:
         async with self._pull_lock:
             while _behind(journal.capped(link.vv), journal.vv) > 0:
                 resp = await client.log(dict(journal.vv))
+                progressed, stuck = False, False
                 if resp.checkpoint is not None:
-                    await self._adopt(link, resp.checkpoint)
+                    before = dict(journal.vv)
+                    covered_now = await self._adopt(link, resp.checkpoint)
+                    progressed = journal.vv != before
+                    # It will be sent again: what it covers past a cut is refused here.
+                    stuck = not covered_now and not progressed
                 entries = [
                     e
                     for e in resp.entries
                     if e.seq > journal.vv.get(e.node, 0) and journal.accepts(e.node, e.seq)
                 ]
                 if not entries:
-                    if (resp.entries or not resp.more) and resp.checkpoint is None:
-                        return
-                    continue
+                    if progressed or (not resp.entries and resp.more and not stuck):
+                        continue
+                    return
                 ops = await asyncio.to_thread(self.journal.open_entries, entries)
                 await self._merge(link, entries, ops)
                 link.last_seen = time.time()
                 if not resp.more and _behind(journal.capped(link.vv), journal.vv) == 0:
                     return
 
-    async def _adopt(self, link: Link, blob: bytes) -> None:
-        """Verify a peer's checkpoint, fetch the blocks its heads need, merge it."""
+    async def _adopt(self, link: Link, blob: bytes) -> bool:
+        """Verify a peer's checkpoint, fetch the blocks its heads need, merge it;
+        whether this node's vector now covers it (the peer will not send it again)."""
         try:
             cp = await asyncio.to_thread(open_checkpoint, self.journal.keys, blob)
         except ForgedCheckpoint as exc:
@@ -502,8 +508,10 @@ class Sync:
                 chain.forged_checkpoint(exc.folder, exc.detail, link.address, blob)
             )
             raise
+        covers = cp.covers  # what the peer compares our vector with
+        cp = self.journal.within_cuts(cp)
         if covered(self.journal.vv, cp.covers):
-            return  # what it folds arrived meanwhile
+            return covered(self.journal.vv, covers)  # what it folds arrived meanwhile
         ops = cp.ops
         required, optional = self._needed(ops)
         fetched = await self.fetch(list(required), prefer=link, optional=list(optional))
@@ -517,6 +525,7 @@ class Sync:
         if self.after_bulk is not None:
             self.after_bulk()
         await self.on_remote(changes)
+        return covered(self.journal.vv, covers)
 
     def _needed(self, ops: Sequence[Op]) -> tuple[set[bytes], set[bytes]]:
         """(required, optional): the blocks merging `ops` needs that this node lacks.

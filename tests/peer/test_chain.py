@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from crdt.clock import Hlc
-from crdt.ops import Member
-from peer import chain
+from crdt.ops import ROOT, Create, Forget, Member
+from peer import chain, checkpoint
 from peer.identity import NodeIdentity, load_or_create
 from peer.keys import VolumeKeys
 from peer.node import DB_NAME
@@ -128,3 +128,30 @@ async def test_a_store_written_before_chaining_opens_goes_on_and_syncs(
         )
         assert new.store.evidence() == []
         assert old.store.evidence() == []
+
+
+def test_a_checkpoint_brings_nothing_back_past_a_cut(tmp_path: Path, keys: VolumeKeys) -> None:
+    """A peer that folded a node's entries before it learnt that the node was
+    cut (forgotten, or caught forking) cannot bring them back through its
+    checkpoint: they are left out of what is merged."""
+    a = make_node(tmp_path, "a", keys)
+    m = load_or_create(tmp_path / "m")
+    log = chain_of(
+        m,
+        keys,
+        [
+            Member(Hlc(1000, 0, m.node_id), "m"),
+            Create(Hlc(1000, 1, m.node_id), b"1" * 16, ROOT, b"one", "dir", 0o755, 0, 0),
+        ],
+    )
+    try:
+        a.journal.merge_remote(log[:1])
+        a.journal.commit(lambda stamp: [Forget(stamp(), m.node_id, 1)])  # of two: honoured
+        assert a.replica.forgotten() == {m.node_id: 1}
+        folded = checkpoint.seal_checkpoint(m, {m.node_id: log})
+        a.journal.adopt_checkpoint(checkpoint.open_checkpoint(keys, folded))
+        assert a.journal.vv[m.node_id] == 1
+        assert a.replica.lookup(ROOT, b"one") is None
+        assert a.store.covers() == {m.node_id: 1}
+    finally:
+        a.close()
