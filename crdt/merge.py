@@ -183,7 +183,9 @@ class Replica:
         self._ops: set[Hlc] = set()
         self._latest: Hlc | None = None
         self._members: dict[bytes, tuple[Hlc, str]] = {}
-        self._forgotten: dict[bytes, int] = {}  # node -> greatest `upto` forgetting it
+        # node -> {voter: greatest `upto` of the voter's Forget ops of it}
+        self._forget_votes: dict[bytes, dict[bytes, int]] = {}
+        self._forgotten: dict[bytes, int] | None = None  # derived: `forgotten()`
         self._info: dict[bytes, _Info] = {}
         # Attributes set by `SetAttr` (those a `Create` sets are in `_info`).
         self._attrs: dict[bytes, dict[str, tuple[Hlc, int | bytes | None]]] = {}
@@ -226,12 +228,14 @@ class Replica:
                 self._latest = op.hlc
             if isinstance(op, Member):
                 self._lww_member(op)
+                self._forgotten = None  # who may vote changed
                 renamed = True
                 continue
             if isinstance(op, Forget):
-                # The greatest cut wins: a function of the set of Forget ops.
-                if op.upto > self._forgotten.get(op.node, -1):
-                    self._forgotten[op.node] = op.upto
+                votes = self._forget_votes.setdefault(op.node, {})
+                voter = op.hlc.node
+                votes[voter] = max(op.upto, votes.get(voter, -1))
+                self._forgotten = None
                 continue
             entries.add(op.entry)
             self._touch(op.entry, op.hlc)
@@ -824,12 +828,45 @@ class Replica:
         return {node: name for node, (_, name) in self._members.items()}
 
     def forgotten(self) -> dict[bytes, int]:
-        """Forgotten node -> the last seq of its log that still counts."""
+        """Forgotten node -> the last seq of its log that still counts.
+
+        A `Forget` is a vote. Node N is forgotten once N itself voted (it
+        left), or more than half of the members other than N did (members:
+        nodes that announced themselves and are not forgotten, so the rule is
+        applied until nothing changes; adding a forgotten node only shrinks
+        the others, so the result does not depend on the order). Its cut is
+        the greatest `upto` among the votes that count. One member alone
+        therefore forgets no one in a team of three or more, and anyone in a
+        team of two. A function of the set of ops, like everything here."""
+        if self._forgotten is None:
+            self._forgotten = self._tally()
         return dict(self._forgotten)
+
+    def _tally(self) -> dict[bytes, int]:
+        out: dict[bytes, int] = {}
+        changed = True
+        while changed:
+            changed = False
+            for node, votes in self._forget_votes.items():
+                if node in out:
+                    continue
+                others = {m for m in self._members if m != node and m not in out}
+                counted = [v for v in votes if v in others]
+                if node in votes or 2 * len(counted) > len(others):
+                    if node in votes:
+                        counted.append(node)
+                    out[node] = max(votes[v] for v in counted)
+                    changed = True
+        return out
+
+    def forget_votes(self) -> dict[bytes, dict[bytes, int]]:
+        """Node -> {voter: upto}: every `Forget`, honoured or not (for `status`)."""
+        return {n: dict(v) for n, v in self._forget_votes.items()}
 
     def current_members(self) -> dict[bytes, str]:
         """The members that hold back causal stability: announced, not forgotten."""
-        return {n: name for n, name in self.members().items() if n not in self._forgotten}
+        forgotten = self.forgotten()
+        return {n: name for n, name in self.members().items() if n not in forgotten}
 
     def everything(self) -> Changes:
         """A `Changes` naming every directory and entry (after a rebuild)."""

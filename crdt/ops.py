@@ -60,11 +60,13 @@ class Member:
 
 @dataclass(frozen=True, slots=True)
 class Forget:
-    """Node `node` is gone for good: it no longer holds back causal stability.
+    """A vote that node `node` is gone for good: once it counts, `node` no
+    longer holds back causal stability. It counts when `node` itself cast it,
+    or when more than half of the other members did (`Replica.forgotten`).
 
-    `upto` is the highest seq of `node`'s log the forgetting node knew of (its
+    `upto` is the highest seq of `node`'s log the voting node knew of (its
     own and every version vector it had heard of). Entries of `node` beyond
-    the greatest `upto` of its `Forget` ops are refused by every node: a
+    the greatest `upto` of the votes that count are refused by every node: a
     forgotten node that comes back must join again under a new id (a fresh
     data dir), because what it writes may build on history the others have
     already collected. See `peer.gc`.

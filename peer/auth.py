@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import nacl.encoding
 import nacl.hash
 
-PROTOCOL = 1
+# 2: chained log entries, signed heads and fork proofs (`peer.chain`), checkpoint format 2.
+PROTOCOL = 2
 
 HEADER_NODE = "X-Dfs-Node"
 HEADER_TIME = "X-Dfs-Time"

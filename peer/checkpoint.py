@@ -1,57 +1,105 @@
-"""Checkpoints: the stable prefix of the log folded into a compacted set of ops.
+"""Checkpoints: the stable prefix of the log folded into one blob.
 
-Invariant: a checkpoint opens only if a holder of the volume secret sealed it
-(XChaCha20-Poly1305 under the log key, bound to the producing node's id) and
-that node's Ed25519 signature over the sealed bytes holds; its plaintext is a
-canonical CBOR map `{"v": 1, "covers": {node: seq}, "ops": [op bytes...]}`,
-decoded strictly (every op by `crdt.ops.decode_op`, every op's node among
-`covers`). `ops` are `crdt.compact.compact` of every operation of entries
-(n, s) with s <= covers[n], so merging them merges exactly what those entries
-would (the ops keep their stamps: `--at` filters them as it filters the log).
+Invariant: every operation a checkpoint holds is verifiable against its origin
+node's signature, as a log entry is. Format 2 (`FORMAT_VERSION`) holds, for
+each covered node, its log entries 1..covers[node] exactly as they were
+sealed; the last of them (the node's signed head at the covered seq) keeps its
+signature, and the others are bound to it by the hash chain (each entry's hash
+is named by the next one, see `peer.sealing`), so a node's whole folded log
+costs one signature check and a hash per entry. Entries written before logs
+were chained (format 1) keep their own signatures. `verify_logs` is that
+check, apart from the folding (`Journal.fold`) on purpose: whoever changes how
+folds are made must not weaken it.
 
-Note what a checkpoint does not prove: the origin of each op in it. A log
-entry is signed by the node that wrote it; an op in a checkpoint is vouched
-for by the checkpoint's producer, a secret holder.
+So a checkpoint cannot claim a node's entries it does not hold (it would need
+the node's signature at the covered seq), nor leave any of them out, nor put
+anything else in. Nothing is compacted away: which ops a later one overrides
+cannot be checked without the ops, so a receiver could not tell a legitimate
+drop from a hidden one.
+
+Envelope: canonical CBOR `[folder, body, sig]`, `sig` the folder's Ed25519
+signature over `body` (so a forged checkpoint names who made it); `body` is
+canonical CBOR `{"v": 2, "logs": {node: [[sealed, sig], ...]}}`, with `sig`
+empty for a chained entry that is not its node's last, and for a format-1
+entry a three-item `[sealed, sig, 1]`. Entries are sealed as in the log (the
+op under the log key, bound to its (node, seq)), so the body needs no seal of
+its own.
+
+Format 1 (`{"v": 1, "covers", "ops"}` sealed and signed by the folder, ops
+compacted) is what nodes folded before: still replayed from this node's own
+store, never accepted from a peer (nothing in it proves the ops' origins).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+import itertools
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import cbor2
 import nacl.exceptions
 import nacl.signing
 
-from crdt.ops import MalformedOp, Op, decode_op, encode_op
+from crdt.ops import MalformedOp, Op, decode_op
 from peer.errors import CorruptEntry
 from peer.identity import NodeIdentity
 from peer.keys import VolumeKeys
-from peer.sealing import MAX_SEQ, NODE_ID_BYTES, SIGNATURE_BYTES, SealError, seal, unseal
+from peer.sealing import (
+    GENESIS,
+    MAX_SEQ,
+    NODE_ID_BYTES,
+    SIGNATURE_BYTES,
+    Head,
+    LogEntry,
+    SealError,
+    entry_hash,
+    head_of,
+    open_entry,
+    unseal,
+    verify_entry,
+)
 
 # Bounded so a checkpoint fits one log response beside a batch of entries
 # (`wire.MAX_CHECKPOINT_BYTES`); a node whose checkpoint would grow past it
 # stops folding (its log keeps the rest).
-from peer.wire import CBOR_ERRORS, MAX_CHECKPOINT_BYTES
+from peer.wire import CBOR_ERRORS, MAX_CHECKPOINT_BYTES, MAX_SEALED_BYTES
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MAX_COVERS_NODES = 100_000
 
 _AAD = b"dfs-peer:v1:checkpoint"
 _SIG_CONTEXT = b"dfs-peer:v1:checkpoint-sig"
+_SIG_CONTEXT_V2 = b"dfs-peer:v2:checkpoint"
 
 
 class CheckpointTooLarge(Exception):
     """A checkpoint that would not fit `MAX_CHECKPOINT_BYTES`."""
 
 
+class ForgedCheckpoint(CorruptEntry):
+    """A checkpoint its folder signed whose logs do not check: the folder lied."""
+
+    def __init__(self, folder: bytes, detail: str) -> None:
+        super().__init__(f"checkpoint of {folder.hex()[:8]}: {detail}")
+        self.folder = folder
+        self.detail = detail
+
+
 @dataclass(frozen=True, slots=True)
 class Checkpoint:
-    """The folded prefix: `covers` {node: last seq folded} and its compacted ops."""
+    """The folded prefix: `covers` {node: last seq folded}, its ops, and (format
+    2) the entries they came from, node by node, seq 1 first."""
 
     covers: dict[bytes, int]
     ops: tuple[Op, ...]
+    logs: dict[bytes, tuple[LogEntry, ...]] = field(default_factory=dict)
+    folder: bytes = b""
+    version: int = FORMAT_VERSION
+
+    def heads(self) -> dict[bytes, Head]:
+        """Each covered node's signed head at the covered seq (format 2)."""
+        return {n: head_of(entries[-1]) for n, entries in self.logs.items() if entries}
 
 
 def covered(theirs: dict[bytes, int], covers: dict[bytes, int]) -> bool:
@@ -59,15 +107,27 @@ def covered(theirs: dict[bytes, int], covers: dict[bytes, int]) -> bool:
     return all(theirs.get(n, 0) >= s for n, s in covers.items())
 
 
-def seal_checkpoint(keys: VolumeKeys, identity: NodeIdentity, cp: Checkpoint) -> bytes:
-    """The stored and sent form: canonical CBOR [node, sealed, sig]."""
-    plain = cbor2.dumps(
-        {"v": FORMAT_VERSION, "covers": dict(cp.covers), "ops": [encode_op(op) for op in cp.ops]},
-        canonical=True,
-    )
-    node = identity.node_id
-    sealed = seal(keys.log, plain, _AAD + node)
-    blob = cbor2.dumps([node, sealed, identity.sign(_SIG_CONTEXT + node + sealed)], canonical=True)
+def seal_checkpoint(identity: NodeIdentity, logs: Mapping[bytes, Sequence[LogEntry]]) -> bytes:
+    """The stored and sent form of the logs `logs` (each node's entries from
+    seq 1 on, as held: signed), made and signed by `identity`."""
+    body_logs: dict[bytes, list[list[Any]]] = {}
+    for node, entries in logs.items():
+        items: list[list[Any]] = []
+        for i, e in enumerate(entries):
+            if e.node != node or e.seq != i + 1:
+                raise ValueError(f"checkpoint log of {node.hex()[:8]} is not 1, 2, 3...")
+            if not e.chained:
+                items.append([e.sealed, e.sig, 1])
+            elif i == len(entries) - 1:
+                items.append([e.sealed, e.sig])
+            else:
+                items.append([e.sealed, b""])
+        if items:
+            body_logs[node] = items
+    body = cbor2.dumps({"v": FORMAT_VERSION, "logs": body_logs}, canonical=True)
+    folder = identity.node_id
+    sig = identity.sign(_SIG_CONTEXT_V2 + folder + body)
+    blob = cbor2.dumps([folder, body, sig], canonical=True)
     if len(blob) > MAX_CHECKPOINT_BYTES:
         raise CheckpointTooLarge(f"{len(blob)} bytes")
     return blob
@@ -78,27 +138,72 @@ def _fail(detail: str) -> CorruptEntry:
 
 
 def open_checkpoint(keys: VolumeKeys, blob: bytes, *, stored_here: bool = False) -> Checkpoint:
-    """Verify and decode a checkpoint; `CorruptEntry` on any failure.
+    """Verify and decode a checkpoint; `CorruptEntry` on any failure
+    (`ForgedCheckpoint` if its folder signed logs that do not check).
 
     `stored_here`: the blob comes from this node's store, where it was checked
-    when it entered; its ops are then decoded without re-encoding each one to
-    check canonical form (as replay does for log entries). Signature and MAC
-    are always checked."""
-    covers, raw_ops = _open_body(keys, blob, stored_here)
-    return Checkpoint(covers, tuple(_decode_ops(raw_ops, covers, stored_here)))
+    when it entered: signatures are not checked again and ops are decoded
+    without re-encoding each one to check canonical form (as replay does for
+    log entries); every entry's MAC still is. Only a stored checkpoint may be
+    of format 1."""
+    folder, version, body = _open_envelope(keys, blob, stored_here)
+    if version == 1:
+        covers, raw_ops = body
+        ops = tuple(_decode_v1_ops(raw_ops, covers))
+        return Checkpoint(covers, ops, {}, folder, 1)
+    logs = body if stored_here else verify_logs(folder, body)
+    ops = tuple(_open_ops(keys, logs, stored_here))
+    covers = {n: len(entries) for n, entries in logs.items()}
+    return Checkpoint(covers, ops, {n: tuple(e) for n, e in logs.items()}, folder)
 
 
 def iter_checkpoint_ops(keys: VolumeKeys, blob: bytes) -> Iterator[Op]:
     """The ops of a checkpoint from this node's store, decoded one at a time
     (replay applies them in chunks: all 200,000 of a large volume decoded at
     once would raise the node's resident memory for good)."""
-    covers, raw_ops = _open_body(keys, blob, True)
-    return _decode_ops(raw_ops, covers, True)
+    _folder, version, body = _open_envelope(keys, blob, True)
+    if version == 1:
+        covers, raw_ops = body
+        return _decode_v1_ops(raw_ops, covers)
+    return _open_ops(keys, body, True)
 
 
-def _open_body(
-    keys: VolumeKeys, blob: bytes, stored_here: bool
-) -> tuple[dict[bytes, int], list[bytes]]:
+def stored_logs(keys: VolumeKeys, blob: bytes) -> tuple[int, dict[bytes, list[LogEntry]]]:
+    """(format, logs) of a checkpoint from this node's store, without opening
+    any entry (what a new fold or a merge of checkpoints needs); format 1 has
+    no logs."""
+    _folder, version, body = _open_envelope(keys, blob, True)
+    return version, ({} if version == 1 else body)
+
+
+def verify_logs(folder: bytes, logs: dict[bytes, list[LogEntry]]) -> dict[bytes, list[LogEntry]]:
+    """Check that every entry of `logs` is its node's: each chain of entries
+    links up (`prev` is the previous entry's hash) to an entry its node signed,
+    and every format-1 entry carries its own good signature. `ForgedCheckpoint`
+    (naming `folder`) if not. Returns `logs`."""
+    for node, entries in logs.items():
+        where = node.hex()[:8]
+        for i, e in enumerate(entries):
+            if not e.chained or e.sig:
+                try:
+                    verify_entry(e)
+                except CorruptEntry as exc:
+                    raise ForgedCheckpoint(folder, f"entry {where}/{e.seq}: {exc}") from None
+            elif i == len(entries) - 1:
+                raise ForgedCheckpoint(folder, f"the log of {where} ends unsigned at {e.seq}")
+        # Chained entries with no signature of their own are bound by the next
+        # entry's `prev`, which `_parse_logs` filled in from their hashes: the
+        # next signed entry signed them. A format-1 entry after a chained one
+        # is no entry its node ever wrote.
+        for before, after in itertools.pairwise(entries):
+            if before.chained and not after.chained:
+                raise ForgedCheckpoint(folder, f"{where}/{after.seq} unchains the log")
+    return logs
+
+
+def _open_envelope(keys: VolumeKeys, blob: bytes, stored_here: bool) -> tuple[bytes, int, Any]:
+    """(folder, format, body): the body is (covers, raw ops) for format 1, the
+    parsed logs for format 2."""
     if len(blob) > MAX_CHECKPOINT_BYTES:
         raise _fail("too large")
     outer = _cbor(blob)
@@ -113,6 +218,79 @@ def _open_body(
         and len(sig) == SIGNATURE_BYTES
     ):
         raise _fail("malformed envelope")
+    if not stored_here or sealed[:1] != b"\x01":
+        # Format 2's body is CBOR (a map: 0xa_), format 1's a sealed blob (0x01).
+        try:
+            nacl.signing.VerifyKey(node).verify(_SIG_CONTEXT_V2 + node + sealed, sig)
+        except nacl.exceptions.CryptoError as exc:  # BadSignatureError is one
+            if sealed[:1] == b"\x01":
+                raise _fail(
+                    "it was folded before checkpoints could be checked (format 1): "
+                    "a node takes such a checkpoint only from its own store"
+                ) from None
+            raise _fail(f"bad signature ({exc})") from exc
+        body = _cbor(sealed)
+        if not stored_here and cbor2.dumps(body, canonical=True) != sealed:
+            raise _fail("not canonical")
+        if not isinstance(body, dict) or set(body) != {"v", "logs"} or body["v"] != FORMAT_VERSION:
+            raise _fail(f"unknown format {body.get('v') if isinstance(body, dict) else None!r}")
+        return node, FORMAT_VERSION, _parse_logs(body["logs"])
+    return node, 1, _open_v1_body(keys, node, sealed, sig)
+
+
+def _parse_logs(raw: Any) -> dict[bytes, list[LogEntry]]:
+    """The entries of a format-2 body, each with its `prev` filled in from the
+    hash of the one before (so the chain can be checked)."""
+    if not isinstance(raw, dict) or len(raw) > MAX_COVERS_NODES:
+        raise _fail("malformed logs")
+    logs: dict[bytes, list[LogEntry]] = {}
+    for node, items in raw.items():
+        if not isinstance(node, bytes) or len(node) != NODE_ID_BYTES:
+            raise _fail("malformed logs")
+        if not isinstance(items, list) or not 1 <= len(items) <= MAX_SEQ:
+            raise _fail("malformed logs")
+        entries: list[LogEntry] = []
+        prev = GENESIS
+        for seq, item in enumerate(items, start=1):
+            if not isinstance(item, list) or len(item) not in (2, 3):
+                raise _fail("malformed log entry")
+            sealed, sig = item[0], item[1]
+            legacy = len(item) == 3
+            if legacy and item[2] != 1:
+                raise _fail("malformed log entry")
+            if not (
+                isinstance(sealed, bytes)
+                and len(sealed) <= MAX_SEALED_BYTES
+                and isinstance(sig, bytes)
+                and len(sig) in ((SIGNATURE_BYTES,) if legacy else (0, SIGNATURE_BYTES))
+            ):
+                raise _fail("malformed log entry")
+            e = LogEntry(node, seq, sealed, sig, b"" if legacy else prev)
+            entries.append(e)
+            prev = entry_hash(e)
+        logs[node] = entries
+    return logs
+
+
+def _open_ops(
+    keys: VolumeKeys, logs: dict[bytes, list[LogEntry]], stored_here: bool
+) -> Iterator[Op]:
+    for entries in logs.values():
+        for e in entries:
+            try:
+                op = decode_op(
+                    open_entry(keys, e, check_signature=False), check_canonical=not stored_here
+                )
+            except (MalformedOp, CorruptEntry) as exc:
+                raise _fail(f"entry {e.node.hex()[:8]}/{e.seq}: {exc}") from exc
+            if op.hlc.node != e.node:
+                raise _fail(f"entry {e.node.hex()[:8]}/{e.seq} claims another node")
+            yield op
+
+
+def _open_v1_body(
+    keys: VolumeKeys, node: bytes, sealed: bytes, sig: bytes
+) -> tuple[dict[bytes, int], list[bytes]]:
     try:
         nacl.signing.VerifyKey(node).verify(_SIG_CONTEXT + node + sealed, sig)
     except nacl.exceptions.CryptoError as exc:  # BadSignatureError is one
@@ -122,12 +300,8 @@ def _open_body(
     except SealError as exc:
         raise _fail(str(exc)) from exc
     body = _cbor(plain)
-    if not stored_here and cbor2.dumps(body, canonical=True) != plain:
-        raise _fail("not canonical")
-    if not isinstance(body, dict) or set(body) != {"v", "covers", "ops"}:
+    if not isinstance(body, dict) or set(body) != {"v", "covers", "ops"} or body["v"] != 1:
         raise _fail("malformed body")
-    if body["v"] != FORMAT_VERSION:
-        raise _fail(f"unknown format version {body['v']!r}")
     raw_covers, raw_ops = body["covers"], body["ops"]
     if not isinstance(raw_covers, dict) or len(raw_covers) > MAX_COVERS_NODES:
         raise _fail("malformed covers")
@@ -143,10 +317,10 @@ def _open_body(
     return covers, raw_ops
 
 
-def _decode_ops(raw_ops: list[bytes], covers: dict[bytes, int], stored_here: bool) -> Iterator[Op]:
+def _decode_v1_ops(raw_ops: list[bytes], covers: dict[bytes, int]) -> Iterator[Op]:
     for item in raw_ops:
         try:
-            op = decode_op(item, check_canonical=not stored_here)
+            op = decode_op(item, check_canonical=False)
         except MalformedOp as exc:
             raise _fail(str(exc)) from exc
         if op.hlc.node not in covers:

@@ -593,10 +593,17 @@ async def _invite_and_wait(data_dir: Path, ttl_s: float) -> int:
 
 def _forget(args: argparse.Namespace) -> int:
     answer = _ask(_node_data_dir(args), "POST", "/forget", body={"node": args.node})
-    print(
-        f"dfs-peer: forgot {answer['name']} ({answer['id'][:8]}); its log counts up to "
-        f"entry {answer['upto']}, later writes from it are refused"
-    )
+    who = f"{answer['name']} ({answer['id'][:8]})"
+    if answer.get("forgotten", True):
+        print(
+            f"dfs-peer: forgot {who}; its log counts up to "
+            f"entry {answer['upto']}, later writes from it are refused"
+        )
+    else:
+        print(
+            f"dfs-peer: voted to forget {who}: {answer['votes']} of the {answer['needed']} "
+            "votes of other members it takes; run `dfs-peer forget` on another member too"
+        )
     return 0
 
 

@@ -32,8 +32,9 @@ of an old version by a node that still buffered it (an open file) lists only
 the blocks it changed; its other blocks are the old version's, which that node
 keeps (its buffer pins them), and peers fetch them from it with the write.
 
-`Forget` (`dfs-peer forget`) removes a member for good: it stops holding back
-stability, and its entries past the cut recorded in the op are refused by
+`Forget` (`dfs-peer forget`) is a vote to remove a member for good; once the
+member itself or more than half of the others voted (`Replica.forgotten`),
+it stops holding back stability, and its entries past the cut are refused by
 every node (`Journal.accepts`), because what it writes after being forgotten
 may build on history the others have already collected. It must join again
 with a fresh data dir, under a new id.
@@ -305,6 +306,11 @@ class AlreadyForgotten(DfsError):
     """{text} ({short}) is already forgotten."""
 
 
+class AlreadyVoted(DfsError):
+    """this node already asked to forget {text} ({short}); it takes {needed} of
+    the other members' votes and has {votes}: run `dfs-peer forget` on another."""
+
+
 def resolve_member(stability: Stability, text: str) -> bytes:
     """The member `text` names: its display name, or a prefix of its hex id."""
     replica = stability.replica
@@ -324,7 +330,19 @@ def resolve_member(stability: Stability, text: str) -> bytes:
         raise CannotForgetSelf(text=text)
     if node in replica.forgotten():
         raise AlreadyForgotten(text=text, short=node.hex()[:8])
+    if stability.journal.identity.node_id in replica.forget_votes().get(node, {}):
+        votes, needed = forget_tally(replica, node)
+        raise AlreadyVoted(text=text, short=node.hex()[:8], votes=votes, needed=needed)
     return node
+
+
+def forget_tally(replica: Replica, node: bytes) -> tuple[int, int]:
+    """(votes, needed): the votes of other members to forget `node`, and how
+    many it takes (more than half of them; see `Replica.forgotten`)."""
+    forgotten = replica.forgotten()
+    others = [m for m in replica.members() if m != node and m not in forgotten]
+    votes = sum(1 for v in replica.forget_votes().get(node, {}) if v in others)
+    return votes, len(others) // 2 + 1
 
 
 def forget_cut(stability: Stability, node: bytes) -> int:
@@ -579,5 +597,10 @@ class Collector:
             "members": [asdict(m) for m in members],
             "held_back_by": [asdict(m) for m in self.stability.held_back_by(members)],
             "forgotten": self.journal.identity.node_id in self.journal.replica.forgotten(),
+            # Every `dfs-peer forget` vote, honoured or not: node -> the voters.
+            "forget_votes": {
+                node.hex(): sorted(v.hex() for v in votes)
+                for node, votes in sorted(self.journal.replica.forget_votes().items())
+            },
             "last_collection": asdict(self.last) if self.last is not None else None,
         }

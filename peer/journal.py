@@ -18,22 +18,24 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from crdt.clock import MAX_AHEAD_MS, Clock, Hlc, refusal
-from crdt.compact import compact
 from crdt.merge import Changes, Replica
 from crdt.ops import Forget, MalformedOp, Member, Op, decode_op, encode_op
 from fuse.errors import NoSpace
+from peer import chain
 from peer.checkpoint import (
+    FORMAT_VERSION,
     Checkpoint,
     CheckpointTooLarge,
     iter_checkpoint_ops,
     open_checkpoint,
     seal_checkpoint,
+    stored_logs,
 )
 from peer.errors import CorruptEntry
 from peer.identity import NodeIdentity
 from peer.keys import VolumeKeys
-from peer.sealing import LogEntry, open_entry, seal_entry
-from peer.store import Store
+from peer.sealing import GENESIS, Head, LogEntry, entry_hash, head_of, open_entry, seal_entry
+from peer.store import Evidence, Store
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +117,14 @@ class Journal:
         # fold): 200,000 decoded ops would cost ~100 MiB for the life of the
         # process, the sealed blob ~20 MiB.
         self._tops: dict[bytes, Hlc] | None = None
-        # How far back `--at` must stay exact: folding drops an op another
-        # overrides only if that one is older than this (`crdt.compact`).
+        # How far back `--at` must stay exact (kept for callers; a format-2
+        # checkpoint keeps every op, so folding no longer depends on it).
         self.history_ms = 0
+        # The hash of this node's last entry: the next one's `prev`.
+        self._own_prev = self.hash_at(identity.node_id, self._next_seq - 1) or GENESIS
+        # Nodes proven to have forked their log: node -> last seq still taken.
+        self.fork_cuts: dict[bytes, int] = chain.fork_cuts(store.evidence(chain.FORK_KINDS))
+        self._proofs: list[tuple[Head, Head]] | None = None
 
     @property
     def checkpoint(self) -> Checkpoint | None:
@@ -127,6 +134,11 @@ class Journal:
 
     def _set_checkpoint(self) -> None:
         self._tops = None
+
+    def _stored_logs(self) -> tuple[int, dict[bytes, list[LogEntry]]]:
+        """(format, logs) of the stored checkpoint, entries not opened."""
+        blob = self.store.get_checkpoint()
+        return (FORMAT_VERSION, {}) if blob is None else stored_logs(self.keys, blob)
 
     # -- start-up --------------------------------------------------------------
     def replay(self, until_ms: int | None = None) -> int:
@@ -241,13 +253,16 @@ class Journal:
             return Changes(frozenset(), frozenset())
         entries = []
         seq = self._next_seq
+        prev = self._own_prev
         for op in ops:
-            entries.append(seal_entry(self.keys, self.identity, seq, encode_op(op)))
+            entries.append(seal_entry(self.keys, self.identity, seq, encode_op(op), prev))
+            prev = entry_hash(entries[-1])
             seq += 1
         with self._writing():
             self.store.put_blocks(blocks)
             self.store.append_log(entries)
         self._next_seq = seq
+        self._own_prev = prev
         self.vv[self.identity.node_id] = seq - 1
         self._raise_tops(ops)
         changes = self._apply(ops)
@@ -281,7 +296,7 @@ class Journal:
         entries of a node must come in seq order."""
         if ops is None:
             ops = self.open_entries(entries)
-        cuts = self.replica.forgotten()
+        cuts = self.cuts()
         own = self.identity.node_id
         now = self._now()
         tops: dict[bytes, Hlc] = {}
@@ -303,6 +318,7 @@ class Journal:
                     continue
             tops[e.node] = op.hlc
             fresh.append((e, op))
+        fresh = self._chained(fresh, source)
         if not fresh:
             return Changes(frozenset(), frozenset())
         with self._writing():
@@ -329,7 +345,7 @@ class Journal:
         if min_entries is None:
             min_entries = FOLD_MIN_ENTRIES
         covers = self.store.covers()
-        cuts = self.replica.forgotten()
+        cuts = self.cuts()
         own = self.identity.node_id
         target: dict[bytes, int] = {}
         for node, seq in stable.items():
@@ -340,26 +356,38 @@ class Journal:
                 target[node] = seq
         if not target or sum(s - covers.get(n, 0) for n, s in target.items()) < min_entries:
             return 0
-        ops = [self._open(e, signed_already=True) for e in self._entries_between(covers, target)]
+        version, held = self._stored_logs()
+        if version == 1:
+            log.info("not folding the log: the checkpoint is of format 1 (folded before chaining)")
+            return 0
         new_covers = {**covers, **target}
-        current = self.checkpoint
-        old = current.ops if current is not None else ()
-        cp = Checkpoint(new_covers, tuple(compact([*old, *ops], self._horizon())))
+        logs: dict[bytes, Sequence[LogEntry]] = dict(held)
+        for node, entries in self._entries_by_node(covers, target).items():
+            logs[node] = (*logs.get(node, ()), *entries)
         try:
-            sealed = seal_checkpoint(self.keys, self.identity, cp)
+            sealed = seal_checkpoint(self.identity, logs)
         except CheckpointTooLarge as exc:
             log.info("not folding the log: the checkpoint would be too large (%s)", exc)
             return 0
         with self.store.transaction():
             dropped = self.store.set_checkpoint(sealed, new_covers)
+            chain.store_heads(self.store, {n: head_of(e[-1]) for n, e in logs.items() if e})
         self._set_checkpoint()
         log.info(
-            "folded the stable log: entries=%d checkpoint_ops=%d bytes=%d",
+            "folded the stable log: entries=%d checkpoint_entries=%d bytes=%d",
             dropped,
-            len(cp.ops),
+            sum(len(e) for e in logs.values()),
             len(sealed),
         )
         return dropped
+
+    def _entries_by_node(
+        self, low: dict[bytes, int], high: dict[bytes, int]
+    ) -> dict[bytes, list[LogEntry]]:
+        out: dict[bytes, list[LogEntry]] = {}
+        for e in self._entries_between(low, high):
+            out.setdefault(e.node, []).append(e)
+        return out
 
     def _entries_between(self, low: dict[bytes, int], high: dict[bytes, int]) -> list[LogEntry]:
         """The log entries (n, s) held here with low[n] < s <= high[n]."""
@@ -379,31 +407,65 @@ class Journal:
         cp: Checkpoint,
         blocks: Iterable[tuple[bytes, bytes]] = (),
         wanted: Iterable[bytes] = (),
+        source: str = "",
     ) -> Changes:
         """Merge a peer's checkpoint (opened by `open_checkpoint`) and the blocks
         its heads need, in one transaction. This node's checkpoint becomes the
-        union of both with its own log entries the new `covers` reach (ops are
-        a set; covers the elementwise max), and those entries leave the log."""
+        union of both with its own log entries the new `covers` reach (covers
+        the elementwise max), and those entries leave the log.
+
+        Where both hold entries of a node, the checkpoint's must be the ones
+        held here (equal hashes at the highest seq both hold; the chain makes
+        that one comparison enough): otherwise that node forked its log, which
+        is kept as evidence, and this checkpoint is refused (`chain.Forked`)."""
         covers = self.store.covers()
+        version, held_logs = self._stored_logs()
+        if version == 1:
+            raise CorruptEntry("checkpoint: this node's own is of format 1 and cannot be merged")
+        cp = self.within_cuts(cp)
+        heads = cp.heads()
+        for node, seq in cp.covers.items():
+            both = min(seq, self.vv.get(node, 0))
+            if both > covers.get(node, 0):
+                held = self._head_at(node, both)
+            elif len(held_logs.get(node, ())) >= both > 0:
+                held = head_of(held_logs[node][both - 1])
+            else:
+                held = None
+            if held is not None and entry_hash(cp.logs[node][both - 1]) != held.hash:
+                ev = chain.proof(held, head_of(cp.logs[node][both - 1]), source)
+                if ev is not None:  # (None: ours is folded unsigned, bound by the chain)
+                    self.add_evidence(ev)
+                raise chain.Forked(node, both)
         new_covers = dict(covers)
         for node, seq in cp.covers.items():
             new_covers[node] = max(new_covers.get(node, 0), seq)
         if new_covers == covers:
             return Changes(frozenset(), frozenset())
         reach = {n: min(s, self.vv.get(n, 0)) for n, s in new_covers.items()}
-        mine = [self._open(e, signed_already=True) for e in self._entries_between(covers, reach)]
-        current = self.checkpoint
-        old = current.ops if current is not None else ()
-        merged = Checkpoint(new_covers, tuple(compact([*old, *mine, *cp.ops], self._horizon())))
-        sealed = seal_checkpoint(self.keys, self.identity, merged)
+        logs: dict[bytes, Sequence[LogEntry]] = dict(held_logs)
+        for node, entries in cp.logs.items():
+            if len(entries) > len(logs.get(node, ())):
+                logs[node] = entries
+        for node, top in reach.items():
+            have = len(logs.get(node, ()))
+            if top > have:
+                more = self._entries_between({node: have}, {node: top})
+                logs[node] = (*logs.get(node, ()), *more)
+        new_covers = {n: len(e) for n, e in logs.items() if e}
+        sealed = seal_checkpoint(self.identity, logs)
         with self._writing():
             self.store.put_blocks(blocks)
             self.store.want_blocks(wanted, self._now())
             self.store.set_checkpoint(sealed, new_covers)
+            chain.store_heads(
+                self.store, {**heads, **{n: head_of(e[-1]) for n, e in logs.items() if e}}
+            )
         self._set_checkpoint()
         for node, seq in new_covers.items():
             self.vv[node] = max(self.vv.get(node, 0), seq)
         self._next_seq = max(self._next_seq, self.vv.get(self.identity.node_id, 0) + 1)
+        self._own_prev = self.hash_at(self.identity.node_id, self._next_seq - 1) or GENESIS
         now = self._now()
         for op in cp.ops:
             self.clock.observe(op.hlc, now)
@@ -421,6 +483,24 @@ class Journal:
         own = tops.get(self.identity.node_id)
         if own is not None:
             self.clock.restore(own)
+    def within_cuts(self, cp: Checkpoint) -> Checkpoint:
+        """`cp` without the entries (and their ops) of forgotten or forked
+        nodes past their cuts: a peer that folded them before it learnt of
+        the cut must not bring them back here."""
+        own = self.identity.node_id
+        cuts = {n: c for n, c in self.cuts().items() if n != own and cp.covers.get(n, 0) > c}
+        if not cuts:
+            return cp
+        logs = {n: e[: cuts[n]] if n in cuts else e for n, e in cp.logs.items()}
+        seen: dict[bytes, int] = {}
+        ops = []
+        for op in cp.ops:  # each node's ops in seq order, one per entry (`open_checkpoint`)
+            node = op.hlc.node
+            seen[node] = seen.get(node, 0) + 1
+            if node not in cuts or seen[node] <= cuts[node]:
+                ops.append(op)
+        logs = {n: e for n, e in logs.items() if e}
+        return Checkpoint({n: len(e) for n, e in logs.items()}, tuple(ops), logs, cp.folder)
 
     def _horizon(self) -> int:
         return self._now() - self.history_ms
@@ -440,11 +520,126 @@ class Journal:
             self._tops = tops
         return self._tops.get(node)
 
+    # -- the chain: heads and evidence ---------------------------------------------
+    def hash_at(self, node: bytes, seq: int) -> bytes | None:
+        """The hash of entry (node, seq) if this node can tell (0: `GENESIS`)."""
+        if seq == 0:
+            return GENESIS
+        head = self._head_at(node, seq)
+        return None if head is None else head.hash
+
+    def _head_at(self, node: bytes, seq: int) -> Head | None:
+        entry = self.store.entry_at(node, seq)
+        if entry is not None:
+            return head_of(entry)
+        head = chain.load_heads(self.store).get(node)
+        return head if head is not None and head.seq == seq else None
+
+    def heads(self) -> dict[bytes, Head]:
+        """This node's newest signed head of every node it holds entries of
+        (what `/hello` and `/watch` carry)."""
+        out: dict[bytes, Head] = {}
+        folded = chain.load_heads(self.store)
+        for node, seq in self.vv.items():
+            entry = self.store.entry_at(node, seq)
+            head = head_of(entry) if entry is not None else folded.get(node)
+            if head is not None and head.seq == seq:
+                out[node] = head
+        return out
+
+    def check_heads(self, heads: Iterable[Head], source: str) -> list[Evidence]:
+        """Compare a peer's heads with what this node holds at the same seqs;
+        keep the contradictions and return those not kept before (heads that
+        do not verify are ignored: they prove nothing against their node)."""
+        found = []
+        for theirs in heads:
+            if theirs.seq > self.vv.get(theirs.node, 0):
+                continue  # nothing held there to compare (and no lookup for made-up nodes)
+            ours = self._head_at(theirs.node, theirs.seq)
+            if ours is None or ours.hash == theirs.hash:
+                continue
+            ev = chain.proof(ours, theirs, source)
+            if ev is not None:
+                found.append(ev)
+        return [ev for ev in found if self.add_evidence(ev)]
+
+    def proofs(self) -> list[tuple[Head, Head]]:
+        """The fork proofs this node keeps, to pass on (`chain.proof` checks them)."""
+        if self._proofs is None:
+            self._proofs = chain.fork_proofs(self.store.evidence(chain.FORK_KINDS))
+        return self._proofs
+
+    def add_evidence(self, ev: Evidence) -> bool:
+        """Keep `ev`; the first time, say so at WARNING and, for a fork, stop
+        taking the node's entries from the fork on (dropping those held)."""
+        if not self.store.add_evidence(ev):
+            return False
+        if ev.node == self.identity.node_id:
+            log.warning(
+                "this node's own log forked at seq %d (was its data dir restored from an "
+                "old copy?): the other nodes no longer take its writes from there; join "
+                "again with a fresh --data-dir",
+                ev.seq,
+            )
+        log.warning(
+            "node %s lied: %s at seq %d (%s); from=%s; kept as evidence",
+            ev.node.hex()[:8],
+            ev.kind,
+            ev.seq,
+            ev.detail,
+            ev.source,
+        )
+        if ev.kind in chain.FORK_KINDS:
+            self._proofs = None
+            self.fork_cuts = chain.fork_cuts(self.store.evidence(chain.FORK_KINDS))
+            changes = self.enforce_forgets()
+            if changes is not None:
+                self._notify(changes)
+                self._grown()
+        return True
+
+    def _chained(self, fresh: list[tuple[LogEntry, Op]], source: str) -> list[tuple[LogEntry, Op]]:
+        """`fresh` (entries new here) up to, per node, the first that does not
+        link onto the entry before it; a break is a fork, kept as evidence."""
+        out: list[tuple[LogEntry, Op]] = []
+        last: dict[bytes, Head] = {}
+        broken: set[bytes] = set()
+        for e, op in sorted(fresh, key=lambda pair: (pair[0].node, pair[0].seq)):
+            if e.node in broken:
+                continue
+            before = last.get(e.node)
+            if before is None or before.seq != e.seq - 1:
+                before = self._head_at(e.node, e.seq - 1) if e.seq > 1 else None
+            if chain.links(before, e):
+                out.append((e, op))
+                last[e.node] = head_of(e)
+                continue
+            broken.add(e.node)
+            ev = chain.proof(before, head_of(e), source) if before is not None else None
+            if ev is not None:
+                self.add_evidence(ev)
+            else:
+                log.warning(
+                    "refused entry %s/%d: it does not chain (from=%s)",
+                    e.node.hex()[:8],
+                    e.seq,
+                    source,
+                )
+        return out
+
     # -- forgotten nodes ---------------------------------------------------------
+    def cuts(self) -> dict[bytes, int]:
+        """Node -> the last seq of its log that still counts: forgotten nodes'
+        cuts (`crdt.ops.Forget`) and, for nodes that forked, the seq before the fork."""
+        cuts = self.replica.forgotten()
+        for node, seq in self.fork_cuts.items():
+            cuts[node] = min(seq, cuts.get(node, seq))
+        return cuts
+
     def accepts(self, node: bytes, seq: int) -> bool:
         """False for an entry of a forgotten node past its cut (see `crdt.ops.Forget`),
         or one this node refuses now (`Refused`)."""
-        return self._within(self.replica.forgotten(), node, seq) and not self._refuses(node, seq)
+        return self._within(self.cuts(), node, seq) and not self._refuses(node, seq)
 
     def _refuse(self, refused: Refused, source: str, batch: Sequence[Op]) -> None:
         self.refused[refused.node] = refused
@@ -487,7 +682,7 @@ class Journal:
 
     def capped(self, vv: dict[bytes, int]) -> dict[bytes, int]:
         """`vv` without what this node would refuse (forgotten nodes' tails)."""
-        cuts = self.replica.forgotten()
+        cuts = self.cuts()
         own = self.identity.node_id
         out = {n: min(s, cuts[n]) if n in cuts and n != own else s for n, s in vv.items()}
         for node, refused in list(self.refused.items()):
@@ -501,17 +696,18 @@ class Journal:
         replica from the log without them, so every node ends up with the
         same operations. Returns what changed, or None if nothing was held."""
         own = self.identity.node_id
+        covers = self.store.covers()
         over = {
-            n: cut
-            for n, cut in self.replica.forgotten().items()
-            if n != own and self.vv.get(n, 0) > cut
+            n: max(cut, covers.get(n, 0))  # what is folded stays (see `peer.chain`)
+            for n, cut in self.cuts().items()
+            if n != own and self.vv.get(n, 0) > max(cut, covers.get(n, 0))
         }
         if not over:
             return None
         with self.store.transaction():
             dropped = sum(self.store.delete_log_after(n, cut) for n, cut in over.items())
         log.warning(
-            "dropped %d operation(s) of forgotten node(s) %s written after they were forgotten",
+            "dropped %d operation(s) of node(s) %s written after they were forgotten or forked",
             dropped,
             ",".join(n.hex()[:8] for n in over),
         )

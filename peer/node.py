@@ -131,6 +131,8 @@ class NodeStatus:
     entries_refused: dict[str, str]
     # Causal stability and collection: what is stable, who holds it back.
     gc: dict[str, Any]
+    # What members signed that contradicts itself (`peer.chain`), oldest first.
+    lies: list[dict[str, Any]]
     # The local status page (without its token; `dfs-peer open` adds it), or "".
     page: str = ""
     # While behind the peers: forward-only progress (see `peer.progress`).
@@ -332,8 +334,25 @@ class Node:
         cut = gc.forget_cut(self.stability, node)
         name = self.replica.members().get(node, "?")
         self.journal.commit(lambda stamp: [gc.Forget(stamp(), node, cut)])
-        log.info("forgot member node=%s name=%s upto=%d", node.hex()[:8], name, cut)
-        return {"id": node.hex(), "name": name, "upto": cut}
+        done = node in self.replica.forgotten()
+        votes, needed = gc.forget_tally(self.replica, node)
+        log.info(
+            "voted to forget member node=%s name=%s upto=%d votes=%d needed=%d forgotten=%s",
+            node.hex()[:8],
+            name,
+            cut,
+            votes,
+            needed,
+            done,
+        )
+        return {
+            "id": node.hex(),
+            "name": name,
+            "upto": cut,
+            "forgotten": done,
+            "votes": votes,
+            "needed": needed,
+        }
 
     def close(self) -> None:
         try:
@@ -385,7 +404,24 @@ class Node:
             page=self.page_url,
             catching_up=asdict(self.catch_up.last) if self.catch_up.last is not None else None,
             conflicts=history.conflicts(self.replica),
+            lies=self.lies(),
         )
+
+    def lies(self) -> list[dict[str, Any]]:
+        """The evidence this node keeps of members that lied (`peer.chain`)."""
+        names = self.replica.members()
+        return [
+            {
+                "node": ev.node.hex(),
+                "name": names.get(ev.node),
+                "seq": ev.seq,
+                "kind": ev.kind,
+                "detail": ev.detail,
+                "from": ev.source,
+                "seen": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ev.seen_ms / 1000)),
+            }
+            for ev in self.store.evidence(proofs=False)
+        ]
 
 
 NODE_KEY: web.AppKey[Node] = web.AppKey("node", Node)

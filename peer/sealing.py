@@ -10,10 +10,22 @@ secret. Failures raise; they are never a warning.
 Sealed format, version 1: `0x01 || nonce (24 random bytes) || XChaCha20-Poly1305
 ciphertext and tag`, with the identity as associated data. 192-bit random
 nonces make reuse negligible without any nonce state to keep or lose.
+
+Each node's log is a hash chain (entry format 2): entry (node, seq) names
+`prev`, the hash of the node's entry seq - 1 (32 zero bytes for seq 1), and
+its signature covers its hash, `BLAKE2b-256(context || node || seq || prev ||
+BLAKE2b-256(sealed))`. So one signed entry vouches for the node's whole log up
+to it, and two entries of one node at one seq with different hashes, both
+signed, prove that node forked its log. A signed *head* is an entry's header
+without the sealed bytes (`Head`): checkable by anyone, 170 bytes. Entries
+written before chaining (format 1: `prev` empty, the signature over the
+sealed bytes) still open; their hash is computed the same way with an empty
+`prev`, so the first chained entry after them binds them too.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import nacl.bindings
@@ -39,6 +51,10 @@ NODE_ID_BYTES = 32
 MAX_SEQ = (1 << 63) - 1
 
 _ENTRY_SIG_CONTEXT = b"dfs-peer:v1:entry"
+_CHAIN_SIG_CONTEXT = b"dfs-peer:v2:entry"
+_HASH_CONTEXT = b"dfs-peer:v2:entry-hash"
+HASH_BYTES = 32
+GENESIS = bytes(HASH_BYTES)  # the `prev` of a node's first entry
 _CHECK_AAD = b"dfs-peer:v1:check"
 _CHECK_PLAINTEXT = b"dfs-peer:v1:the secret opens this volume"
 
@@ -111,16 +127,66 @@ def open_block(keys: VolumeKeys, bid: bytes, sealed: bytes) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class LogEntry:
-    """Entry `seq` of `node`'s log: a sealed operation and the node's signature."""
+    """Entry `seq` of `node`'s log: a sealed operation and the node's signature.
+
+    `prev` is the hash of the node's entry `seq - 1` (`GENESIS` for seq 1);
+    empty for an entry written before logs were chained (format 1)."""
 
     node: bytes
     seq: int
     sealed: bytes
     sig: bytes
+    prev: bytes = b""
+
+    @property
+    def chained(self) -> bool:
+        return bool(self.prev)
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """A signed statement of `node`: its entry `seq` has hash `hash`.
+
+    For a chained entry it travels as (node, seq, prev, digest of the sealed
+    bytes, signature); for a format-1 entry the sealed bytes themselves stand
+    in for the digest (its signature covers them)."""
+
+    node: bytes
+    seq: int
+    prev: bytes
+    body: bytes  # digest of the sealed op (chained), or the sealed op (format 1)
+    sig: bytes
+
+    @property
+    def hash(self) -> bytes:
+        digest = self.body if self.prev else _digest(self.body)
+        return _chain_hash(self.node, self.seq, self.prev, digest)
 
 
 def _seq_bytes(seq: int) -> bytes:
     return seq.to_bytes(8, "big")
+
+
+def _digest(data: bytes) -> bytes:
+    # hashlib's BLAKE2b, the same function as nacl.hash.blake2b without a key:
+    # PyNaCl's argument checks cost ~100 us a call, a checkpoint hashes every
+    # entry twice (measured: 4.4 of 22 s of a 5,000-entry fold and open).
+    return hashlib.blake2b(data, digest_size=HASH_BYTES).digest()
+
+
+def _chain_hash(node: bytes, seq: int, prev: bytes, digest: bytes) -> bytes:
+    return _digest(_HASH_CONTEXT + node + _seq_bytes(seq) + prev + digest)
+
+
+def entry_hash(entry: LogEntry) -> bytes:
+    """The chain hash of an entry (what the next entry of its node names as `prev`)."""
+    return _chain_hash(entry.node, entry.seq, entry.prev, _digest(entry.sealed))
+
+
+def head_of(entry: LogEntry) -> Head:
+    """The signed head an entry makes (checked by `verify_head` as the entry was)."""
+    body = _digest(entry.sealed) if entry.chained else entry.sealed
+    return Head(entry.node, entry.seq, entry.prev, body, entry.sig)
 
 
 def _entry_aad(node: bytes, seq: int) -> bytes:
@@ -131,10 +197,26 @@ def _signed_bytes(node: bytes, seq: int, sealed: bytes) -> bytes:
     return _ENTRY_SIG_CONTEXT + node + _seq_bytes(seq) + sealed
 
 
-def seal_entry(keys: VolumeKeys, identity: NodeIdentity, seq: int, op_bytes: bytes) -> LogEntry:
-    """Entry `seq` of this node's log, holding the encoded operation `op_bytes`."""
+def seal_entry(
+    keys: VolumeKeys, identity: NodeIdentity, seq: int, op_bytes: bytes, prev: bytes = GENESIS
+) -> LogEntry:
+    """Entry `seq` of this node's log, holding the encoded operation `op_bytes`,
+    chained to `prev` (the hash of entry seq - 1; `GENESIS` for seq 1)."""
     if not 1 <= seq <= MAX_SEQ:
         raise ValueError(f"log seq out of range: {seq}")
+    if len(prev) != HASH_BYTES:
+        raise ValueError(f"prev is {len(prev)} bytes, not {HASH_BYTES}")
+    node = identity.node_id
+    sealed = seal(keys.log, op_bytes, _entry_aad(node, seq))
+    digest = _chain_hash(node, seq, prev, _digest(sealed))
+    return LogEntry(node, seq, sealed, identity.sign(_CHAIN_SIG_CONTEXT + digest), prev)
+
+
+def sign_legacy_entry(
+    keys: VolumeKeys, identity: NodeIdentity, seq: int, op_bytes: bytes
+) -> LogEntry:
+    """A format-1 (unchained) entry, as nodes wrote them before: for tests of
+    stores and peers that still hold such entries."""
     node = identity.node_id
     sealed = seal(keys.log, op_bytes, _entry_aad(node, seq))
     return LogEntry(node, seq, sealed, identity.sign(_signed_bytes(node, seq, sealed)))
@@ -142,16 +224,27 @@ def seal_entry(keys: VolumeKeys, identity: NodeIdentity, seq: int, op_bytes: byt
 
 def verify_entry(entry: LogEntry) -> None:
     """Check an entry's origin and integrity (no secret needed); `CorruptEntry` if not."""
-    if len(entry.node) != NODE_ID_BYTES:
-        raise CorruptEntry(f"node id is {len(entry.node)} bytes")
-    if not 1 <= entry.seq <= MAX_SEQ:
-        raise CorruptEntry(f"seq out of range: {entry.seq}")
-    if len(entry.sig) != SIGNATURE_BYTES:
-        raise CorruptEntry(f"signature is {len(entry.sig)} bytes")
-    where = f"{entry.node.hex()[:8]}/{entry.seq}"
+    verify_head(head_of(entry))
+
+
+def verify_head(head: Head) -> None:
+    """Check that `head.node` signed `head` (no secret needed); `CorruptEntry` if not."""
+    if len(head.node) != NODE_ID_BYTES:
+        raise CorruptEntry(f"node id is {len(head.node)} bytes")
+    if not 1 <= head.seq <= MAX_SEQ:
+        raise CorruptEntry(f"seq out of range: {head.seq}")
+    if len(head.sig) != SIGNATURE_BYTES:
+        raise CorruptEntry(f"signature is {len(head.sig)} bytes")
+    where = f"{head.node.hex()[:8]}/{head.seq}"
+    if head.prev and (len(head.prev) != HASH_BYTES or len(head.body) != HASH_BYTES):
+        raise CorruptEntry(f"entry {where}: malformed chain link")
+    if head.prev:
+        signed = _CHAIN_SIG_CONTEXT + head.hash
+    else:
+        signed = _signed_bytes(head.node, head.seq, head.body)
     try:
-        verify_key = nacl.signing.VerifyKey(entry.node)
-        verify_key.verify(_signed_bytes(entry.node, entry.seq, entry.sealed), entry.sig)
+        verify_key = nacl.signing.VerifyKey(head.node)
+        verify_key.verify(signed, head.sig)
     except nacl.exceptions.BadSignatureError as exc:
         raise CorruptEntry(f"entry {where}: bad signature") from exc
     except nacl.exceptions.CryptoError as exc:

@@ -178,7 +178,7 @@ async def watch(request: web.Request) -> web.Response:
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(wait):
             await sync.wait_log_differs(since)
-    return _cbor(wire.encode_vv(sync.journal.vv, sync.gossip()))
+    return _cbor(sync.watch_answer())
 
 
 def make_peer_app(sync: Sync) -> web.Application:

@@ -22,7 +22,7 @@ import contextlib
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
@@ -34,7 +34,8 @@ from peer.errors import CorruptStore
 from peer.sealing import LogEntry
 
 # 2: incremental auto-vacuum, so collected blocks give their space back.
-SCHEMA_VERSION = 2
+# 3: chained log entries (`log.prev`) and the evidence of members that lied.
+SCHEMA_VERSION = 3
 ROOT_INODE = 1
 _BUSY_TIMEOUT_MS = 5000
 # Large pages because most bytes are 128 KiB sealed blocks: on this machine
@@ -52,6 +53,21 @@ _IN_CHUNK = 500
 _CHECKPOINT_META = "checkpoint"
 _COVERS_META = "checkpoint_covers"
 
+# What a member signed that contradicts itself or the rest (`peer.chain`):
+# kept, never overwritten, shown by `status`. `a` and `b` are the two signed
+# statements (CBOR heads or entries), `detail` says what they show.
+_EVIDENCE_TABLE = """CREATE TABLE evidence (
+        node BLOB NOT NULL,
+        seq INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        source TEXT NOT NULL,
+        seen_ms INTEGER NOT NULL,
+        a BLOB NOT NULL,
+        b BLOB NOT NULL,
+        PRIMARY KEY (node, seq, kind)
+    ) WITHOUT ROWID"""
+
 _SCHEMA = (
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB) WITHOUT ROWID",
     """CREATE TABLE log (
@@ -59,6 +75,7 @@ _SCHEMA = (
         seq INTEGER NOT NULL,
         sealed BLOB NOT NULL,
         sig BLOB NOT NULL,
+        prev BLOB NOT NULL DEFAULT x'',
         PRIMARY KEY (node, seq)
     ) WITHOUT ROWID""",
     # A rowid table, not WITHOUT ROWID: a WITHOUT ROWID row lives in the
@@ -75,6 +92,7 @@ _SCHEMA = (
         inode INTEGER PRIMARY KEY AUTOINCREMENT,
         entry BLOB UNIQUE NOT NULL
     )""",
+    _EVIDENCE_TABLE,
 )
 # Blocks the merged state needs that no peer could provide when their
 # operations merged (`peer.sync`): fetched again in the background, and until
@@ -96,6 +114,20 @@ class StoreStats:
     db_bytes: int
 
 
+@dataclass(frozen=True, slots=True)
+class Evidence:
+    """Two statements signed by `node` that cannot both be true (`peer.chain`)."""
+
+    node: bytes
+    seq: int
+    kind: str  # "fork" (two entries at one seq), "forged checkpoint", ...
+    detail: str
+    source: str  # the peer address it came from
+    seen_ms: int
+    a: bytes
+    b: bytes
+
+
 class Store:
     """The SQLite store of one node; open with `Store.open(path)`."""
 
@@ -107,6 +139,8 @@ class Store:
         self._owner: int | None = None
         self._unsynced = False
         self._covers: dict[bytes, int] | None = None
+        # A read-only store of an older schema has no `log.prev` (format-1 entries).
+        self._prev_column = "prev"
 
     @classmethod
     def open(cls, path: Path) -> Store:
@@ -199,6 +233,8 @@ class Store:
             self._conn.execute(_WANTED_SCHEMA)
         if version < 2:
             self._migrate_to_incremental_vacuum()
+        if version < 3:
+            self._migrate_to_chained_log()
 
     def _migrate_to_incremental_vacuum(self) -> None:
         """Version 1 -> 2: switch on incremental auto-vacuum (a one-off VACUUM,
@@ -207,7 +243,19 @@ class Store:
             self._conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
             self._conn.execute("VACUUM")
         with self.transaction():
-            self.set_meta("schema_version", str(SCHEMA_VERSION).encode())
+            self.set_meta("schema_version", b"2")
+
+    def _migrate_to_chained_log(self) -> None:
+        """Version 2 -> 3: a `prev` column (empty: the entries already held are
+        format 1, unchained) and the evidence table. Entries keep their bytes."""
+        with self.transaction():
+            columns = {row[1] for row in self._conn.execute("PRAGMA table_info(log)")}
+            if "prev" not in columns:
+                self._conn.execute("ALTER TABLE log ADD COLUMN prev BLOB NOT NULL DEFAULT x''")
+            self._conn.execute(
+                _EVIDENCE_TABLE.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS")
+            )
+            self.set_meta("schema_version", b"3")
 
     def close(self) -> None:
         with self._lock:
@@ -295,8 +343,8 @@ class Store:
         batch = list(entries)
         before = self._conn.total_changes
         self._conn.executemany(
-            "INSERT OR IGNORE INTO log (node, seq, sealed, sig) VALUES (?, ?, ?, ?)",
-            [(e.node, e.seq, e.sealed, e.sig) for e in batch],
+            "INSERT OR IGNORE INTO log (node, seq, sealed, sig, prev) VALUES (?, ?, ?, ?, ?)",
+            [(e.node, e.seq, e.sealed, e.sig, e.prev) for e in batch],
         )
         inserted = self._conn.total_changes - before
         keys = {(e.node, e.seq) for e in batch}
@@ -318,10 +366,19 @@ class Store:
         """Up to `limit` entries of `node`'s log with seq > `after_seq`, in order."""
         with self._lock:
             rows = self._conn.execute(
-                "SELECT seq, sealed, sig FROM log WHERE node = ? AND seq > ? ORDER BY seq LIMIT ?",
+                f"SELECT seq, sealed, sig, {self._prev_column} FROM log"
+                " WHERE node = ? AND seq > ? ORDER BY seq LIMIT ?",
                 (node, after_seq, limit),
             ).fetchall()
-        return [LogEntry(node, seq, bytes(sealed), bytes(sig)) for seq, sealed, sig in rows]
+        return [
+            LogEntry(node, seq, bytes(sealed), bytes(sig), bytes(prev))
+            for seq, sealed, sig, prev in rows
+        ]
+
+    def entry_at(self, node: bytes, seq: int) -> LogEntry | None:
+        """Entry (node, seq), if the log holds it."""
+        chunk = self.log_after(node, seq - 1, 1)
+        return chunk[0] if chunk and chunk[0].seq == seq else None
 
     def _nodes(self) -> list[bytes]:
         # A seek per node rather than SELECT DISTINCT, which would read every
@@ -523,6 +580,37 @@ class Store:
         cursor = self._conn.execute("DELETE FROM log WHERE node = ? AND seq > ?", (node, seq))
         return cursor.rowcount
 
+    # Evidence
+
+    def add_evidence(self, ev: Evidence) -> bool:
+        """Keep `ev` unless one of its (node, seq, kind) is kept already;
+        returns whether it is new. Joins the caller's transaction, if any."""
+        with self.transaction():
+            before = self._conn.total_changes
+            self._conn.execute(
+                "INSERT OR IGNORE INTO evidence (node, seq, kind, detail, source, seen_ms, a, b)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (ev.node, ev.seq, ev.kind, ev.detail, ev.source, ev.seen_ms, ev.a, ev.b),
+            )
+            return self._conn.total_changes > before
+
+    def evidence(self, kinds: Sequence[str] | None = None, proofs: bool = True) -> list[Evidence]:
+        """The contradictions kept (of `kinds`, or all), oldest first; without
+        `proofs`, their `a` and `b` are left empty (a forged checkpoint's is
+        the whole checkpoint)."""
+        where = f" WHERE kind IN ({','.join('?' * len(kinds))})" if kinds is not None else ""
+        blobs = "a, b" if proofs else "x'', x''"
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT node, seq, kind, detail, source, seen_ms, {blobs} FROM evidence{where}"
+                " ORDER BY seen_ms, node, seq",
+                tuple(kinds or ()),
+            ).fetchall()
+        return [
+            Evidence(bytes(n), int(s), str(k), str(d), str(src), int(ms), bytes(a), bytes(b))
+            for n, s, k, d, src, ms, a, b in rows
+        ]
+
     # Inodes
 
     def inode_of(self, entry: bytes) -> int:
@@ -598,10 +686,17 @@ class ReadOnlyStore(Store):
         self._conn.execute("PRAGMA query_only = ON")
 
     def _migrate(self) -> None:
-        # Every version so far has the same tables; a newer one may not.
+        # Versions before 3 lack `log.prev` and the evidence table; a newer one may differ.
         raw = self.get_meta("schema_version") or b""
         if not raw.isdigit() or not 1 <= int(raw) <= SCHEMA_VERSION:
             raise CorruptStore(path=self.path, detail=f"unknown schema version {raw!r}")
+        if int(raw) < 3:
+            self._prev_column = "x''"
+
+    def evidence(self, kinds: Sequence[str] | None = None, proofs: bool = True) -> list[Evidence]:
+        if self._prev_column != "prev":
+            return []  # a store from before evidence was kept
+        return super().evidence(kinds, proofs)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:

@@ -36,7 +36,7 @@ from aiohttp import web
 from crdt.content import Contents, Version
 from crdt.merge import Changes
 from crdt.ops import BLOCK_SIZE, TRASH, Move, Op, Write
-from peer import wire
+from peer import chain, wire
 from peer.auth import (
     HEADER_MAC,
     HEADER_SERVER_TIME,
@@ -47,14 +47,14 @@ from peer.auth import (
     wall_ms,
 )
 from peer.blocks import Blocks
-from peer.checkpoint import covered, open_checkpoint
+from peer.checkpoint import ForgedCheckpoint, covered, open_checkpoint
 from peer.errors import CorruptBlock, CorruptEntry
 from peer.gc import Stability
 from peer.identity import NodeIdentity
 from peer.journal import Journal
 from peer.keys import VolumeKeys
 from peer.metrics import Metrics
-from peer.sealing import LogEntry, open_block
+from peer.sealing import Head, LogEntry, open_block
 from peer.server import MAX_WATCH_S, Pairing, make_peer_app
 
 log = logging.getLogger(__name__)
@@ -405,6 +405,7 @@ class Sync:
                 link.connected, link.last_error = True, None
                 link.last_seen = time.time()
                 self._learn(hello.node, hello.vv, hello.known)
+                await self._compare_chains(link, hello.heads, hello.forks)
                 backoff = BACKOFF_MIN_S
                 self._want_next.clear()  # a peer that may have wanted blocks
                 self._want_wake.set()
@@ -416,6 +417,7 @@ class Sync:
                     link.vv = watched.vv
                     link.last_seen = time.time()
                     self._learn(hello.node, watched.vv, watched.known)
+                    await self._compare_chains(link, watched.heads, watched.forks)
             except asyncio.CancelledError:
                 link.connected = False
                 raise
@@ -457,6 +459,37 @@ class Sync:
         self._gossip_version += 1
         self._log_grew()
 
+    async def _compare_chains(self, link: Link, heads: list[Head], forks: list[wire.Proof]) -> None:
+        """Check a peer's heads against ours and take its fork proofs
+        (`peer.chain`). Where heads differ, the fork may lie lower: ask the
+        peer for that node's entries and keep the first that differs."""
+        journal = self.journal
+        for a, b in forks:
+            cut = journal.fork_cuts.get(a.node)
+            if cut is not None and cut <= min(a.seq, b.seq) - 1:
+                continue  # nothing this proof could add (and two signature checks saved)
+            ev = chain.proof(a, b, link.address)
+            if ev is not None:
+                journal.add_evidence(ev)
+        for ev in journal.check_heads(heads, link.address):
+            await self._locate_fork(link, ev.node)
+
+    async def _locate_fork(self, link: Link, node: bytes) -> None:
+        client = link.client
+        assert client is not None
+        low = self.store.covers().get(node, 0)
+        resp = await client.log({**link.vv, node: low})
+        for e in resp.entries:
+            if e.node != node:
+                continue
+            ours = self.store.entry_at(node, e.seq)
+            if ours is None:
+                break
+            ev = chain.proof(chain.head_of(ours), chain.head_of(e), link.address)
+            if ev is not None:
+                self.journal.add_evidence(ev)
+                break
+
     def gossip(self) -> wire.Gossip:
         return self.stability.gossip() if self.stability is not None else {}
 
@@ -476,17 +509,22 @@ class Sync:
         async with self._pull_lock:
             while _behind(journal.capped(link.vv), journal.vv) > 0:
                 resp = await client.log(journal.asking_vv(link.vv))
+                progressed, stuck = False, False
                 if resp.checkpoint is not None:
-                    await self._adopt(link, resp.checkpoint)
+                    before = dict(journal.vv)
+                    covered_now = await self._adopt(link, resp.checkpoint)
+                    progressed = journal.vv != before
+                    # It will be sent again: what it covers past a cut is refused here.
+                    stuck = not covered_now and not progressed
                 entries = [
                     e
                     for e in resp.entries
                     if e.seq > journal.vv.get(e.node, 0) and journal.accepts(e.node, e.seq)
                 ]
                 if not entries:
-                    if (resp.entries or not resp.more) and resp.checkpoint is None:
-                        return
-                    continue
+                    if progressed or (not resp.entries and resp.more and not stuck):
+                        continue
+                    return
                 ops = await asyncio.to_thread(self.journal.open_entries, entries)
                 await self._merge(link, entries, ops)
                 link.last_seen = time.time()
@@ -499,15 +537,24 @@ class Sync:
                 if not resp.more and _behind(journal.capped(link.vv), journal.vv) == 0:
                     return
 
-    async def _adopt(self, link: Link, blob: bytes) -> None:
-        """Verify a peer's checkpoint, fetch the blocks its heads need, merge it."""
-        cp = await asyncio.to_thread(open_checkpoint, self.journal.keys, blob)
+    async def _adopt(self, link: Link, blob: bytes) -> bool:
+        """Verify a peer's checkpoint, fetch the blocks its heads need, merge it;
+        whether this node's vector now covers it (the peer will not send it again)."""
+        try:
+            cp = await asyncio.to_thread(open_checkpoint, self.journal.keys, blob)
+        except ForgedCheckpoint as exc:
+            self.journal.add_evidence(
+                chain.forged_checkpoint(exc.folder, exc.detail, link.address, blob)
+            )
+            raise
+        covers = cp.covers  # what the peer compares our vector with
+        cp = self.journal.within_cuts(cp)
         if covered(self.journal.vv, cp.covers):
-            return  # what it folds arrived meanwhile
+            return covered(self.journal.vv, covers)  # what it folds arrived meanwhile
         ops = cp.ops
         required, optional = self._needed(ops)
         fetched, lost = await self._fetch(list(required), prefer=link, optional=list(optional))
-        changes = self.journal.adopt_checkpoint(cp, fetched, wanted=lost)
+        changes = self.journal.adopt_checkpoint(cp, fetched, wanted=lost, source=link.address)
         self._now_wanted(lost, link)
         self.metrics.ops_received.labels(link.label).inc(len(ops))  # old: no merge delay
         self.ops_in += len(ops)
@@ -519,6 +566,7 @@ class Sync:
         if self.after_bulk is not None:
             self.after_bulk()
         await self.on_remote(changes)
+        return covered(self.journal.vv, covers)
 
     def _needed(self, ops: Sequence[Op]) -> tuple[set[bytes], set[bytes]]:
         """(required, optional): the blocks merging `ops` needs that this node lacks.
@@ -769,7 +817,20 @@ class Sync:
     # -- serving -------------------------------------------------------------------
     def hello(self) -> wire.Hello:
         return wire.Hello(
-            PROTOCOL, self.identity.node_id, self.name, dict(self.journal.vv), self.gossip()
+            PROTOCOL,
+            self.identity.node_id,
+            self.name,
+            dict(self.journal.vv),
+            self.gossip(),
+            list(self.journal.heads().values()),
+            self.journal.proofs(),
+        )
+
+    def watch_answer(self) -> bytes:
+        """What a long poll answers: our vector, gossip, heads and fork proofs."""
+        journal = self.journal
+        return wire.encode_vv(
+            journal.vv, self.gossip(), list(journal.heads().values()), journal.proofs()
         )
 
     def entries_for(self, theirs: dict[bytes, int], max_bytes: int) -> wire.LogResponse:

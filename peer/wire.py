@@ -15,7 +15,15 @@ from typing import Any
 
 import cbor2
 
-from peer.sealing import BLOCK_ID_BYTES, MAX_SEQ, NODE_ID_BYTES, SIGNATURE_BYTES, LogEntry
+from peer.sealing import (
+    BLOCK_ID_BYTES,
+    HASH_BYTES,
+    MAX_SEQ,
+    NODE_ID_BYTES,
+    SIGNATURE_BYTES,
+    Head,
+    LogEntry,
+)
 
 # A request body is small (a version vector or a list of block ids).
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
@@ -28,6 +36,9 @@ MAX_SEALED_BYTES = 1024 * 1024
 MAX_CHECKPOINT_BYTES = 32 * 1024 * 1024  # a sealed checkpoint (`peer.checkpoint`)
 MAX_NAME = 256
 MAX_VV_NODES = 100_000
+# Signed heads a hello or watch answer carries (one per node), and fork proofs.
+MAX_HEADS = MAX_VV_NODES
+MAX_PROOFS = 1024
 # Gossip: the vectors a node passes on of other members, and how many
 # (node, seq) pairs all of them may hold together.
 MAX_KNOWN_NODES = 1024
@@ -43,6 +54,9 @@ class BadMessage(Exception):
     """A body that is not a well-formed message of the protocol."""
 
 
+Proof = tuple[Head, Head]
+
+
 @dataclass(frozen=True, slots=True)
 class Hello:
     protocol: int
@@ -50,14 +64,21 @@ class Hello:
     name: str
     vv: VersionVector
     known: Gossip = field(default_factory=dict)
+    # The sender's newest signed head of each node it holds (`peer.chain`),
+    # and the fork proofs it keeps.
+    heads: list[Head] = field(default_factory=list)
+    forks: list[Proof] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
 class Watch:
-    """A long poll's answer: the peer's vector, and the vectors it knows of."""
+    """A long poll's answer: the peer's vector, the vectors it knows of, its
+    heads and fork proofs (as in `Hello`)."""
 
     vv: VersionVector
     known: Gossip = field(default_factory=dict)
+    heads: list[Head] = field(default_factory=list)
+    forks: list[Proof] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +168,54 @@ def _known_out(known: Gossip) -> dict[bytes, list[Any]]:
     return {node: [vv, seen] for node, (vv, seen) in known.items()}
 
 
+def _head_out(h: Head) -> list[Any]:
+    return [h.node, h.seq, h.prev, h.body, h.sig]
+
+
+def _head(obj: Any) -> Head:
+    if not isinstance(obj, list) or len(obj) != 5:
+        raise BadMessage("malformed head")
+    node, seq, prev, body, sig = obj
+    prev = _bytes(prev)
+    if len(prev) not in (0, HASH_BYTES):
+        raise BadMessage("malformed head")
+    return Head(
+        _bytes(node, NODE_ID_BYTES),
+        _int(seq, 1),
+        prev,
+        _bytes(body, HASH_BYTES) if prev else _bytes(body),
+        _bytes(sig, SIGNATURE_BYTES),
+    )
+
+
+def _heads(obj: Any) -> list[Head]:
+    if obj is None:
+        return []
+    if not isinstance(obj, list) or len(obj) > MAX_HEADS:
+        raise BadMessage("malformed heads")
+    return [_head(item) for item in obj]
+
+
+def _forks(obj: Any) -> list[Proof]:
+    if obj is None:
+        return []
+    if not isinstance(obj, list) or len(obj) > MAX_PROOFS:
+        raise BadMessage("malformed fork proofs")
+    out = []
+    for item in obj:
+        if not isinstance(item, list) or len(item) != 2:
+            raise BadMessage("malformed fork proof")
+        out.append((_head(item[0]), _head(item[1])))
+    return out
+
+
+def _chain_out(heads: list[Head], forks: list[Proof]) -> dict[str, Any]:
+    return {
+        "heads": [_head_out(h) for h in heads],
+        "forks": [[_head_out(a), _head_out(b)] for a, b in forks],
+    }
+
+
 # -- hello -------------------------------------------------------------------------
 
 
@@ -158,6 +227,7 @@ def encode_hello(hello: Hello) -> bytes:
             "name": hello.name,
             "vv": hello.vv,
             "known": _known_out(hello.known),
+            **_chain_out(hello.heads, hello.forks),
         }
     )
 
@@ -168,7 +238,13 @@ def decode_hello(body: bytes) -> Hello:
     if not isinstance(name, str) or len(name) > MAX_NAME:
         raise BadMessage("malformed name")
     return Hello(
-        _int(m["v"]), _bytes(m["node"], NODE_ID_BYTES), name, _vv(m["vv"]), _known(m.get("known"))
+        _int(m["v"]),
+        _bytes(m["node"], NODE_ID_BYTES),
+        name,
+        _vv(m["vv"]),
+        _known(m.get("known")),
+        _heads(m.get("heads")),
+        _forks(m.get("forks")),
     )
 
 
@@ -186,7 +262,7 @@ def decode_log_request(body: bytes) -> LogRequest:
 
 def encode_log_response(resp: LogResponse) -> bytes:
     body: dict[str, Any] = {
-        "entries": [[e.node, e.seq, e.sealed, e.sig] for e in resp.entries],
+        "entries": [[e.node, e.seq, e.sealed, e.sig, e.prev] for e in resp.entries],
         "more": resp.more,
     }
     if resp.checkpoint is not None:
@@ -201,15 +277,19 @@ def decode_log_response(body: bytes) -> LogResponse:
         raise BadMessage("malformed log response")
     entries = []
     for item in raw:
-        if not isinstance(item, list) or len(item) != 4:
+        if not isinstance(item, list) or len(item) != 5:
             raise BadMessage("malformed log entry")
-        node, seq, sealed, sig = item
+        node, seq, sealed, sig, prev = item
+        prev = _bytes(prev)
+        if len(prev) not in (0, HASH_BYTES):
+            raise BadMessage("malformed log entry")
         entries.append(
             LogEntry(
                 _bytes(node, NODE_ID_BYTES),
                 _int(seq, 1),
                 _bytes(sealed),
                 _bytes(sig, SIGNATURE_BYTES),
+                prev,
             )
         )
     checkpoint = m.get("checkpoint")
@@ -253,8 +333,15 @@ def decode_blocks_response(body: bytes) -> BlocksResponse:
 # -- watch -------------------------------------------------------------------------
 
 
-def encode_vv(vv: VersionVector, known: Gossip | None = None) -> bytes:
-    return encode({"vv": vv, "known": _known_out(known or {})})
+def encode_vv(
+    vv: VersionVector,
+    known: Gossip | None = None,
+    heads: list[Head] | None = None,
+    forks: list[Proof] | None = None,
+) -> bytes:
+    return encode(
+        {"vv": vv, "known": _known_out(known or {}), **_chain_out(heads or [], forks or [])}
+    )
 
 
 def decode_vv(body: bytes) -> VersionVector:
@@ -263,7 +350,9 @@ def decode_vv(body: bytes) -> VersionVector:
 
 def decode_watch(body: bytes) -> Watch:
     m = _map(_load(body), {"vv"})
-    return Watch(_vv(m["vv"]), _known(m.get("known")))
+    return Watch(
+        _vv(m["vv"]), _known(m.get("known")), _heads(m.get("heads")), _forks(m.get("forks"))
+    )
 
 
 def vv_digest(vv: VersionVector) -> str:

@@ -3,8 +3,9 @@
 A, B and C (with `--keep-history 0`) share a volume; C writes a small file,
 then stops for good. A overwrites a 20 MiB file five times. Expected: `gc`
 frees nothing and names C as holding collection back; `dfs-peer forget C`
-refuses ambiguity and the node itself with one clear line, then records that C
-is gone; B learns it; `gc` on A and B then frees the old versions and each
+refuses ambiguity and the node itself with one clear line; on A it records
+A's vote only (one member alone forgets no one in a team of three); on B it
+makes the majority of the others and C is gone on both; `gc` on A and B then frees the old versions and each
 store shrinks to near the live data (the 20 MiB file and C's small one). The
 report gives the store sizes before and after.
 """
@@ -57,10 +58,13 @@ def run(c: Cluster) -> None:
             assert len(lines) == 1, f"expected one line, got: {done.stderr!r}"
             assert lines[0].startswith("dfs-peer: "), lines
         step.text = f"forget refused: {own.stderr.strip()!r}; {unknown.stderr.strip()!r}"
-    with c.report.step("dfs-peer forget C on A") as step:
+    with c.report.step("dfs-peer forget C on A, then on B") as step:
         done = cli(a, "forget", "C")
         assert done.returncode == 0, f"forget C failed: {done.stderr}"
-        step.text = f"dfs-peer forget C on A: {done.stdout.strip()}"
+        assert "voted to forget" in done.stdout, done.stdout
+        second = cli(b, "forget", "C")
+        assert second.returncode == 0, f"forget C on B failed: {second.stderr}"
+        step.text = f"dfs-peer forget C on A: {done.stdout.strip()}; on B: {second.stdout.strip()}"
     with c.report.step("B learnt that C is forgotten; nobody holds collection back"):
         c.wait_until(
             lambda: not held_back_by(a) and not held_back_by(b),

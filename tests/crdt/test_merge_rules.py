@@ -659,3 +659,39 @@ def test_forget_removes_a_member_in_any_order_and_the_greatest_cut_wins() -> Non
         assert replica.current_members() == {alice.node: "alice", bob.node: "bob"}
         assert replica.members()[carol.node] == "carol"  # its name still names its copies
         assert replica.snapshot() == replicas[0].snapshot()
+
+
+def test_one_member_alone_cannot_forget_another_in_a_team_of_three() -> None:
+    """A `Forget` is a vote: it takes more than half of the other members (or
+    the node itself, leaving), whatever order the votes and members arrive in."""
+    alice, bob = alice_and_bob()
+    carol = SimNode.named("carol")
+    sync(alice, bob, carol)
+    liar = Forget(carol.stamp(), alice.node, 7)
+    carol.commit(liar)
+    members = [*alice.held.values(), *bob.held.values(), *carol.held.values()]
+    for ops in (members, list(reversed(members))):
+        replica = Replica()
+        replica.apply(ops)
+        assert replica.forgotten() == {}
+        assert set(replica.current_members()) == {alice.node, bob.node, carol.node}
+        assert replica.forget_votes() == {alice.node: {carol.node: 7}}
+    # Carol forgetting Alice, and Alice forgetting Carol, cancel nothing: Bob
+    # decides. With Bob's vote against Carol, Carol is forgotten, and her vote
+    # no longer counts.
+    counter = Forget(alice.stamp(), carol.node, 4)
+    second = Forget(bob.stamp(), carol.node, 3)
+    for ops in ([*members, counter], [*members, counter, second]):
+        replica = Replica()
+        for op in reversed(ops):
+            replica.apply([op])
+        expected = {carol.node: 4} if second in ops else {}
+        assert replica.forgotten() == expected
+    leaving = Forget(bob.stamp(), bob.node, 2)  # a node may forget itself
+    replica = Replica()
+    replica.apply([op for op in members if op != liar] + [leaving])
+    assert replica.forgotten() == {bob.node: 2}
+    # ... and then two are left, and in a team of two either may forget the
+    # other (the one forgotten ignores it: only the one who voted refuses it).
+    replica.apply([liar])
+    assert replica.forgotten() == {bob.node: 2, alice.node: 7}

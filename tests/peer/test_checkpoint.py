@@ -18,12 +18,12 @@ import pytest
 
 from crdt.clock import Hlc
 from crdt.ops import ROOT, Member, Move, Op, SetAttr, encode_op
-from peer import checkpoint, journal
+from peer import checkpoint, journal, sealing
 from peer.errors import CorruptEntry
 from peer.identity import NodeIdentity, load_or_create
 from peer.keys import VolumeKeys
 from peer.node import Node
-from peer.sealing import LogEntry, seal_entry
+from peer.sealing import GENESIS, LogEntry, entry_hash, seal_entry
 from peer.secret import new_secret
 from peer.volume import ROOT_INODE
 from tests.peer.test_gc import make_node, serving
@@ -58,8 +58,14 @@ def stable_everywhere(*nodes: Node) -> bool:
     )
 
 
-def entry(node_id: NodeIdentity, keys: VolumeKeys, seq: int, op: Op) -> LogEntry:
-    return seal_entry(keys, node_id, seq, encode_op(op))
+def entries(node_id: NodeIdentity, keys: VolumeKeys, ops: list[Op]) -> list[LogEntry]:
+    """A node's log from seq 1: `ops` sealed, signed and chained."""
+    out: list[LogEntry] = []
+    prev = GENESIS
+    for seq, op in enumerate(ops, start=1):
+        out.append(seal_entry(keys, node_id, seq, encode_op(op), prev))
+        prev = entry_hash(out[-1])
+    return out
 
 
 @pytest.mark.asyncio
@@ -91,10 +97,12 @@ async def test_fold_restart_late_joiner_and_late_old_ops(tmp_path: Path, keys: V
         assert sealed is not None
         assert result.log_entries_folded == rows_before - rows_after > 2 * CHMODS
         assert rows_after < rows_before // 10, (rows_before, rows_after)
-        assert len(sealed) < (bytes_before - bytes_after) // 4, (len(sealed), bytes_before)
+        # Every folded entry stays, checkable against its node's signature;
+        # only the signatures the hash chain makes redundant go.
+        assert len(sealed) < (bytes_before - bytes_after) * 3 // 4, (len(sealed), bytes_before)
         assert a.store.covers() == a.journal.vv == a.store.version_vector()
         cp = checkpoint.open_checkpoint(keys, sealed)
-        assert len(cp.ops) < result.log_entries_folded // 10
+        assert len(cp.ops) == sum(cp.covers.values()) == result.log_entries_folded
         print(
             f"fold: log rows {rows_before} -> {rows_after}, log bytes {bytes_before} -> "
             f"{bytes_after}, checkpoint {len(sealed)} bytes, {len(cp.ops)} ops"
@@ -136,12 +144,16 @@ async def test_fold_restart_late_joiner_and_late_old_ops(tmp_path: Path, keys: V
         old = Hlc(moved.wall_ms - 1, 0, x.node_id)
         f0 = a.replica.lookup(ROOT, b"f0")
         assert f0 is not None
-        late = [
-            entry(x, keys, 1, Member(Hlc(old.wall_ms, 0, x.node_id), "x")),
-            # d2 into d1 before d1 into d2: A's move would now make a cycle and is skipped
-            entry(x, keys, 2, Move(Hlc(old.wall_ms, 1, x.node_id), d2_id, d1_id, b"d2")),
-            entry(x, keys, 3, SetAttr(Hlc(old.wall_ms, 2, x.node_id), f0, "mode", 0o777)),
-        ]
+        late = entries(
+            x,
+            keys,
+            [
+                Member(Hlc(old.wall_ms, 0, x.node_id), "x"),
+                # d2 into d1 before d1 into d2: A's move would now make a cycle and is skipped
+                Move(Hlc(old.wall_ms, 1, x.node_id), d2_id, d1_id, b"d2"),
+                SetAttr(Hlc(old.wall_ms, 2, x.node_id), f0, "mode", 0o777),
+            ],
+        )
         for node in (a, b):  # A folded, B never did
             node.journal.merge_remote(late)
         assert state(a) == state(b)
@@ -150,36 +162,59 @@ async def test_fold_restart_late_joiner_and_late_old_ops(tmp_path: Path, keys: V
         assert state(c) == state(b)
 
 
-def test_a_tampered_checkpoint_is_refused(tmp_path: Path, keys: VolumeKeys) -> None:
+def forged(folder: NodeIdentity, logs: dict[bytes, list[list[bytes]]]) -> bytes:
+    """A checkpoint of raw `logs` items, signed by `folder` as a member would."""
+    body = cbor2.dumps({"v": 2, "logs": logs}, canonical=True)
+    sig = folder.sign(b"dfs-peer:v2:checkpoint" + folder.node_id + body)
+    return cbor2.dumps([folder.node_id, body, sig], canonical=True)
+
+
+def test_a_tampered_or_forged_checkpoint_is_refused(tmp_path: Path, keys: VolumeKeys) -> None:
     me = load_or_create(tmp_path / "me")
-    other = load_or_create(tmp_path / "other")
-    op = Member(Hlc(1, 0, me.node_id), "me")
-    cp = checkpoint.Checkpoint({me.node_id: 1}, (op,))
-    blob = checkpoint.seal_checkpoint(keys, me, cp)
-    assert checkpoint.open_checkpoint(keys, blob) == cp
-    node, sealed, sig = cbor2.loads(blob)
-    flipped = bytearray(sealed)
-    flipped[40] ^= 1
-    bad = {
-        "flipped byte": cbor2.dumps([node, bytes(flipped), sig]),
-        "bad signature": cbor2.dumps([node, sealed, bytes(64)]),
-        "another signer": cbor2.dumps(
-            [
-                other.node_id,
-                sealed,
-                other.sign(b"dfs-peer:v1:checkpoint-sig" + other.node_id + sealed),
-            ]
-        ),
-        "wrong key": checkpoint.seal_checkpoint(VolumeKeys.from_root(new_secret()), me, cp),
-        "an op of a node it does not cover": checkpoint.seal_checkpoint(
-            keys, me, checkpoint.Checkpoint({other.node_id: 1}, (op,))
+    victim = load_or_create(tmp_path / "victim")
+    mine = entries(me, keys, [Member(Hlc(1, 0, me.node_id), "me")])
+    theirs = entries(
+        victim,
+        keys,
+        [Member(Hlc(1, i, victim.node_id), f"v{i}") for i in range(3)],
+    )
+    blob = checkpoint.seal_checkpoint(me, {me.node_id: mine, victim.node_id: theirs})
+    cp = checkpoint.open_checkpoint(keys, blob)
+    assert cp.covers == {me.node_id: 1, victim.node_id: 3}
+    assert len(cp.ops) == 4
+    assert cp.folder == me.node_id
+    folder, body, sig = cbor2.loads(blob)
+    flipped = bytearray(body)
+    flipped[-1] ^= 1
+    raw = cbor2.loads(body)["logs"]
+    v = victim.node_id
+    mine_as_victims = [[e.sealed, e.sig] for e in mine]
+    other_op = encode_op(Member(Hlc(1, 1, v), "forged"))
+    swapped = sealing.seal(keys.log, other_op, v + (2).to_bytes(8, "big"))
+    forgeries = {
+        # covers the victim's entries without the victim's signature
+        "claims a node's entries": forged(me, {v: mine_as_victims}),
+        "leaves one out": forged(me, {v: [raw[v][0], raw[v][2]]}),
+        "cuts the signed head": forged(me, {v: raw[v][:2]}),
+        # a member can seal an op as the victim's (it has the secret), not sign it
+        "swaps one": forged(me, {v: [raw[v][0], [swapped, b""], raw[v][2]]}),
+    }
+    for what, bad in forgeries.items():
+        with pytest.raises(checkpoint.ForgedCheckpoint, match=me.node_id.hex()[:8]):
+            checkpoint.open_checkpoint(keys, bad)
+        assert what
+    tampered = {
+        "flipped byte": cbor2.dumps([folder, bytes(flipped), sig]),
+        "bad signature": cbor2.dumps([folder, body, bytes(64)]),
+        "wrong key": checkpoint.seal_checkpoint(
+            me, {me.node_id: entries(me, VolumeKeys.from_root(new_secret()), [cp.ops[0]])}
         ),
         "not cbor": b"\xff" + blob,
     }
-    for what, blob_bad in bad.items():
+    for what, bad in tampered.items():
         with pytest.raises(CorruptEntry, match="checkpoint"):
-            checkpoint.open_checkpoint(keys, blob_bad)
-        assert what  # each of them refused
+            checkpoint.open_checkpoint(keys, bad)
+        assert what
 
 
 @pytest.mark.asyncio

@@ -21,7 +21,7 @@ from peer.gc import AmbiguousMember, CannotForgetSelf, NoSuchMember
 from peer.identity import load_or_create
 from peer.keys import VolumeKeys
 from peer.node import Node, NodeConfig
-from peer.store import Store
+from peer.store import SCHEMA_VERSION, Store
 from peer.sync import Sync
 from peer.volume import ROOT_INODE
 from tests.peer.test_sync import CALLER, link, read_file, wait_until, write_file
@@ -160,7 +160,7 @@ def test_a_store_of_schema_1_is_migrated_to_incremental_vacuum(tmp_path: Path) -
     conn.close()
     with Store.open(path) as store:
         assert store._conn.execute("PRAGMA auto_vacuum").fetchone() == (2,)
-        assert store.get_meta("schema_version") == b"2"
+        assert store.get_meta("schema_version") == str(SCHEMA_VERSION).encode()
 
 
 # -- the wire --------------------------------------------------------------------------------
