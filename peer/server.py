@@ -15,22 +15,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+import math
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
-from peer import wire
+from peer import gate, wire
 from peer.auth import (
     HEADER_MAC,
     HEADER_SERVER_TIME,
     PROTOCOL,
     AuthFailed,
     ReplayGuard,
+    RequestAuth,
     StaleRequest,
     parse_request,
     sign_response,
-    verify_request,
+    verify_body,
+    verify_request_head,
     wall_ms,
 )
 
@@ -45,7 +49,9 @@ CBOR = "application/cbor"
 
 SYNC_KEY: web.AppKey[Sync] = web.AppKey("sync")
 GUARD_KEY: web.AppKey[ReplayGuard] = web.AppKey("guard", ReplayGuard)
+GATE_KEY: web.AppKey[gate.Gate] = web.AppKey("gate", gate.Gate)
 BODY_KEY: web.RequestKey[bytes] = web.RequestKey("body", bytes)
+AUTH_KEY: web.RequestKey[RequestAuth] = web.RequestKey("auth", RequestAuth)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -53,19 +59,27 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def _refuse(request: web.Request, reason: str) -> web.Response:
     sync = request.app[SYNC_KEY]
     sync.note_refused(request.remote or "?", reason)
-    return web.Response(status=401)
+    resp = web.Response(status=401)
+    resp.force_close()  # whatever body follows is never read
+    return resp
 
 
 @web.middleware
 async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Check, in this order and before reading any body byte: a declared
+    length within bounds, then the MAC over the head and the declared body
+    hash, then the replay window; only then read the body (within
+    `gate.BODY_S`) and check it against the hash."""
     sync = request.app[SYNC_KEY]
     key = sync.keys.peers
-    if request.content_length is not None and request.content_length > wire.MAX_REQUEST_BYTES:
+    length = request.content_length
+    if hdrs.TRANSFER_ENCODING in request.headers or (request.body_exists and length is None):
+        return _refuse(request, "body without a declared length")
+    if length is not None and length > wire.MAX_REQUEST_BYTES:
         return _refuse(request, "body too large")
     try:
         auth = parse_request(request.headers)
-        body = await request.read()
-        verify_request(key, request.method, request.path_qs, auth, body)
+        verify_request_head(key, request.method, request.path_qs, auth)
         request.app[GUARD_KEY].check(auth, wall_ms())
     except StaleRequest as stale:
         # Authenticated but outside the window: tell the (genuine) peer our
@@ -74,6 +88,17 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         resp = web.Response(status=401, headers={HEADER_SERVER_TIME: extra})
         resp.headers[HEADER_MAC] = sign_response(key, auth.nonce, 401, b"", extra)
         return resp
+    except AuthFailed as exc:
+        return _refuse(request, str(exc))
+    if (the_gate := request.app.get(GATE_KEY)) is not None:
+        the_gate.prove(request.protocol)
+    try:
+        async with asyncio.timeout(gate.BODY_S):
+            body = await request.read()
+        verify_body(auth, body)
+    except TimeoutError:
+        log.info("peer %s sent its body too slowly: closing", auth.node[:8])
+        return _refuse(request, "body too slow")
     except AuthFailed as exc:
         return _refuse(request, str(exc))
     except web.HTTPRequestEntityTooLarge:
@@ -93,6 +118,7 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         resp = web.Response(status=409, body=wire.encode_error("self"), content_type=CBOR)
     else:
         request[BODY_KEY] = body
+        request[AUTH_KEY] = auth
         try:
             result = await handler(request)
             if not isinstance(result, web.Response):
@@ -122,7 +148,7 @@ async def hello(request: web.Request) -> web.Response:
     sync = request.app[SYNC_KEY]
     port = request.query.get("port", "")
     if port.isdigit() and 0 < int(port) < 65536 and request.remote:
-        sync.add_peer(request.remote, int(port), "inbound")
+        sync.add_inbound(request.remote, int(port), bytes.fromhex(request[AUTH_KEY].node))
     return _cbor(wire.encode_hello(sync.hello()))
 
 
@@ -143,9 +169,12 @@ async def watch(request: web.Request) -> web.Response:
     sync = request.app[SYNC_KEY]
     since = request.query.get("since", "")
     try:
-        wait = min(max(float(request.query.get("wait", "20")), 0.0), MAX_WATCH_S)
+        wait = float(request.query.get("wait", "20"))
     except ValueError:
         raise wire.BadMessage("bad wait") from None
+    if not math.isfinite(wait) or wait < 0:
+        raise wire.BadMessage("bad wait")
+    wait = min(wait, MAX_WATCH_S)
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(wait):
             await sync.wait_log_differs(since)
@@ -161,3 +190,40 @@ def make_peer_app(sync: Sync) -> web.Application:
     app.router.add_post("/blocks", blocks)
     app.router.add_get("/watch", watch)
     return app
+
+
+@contextlib.asynccontextmanager
+async def serving(sync: Sync, host: str, port: int) -> AsyncIterator[int]:
+    """Serve peers on host:port behind the gate; yields the bound port.
+
+    Raises OSError (e.g. EADDRINUSE) before anything starts if the port
+    cannot be bound."""
+    app = make_peer_app(sync)
+    the_gate = gate.Gate(sync.strangers)
+    app[GATE_KEY] = the_gate
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=2.0,
+        keepalive_timeout=gate.IDLE_S,
+        lingering_time=1.0,
+        logger=gate.ServerLog(sync.strangers),
+    )
+    await runner.setup()
+    loop = asyncio.get_running_loop()
+    restore = gate.quiet_accept_errors(loop, sync.strangers)
+    try:
+        the_gate.make_inner = runner.server
+        server = await loop.create_server(
+            the_gate.protocol, host, port, reuse_address=True, backlog=128
+        )
+        try:
+            sock = server.sockets[0]
+            bound = sock.getsockname()[1] if sock.family != socket.AF_UNIX else port
+            yield int(bound)
+        finally:
+            server.close()
+    finally:
+        await runner.cleanup()
+        restore()
