@@ -187,6 +187,16 @@ def write_check(data_dir: Path, keys: VolumeKeys) -> None:
     os.replace(tmp, data_dir / CHECK_NAME)
 
 
+def secure_data_dir(data_dir: Path) -> None:
+    """Owner only, always: the data dir 0700 and every file in it 0600, also
+    when an older version or another umask left them readable by others."""
+    os.chmod(data_dir, 0o700)
+    with os.scandir(data_dir) as it:
+        for entry in it:
+            if entry.is_file(follow_symlinks=False) and entry.stat().st_mode & 0o077:
+                os.chmod(entry.path, 0o600)
+
+
 class Node:
     """The parts of one node, wired together (the composition root)."""
 
@@ -197,6 +207,7 @@ class Node:
         if config.at_ms is not None:
             self.store = ReadOnlyStore.open(config.data_dir / DB_NAME)
         else:
+            secure_data_dir(config.data_dir)
             self.store = Store.open(config.data_dir / DB_NAME)
         self.replica = Replica()
         self.journal = Journal(self.store, keys, identity, self.replica)
@@ -454,6 +465,7 @@ async def run(config: NodeConfig, keys: VolumeKeys, announce: bool = True) -> No
         return
     check_fuse_device()
     check_mountpoint(config.mountpoint)
+    os.umask(0o077)  # whatever this node creates in its data dir is its own
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     with data_dir_lock(config.data_dir):
         existed = check_secret(config.data_dir, keys)

@@ -102,7 +102,13 @@ class Store:
 
     @classmethod
     def open(cls, path: Path) -> Store:
-        """Open (creating if new) the store at `path`; `CorruptStore` if unusable."""
+        """Open (creating if new) the store at `path`; `CorruptStore` if unusable.
+
+        The file is made (or made again) owner-only, mode 0600, before SQLite
+        opens it: SQLite gives its `-wal` and `-shm` files the database's mode."""
+        with contextlib.suppress(OSError):  # unusable paths are reported by the connect
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+            os.chmod(path, 0o600)
         return cls._connect(path, str(path))
 
     @classmethod
