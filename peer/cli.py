@@ -71,6 +71,12 @@ def _parser() -> argparse.ArgumentParser:
     j.add_argument("--secret", help="the volume secret (visible in `ps`; prefer --secret-file)")
     j.add_argument("--secret-file", type=Path, help="read the volume secret from this file")
     j.add_argument(
+        "--volume-name",
+        metavar="NAME",
+        help="with a passphrase instead of a generated secret: the volume's name, the same "
+        "on every machine (it salts the passphrase; default $DFS_PEER_VOLUME_NAME)",
+    )
+    j.add_argument(
         "--data-dir",
         type=Path,
         help="where this node keeps its store (default: $XDG_DATA_HOME/dfs-peer/<volume tag>)",
@@ -190,7 +196,7 @@ def _join(args: argparse.Namespace) -> int:
         if not args.read_only:
             raise history.AtNeedsReadOnly()
         at_ms = history.parse_time(args.at, time.time())
-    root = read_secret(args.secret, args.secret_file, os.environ)
+    root = read_secret(args.secret, args.secret_file, os.environ, args.volume_name)
     keys = VolumeKeys.from_root(root)
     data_dir = args.data_dir or node.default_data_dir(keys)
     config = node.NodeConfig(

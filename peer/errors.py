@@ -70,6 +70,12 @@ class PassphraseTooShort(BadSecretText):
     secret made by `dfs-peer init`."""
 
 
+class PassphraseNeedsName(DfsError):
+    """a passphrase needs the volume's name too: pass --volume-name NAME (or
+    set DFS_PEER_VOLUME_NAME), the same on every machine; it salts the
+    passphrase so no one dictionary serves against every volume."""
+
+
 class WrongSecret(DfsError):
     """the secret does not open the volume in {data_dir} (wrong secret?)."""
 
