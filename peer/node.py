@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import asdict, dataclass, fields
@@ -29,6 +30,7 @@ import cbor2
 from aiohttp import web
 
 from crdt.merge import Changes, Replica
+from fuse.errors import NoSpace
 from peer import gc, history
 from peer.auth import PROTOCOL
 from peer.blocks import Blocks
@@ -36,6 +38,7 @@ from peer.errors import (
     DataDirLocked,
     DfsError,
     ListenFailed,
+    LostOnExit,
     MountpointBusy,
     MountpointMissing,
     MountpointNotDirectory,
@@ -43,12 +46,14 @@ from peer.errors import (
     MountRefused,
     NoFuseDevice,
     PortInUse,
+    StoreFull,
     WrongSecret,
 )
 from peer.identity import NodeIdentity, load_or_create
 from peer.journal import Journal
 from peer.keys import VolumeKeys
 from peer.sealing import check_opens, make_check
+from peer.space import Space
 from peer.store import ReadOnlyStore, Store
 from peer.sync import PeerStatistics, Sync
 from peer.volume import Volume
@@ -204,13 +209,18 @@ class Node:
         self.config = config
         self.keys = keys
         self.identity = identity
+        self.space = Space(config.data_dir)
+        # Buffered writes a shutdown could not flush for lack of space: (files, bytes).
+        self.lost = (0, 0)
         if config.at_ms is not None:
             self.store = ReadOnlyStore.open(config.data_dir / DB_NAME)
         else:
             secure_data_dir(config.data_dir)
+            self.space.start()  # before the store opens: it may need the reserve's room
             self.store = Store.open(config.data_dir / DB_NAME)
         self.replica = Replica()
         self.journal = Journal(self.store, keys, identity, self.replica)
+        self.journal.space = self.space
         self.blocks = Blocks(self.store, keys)
         self.volume = Volume(
             self.journal, self.blocks, read_only=config.read_only, data_dir=config.data_dir
@@ -283,11 +293,17 @@ class Node:
         return {"id": node.hex(), "name": name, "upto": cut}
 
     def close(self) -> None:
+        """Flush what can be flushed and close the store. On a full disk, what
+        could not be flushed is dropped and counted in `lost`; the rest is kept."""
         try:
             if not self.config.read_only:
-                self.volume.flush_all()
+                self.lost = self.volume.flush_all()
             if self.config.at_ms is None:
-                self.stability.persist()
+                try:
+                    self.stability.persist()
+                except (NoSpace, sqlite3.OperationalError) as exc:
+                    # Members' progress is learnt again from them; nothing is lost.
+                    log.info("cannot save members' progress: %s", exc)
             self.store.sync()
         finally:
             self.store.close()
@@ -403,7 +419,11 @@ async def _gc(request: web.Request) -> web.Response:
     """POST /gc: collect now; what was freed and what holds collection back."""
     node = request.app[NODE_KEY]
     node.volume.flush_all()  # buffered writes pin old versions; publish them first
-    result = node.collector.collect(force=True)
+    try:
+        result = node.collector.collect(force=True)
+    except (NoSpace, sqlite3.OperationalError) as exc:
+        return _refused(StoreFull(detail=str(exc)), 507)
+    node.space.room_again()
     return web.json_response(
         {
             **asdict(result),
@@ -498,6 +518,8 @@ async def run(config: NodeConfig, keys: VolumeKeys, announce: bool = True) -> No
                     collecting.cancel()
         finally:
             node.close()
+    if node.lost[0]:
+        raise LostOnExit(files=node.lost[0], mib=f"{node.lost[1] / 2**20:.1f}")
     log.info("node stopped cleanly")
 
 

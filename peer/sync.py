@@ -34,6 +34,7 @@ import aiohttp
 from crdt.content import Contents, Version
 from crdt.merge import Changes
 from crdt.ops import BLOCK_SIZE, TRASH, Move, Op, Write
+from fuse.errors import NoSpace
 from peer import wire
 from peer.auth import (
     HEADER_MAC,
@@ -432,7 +433,8 @@ class Sync:
                 backoff = BACKOFF_MAX_S * 6
             except (CorruptEntry, CorruptBlock, wire.BadMessage) as exc:
                 self._link_failed(link, f"peer sent bad data: {exc}", logging.WARNING)
-            except (aiohttp.ClientError, TimeoutError, OSError, PeerError) as exc:
+            except (aiohttp.ClientError, TimeoutError, OSError, PeerError, NoSpace) as exc:
+                # NoSpace: a full disk, said once per episode by `peer.space`.
                 self._link_failed(link, f"{type(exc).__name__}: {exc}", logging.INFO)
             except Exception as exc:
                 # A bug, or a state we cannot store (a full disk, a gap a peer's
