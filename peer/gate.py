@@ -60,6 +60,10 @@ class Summary:
         self._quiet: Counter[str] = Counter()
         self.total = 0
 
+    def restart(self) -> None:
+        """Start a new interval: the next event is logged at once."""
+        self._last = float("-inf")
+
     def note(self, kind: str, message: str, *args: object) -> None:
         """An event of `kind`; logs `message % args` if this interval has not logged yet."""
         self.total += 1
