@@ -173,11 +173,13 @@ def with_query(path: str, q: dict[str, str]) -> str:
 @BUDGET
 @given(data=st.binary(max_size=4096))
 def test_raw_bytes_never_crash_the_node(fuzzed: Running, refused: None, data: bytes) -> None:
-    with socket.create_connection(("127.0.0.1", fuzzed.port), timeout=5) as sock:
-        with contextlib.suppress(OSError):
-            sock.sendall(data)
-            sock.shutdown(socket.SHUT_WR)
-            sock.recv(65536)
+    with (
+        socket.create_connection(("127.0.0.1", fuzzed.port), timeout=5) as sock,
+        contextlib.suppress(OSError),
+    ):
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        sock.recv(65536)
     # And one well-formed stranger's request, which the node refuses (and says so once).
     assert request(fuzzed.port, "GET", "/hello", {}, b"") == 401
 
