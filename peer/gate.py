@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
@@ -39,6 +40,30 @@ CLIENT_KEEPALIVE_S = IDLE_S / 2
 LOG_INTERVAL_S = 60.0
 
 ACCEPT_FAILED = "socket.accept() out of system resource"
+
+
+def raise_descriptor_limit(want: int = 8192) -> int:
+    """Raise this process's soft limit on open files towards `want` (within
+    the hard limit); returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def connection_cap(limit: int = MAX_CONNECTIONS) -> int:
+    """`limit`, or half the descriptors this process may open if that is less:
+    peer connections must never use up the descriptors the store, the mount,
+    the control socket and the node's own requests need."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return limit
+    return max(8, min(limit, soft // 2))
 
 
 class Summary:

@@ -31,7 +31,7 @@ from aiohttp import web
 
 from crdt.merge import Changes, Replica
 from fuse.errors import NoSpace
-from peer import gc, history
+from peer import gate, gc, history
 from peer.auth import PROTOCOL
 from peer.blocks import Blocks
 from peer.errors import (
@@ -486,6 +486,7 @@ async def run(config: NodeConfig, keys: VolumeKeys, announce: bool = True) -> No
     check_fuse_device()
     check_mountpoint(config.mountpoint)
     os.umask(0o077)  # whatever this node creates in its data dir is its own
+    gate.raise_descriptor_limit()  # room for peers, within the connection caps
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     with data_dir_lock(config.data_dir):
         existed = check_secret(config.data_dir, keys)

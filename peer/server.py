@@ -199,7 +199,7 @@ async def serving(sync: Sync, host: str, port: int) -> AsyncIterator[int]:
     Raises OSError (e.g. EADDRINUSE) before anything starts if the port
     cannot be bound."""
     app = make_peer_app(sync)
-    the_gate = gate.Gate(sync.strangers)
+    the_gate = gate.Gate(sync.strangers, max_connections=gate.connection_cap())
     app[GATE_KEY] = the_gate
     runner = web.AppRunner(
         app,
