@@ -11,6 +11,7 @@ from other machines on the LAN.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,14 +29,12 @@ async def flood(port: int, hold_s: float, during: Callable[[], None]) -> int:
     conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
 
     async def one(i: int) -> None:
-        try:
+        with contextlib.suppress(OSError):
             conns.append(
                 await asyncio.open_connection(
                     "127.0.0.1", port, local_addr=(f"127.0.{i // 200}.{2 + i % 200}", 0)
                 )
             )
-        except OSError:
-            pass
 
     try:
         for start in range(0, FLOOD, 250):
