@@ -377,3 +377,43 @@ async def test_watch_wait_must_be_a_finite_number(tmp_path: Path, keys: VolumeKe
                 _signed(session, keys, sa.port, f"/watch?since=x&wait={wait}", node), 5
             )
             assert status == 400, wait
+
+
+async def _signed_on(conn: Conn, keys: VolumeKeys, path: str) -> int:
+    """A signed GET on an open keep-alive connection; its status."""
+    reader, writer = conn
+    auth = sign_request(keys.peers, "GET", path, os.urandom(32).hex(), b"", time_ms=wall_ms())
+    head = "".join(f"{k}: {v}\r\n" for k, v in auth.headers().items())
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n{head}\r\n".encode())
+    status = int((await asyncio.wait_for(reader.readline(), 5)).split()[1])
+    length = 0
+    while (line := await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b""):
+        name, _, value = line.decode().partition(":")
+        if name.lower() == "content-length":
+            length = int(value)
+    await reader.readexactly(length)
+    return status
+
+
+async def test_a_proven_connection_is_never_pushed_out_by_strangers(
+    tmp_path: Path, keys: VolumeKeys, expect_logs: Callable[..., None]
+) -> None:
+    expect_logs("connection", logger="peer.sync")
+    a = make_node(tmp_path, "a", keys)
+    async with running(a) as (sa,):
+        peer = await open_idle(sa.port, "127.0.0.2")
+        assert peer is not None
+        assert await _signed_on(peer, keys, "/hello") == 200
+        # Strangers from the same address and from others, far past both caps.
+        sources = ["127.0.0.2"] + [f"127.0.0.{i}" for i in range(3, 20)]
+        strangers = [
+            c
+            for c in await asyncio.gather(
+                *(open_idle(sa.port, sources[i % len(sources)]) for i in range(600))
+            )
+            if c is not None
+        ]
+        await asyncio.sleep(0.5)
+        assert is_open(peer)
+        assert await _signed_on(peer, keys, "/hello") == 200
+        await close_all([*strangers, peer])
