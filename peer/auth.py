@@ -2,7 +2,9 @@
 
 Invariant: a request is accepted only if it carries a MAC, under the
 secret-derived peer key, over its method, path, sender, timestamp, a fresh
-random nonce and a hash of its body; the timestamp is within `WINDOW_MS` of the
+random nonce and a hash of its body; the hash travels in a header too, so
+the MAC is checked before any body byte is read (a stranger cannot make the
+node buffer bodies), and the body must then match it; the timestamp is within `WINDOW_MS` of the
 receiver's clock and the nonce has not been seen in that window. A response is
 accepted only if its MAC covers the request's nonce, its status and a hash of
 its body, so a response cannot be forged, swapped between requests or replayed.
@@ -36,6 +38,7 @@ HEADER_TIME = "X-Dfs-Time"
 HEADER_NONCE = "X-Dfs-Nonce"
 HEADER_PROTOCOL = "X-Dfs-Protocol"
 HEADER_MAC = "X-Dfs-Mac"
+HEADER_BODY = "X-Dfs-Body"
 HEADER_SERVER_TIME = "X-Dfs-Server-Time"
 
 WINDOW_MS = 120_000
@@ -76,6 +79,7 @@ class RequestAuth:
     nonce: bytes
     protocol: int
     mac: bytes
+    body_hash: bytes = b""  # the BLAKE2b-256 of the body the MAC covers
 
     def headers(self) -> dict[str, str]:
         return {
@@ -84,14 +88,15 @@ class RequestAuth:
             HEADER_NONCE: self.nonce.hex(),
             HEADER_PROTOCOL: str(self.protocol),
             HEADER_MAC: self.mac.hex(),
+            HEADER_BODY: self.body_hash.hex(),
         }
 
 
 def _request_message(
-    method: str, path: str, node: str, time_ms: int, nonce: bytes, protocol: int, body: bytes
+    method: str, path: str, node: str, time_ms: int, nonce: bytes, protocol: int, body_hash: bytes
 ) -> bytes:
     fields = [method.upper(), path, node, str(time_ms), nonce.hex(), str(protocol)]
-    return _REQUEST + "\x00".join(fields).encode() + b"\x00" + _digest(body)
+    return _REQUEST + "\x00".join(fields).encode() + b"\x00" + body_hash
 
 
 def _response_message(nonce: bytes, status: int, extra: str, body: bytes) -> bytes:
@@ -110,8 +115,9 @@ def sign_request(
 ) -> RequestAuth:
     """Headers for a request of `method` on `path` (with its query) carrying `body`."""
     nonce = os.urandom(NONCE_BYTES)
-    mac = _mac(key, _request_message(method, path, node, time_ms, nonce, protocol, body))
-    return RequestAuth(node, time_ms, nonce, protocol, mac)
+    body_hash = _digest(body)
+    mac = _mac(key, _request_message(method, path, node, time_ms, nonce, protocol, body_hash))
+    return RequestAuth(node, time_ms, nonce, protocol, mac, body_hash)
 
 
 def parse_request(headers: dict[str, str] | object) -> RequestAuth:
@@ -125,15 +131,21 @@ def parse_request(headers: dict[str, str] | object) -> RequestAuth:
         nonce = bytes.fromhex(str(get(HEADER_NONCE)))
         protocol = int(str(get(HEADER_PROTOCOL)))
         mac = bytes.fromhex(str(get(HEADER_MAC)))
+        body_hash = bytes.fromhex(str(get(HEADER_BODY)))
     except (TypeError, ValueError):
         raise AuthFailed("missing or malformed authentication headers") from None
-    if len(nonce) != NONCE_BYTES or len(mac) != MAC_BYTES or len(node) != 64:
+    if (
+        len(nonce) != NONCE_BYTES
+        or len(mac) != MAC_BYTES
+        or len(body_hash) != 32
+        or len(node) != 64
+    ):
         raise AuthFailed("malformed authentication headers")
     try:
         bytes.fromhex(node)
     except ValueError:
         raise AuthFailed("malformed node id") from None
-    return RequestAuth(node, time_ms, nonce, protocol, mac)
+    return RequestAuth(node, time_ms, nonce, protocol, mac, body_hash)
 
 
 class ReplayGuard:
@@ -177,14 +189,26 @@ class StaleRequest(AuthFailed):
         self.server_ms = server_ms
 
 
+def verify_request_head(key: bytes, method: str, path: str, auth: RequestAuth) -> None:
+    """`AuthFailed` unless `auth` is a valid MAC under `key` for this request
+    with the body `auth` declares; checked before the body is read."""
+    message = _request_message(
+        method, path, auth.node, auth.time_ms, auth.nonce, auth.protocol, auth.body_hash
+    )
+    if not hmac.compare_digest(_mac(key, message), auth.mac):
+        raise AuthFailed("bad request MAC")
+
+
+def verify_body(auth: RequestAuth, body: bytes) -> None:
+    """`AuthFailed` unless `body` is the one the (verified) head declares."""
+    if not hmac.compare_digest(_digest(body), auth.body_hash):
+        raise AuthFailed("body does not match its MAC")
+
+
 def verify_request(key: bytes, method: str, path: str, auth: RequestAuth, body: bytes) -> None:
     """`AuthFailed` unless `auth` is a valid MAC for this request under `key`."""
-    expected = _mac(
-        key,
-        _request_message(method, path, auth.node, auth.time_ms, auth.nonce, auth.protocol, body),
-    )
-    if not hmac.compare_digest(expected, auth.mac):
-        raise AuthFailed("bad request MAC")
+    verify_request_head(key, method, path, auth)
+    verify_body(auth, body)
 
 
 def sign_response(key: bytes, nonce: bytes, status: int, body: bytes, extra: str = "") -> str:

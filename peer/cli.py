@@ -89,6 +89,12 @@ def _parser() -> argparse.ArgumentParser:
         "neither",
     )
     j.add_argument(
+        "--volume-name",
+        metavar="NAME",
+        help="with a passphrase instead of a generated secret: the volume's name, the same "
+        "on every machine (it salts the passphrase; default $DFS_PEER_VOLUME_NAME)",
+    )
+    j.add_argument(
         "--data-dir",
         type=Path,
         help="where this node keeps its store (default: $XDG_DATA_HOME/dfs-peer/<volume tag>)",
@@ -388,7 +394,7 @@ def _read_root(args: argparse.Namespace) -> bytes:
     from peer import joining, node
 
     try:
-        return read_secret(args.secret, args.secret_file, os.environ)
+        return read_secret(args.secret, args.secret_file, os.environ, args.volume_name)
     except SecretMissing:
         if args.data_dir is not None:
             stored = joining.stored_secret(args.data_dir)

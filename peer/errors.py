@@ -70,6 +70,23 @@ class PassphraseTooShort(BadSecretText):
     secret made by `dfs-peer init`."""
 
 
+class LostOnExit(DfsError):
+    """stopped, but the disk holding the data dir is full: the unsaved writes
+    of {files} file(s) ({mib} MiB) could not be saved and are lost; everything
+    else is saved."""
+
+
+class StoreFull(DfsError):
+    """the disk holding the data dir is full ({detail}): delete files or free
+    space on that disk, then try again."""
+
+
+class PassphraseNeedsName(DfsError):
+    """a passphrase needs the volume's name too: pass --volume-name NAME (or
+    set DFS_PEER_VOLUME_NAME), the same on every machine; it salts the
+    passphrase so no one dictionary serves against every volume."""
+
+
 class WrongSecret(DfsError):
     """the secret does not open the volume in {data_dir} (wrong secret?)."""
 

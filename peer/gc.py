@@ -522,8 +522,8 @@ class Collector:
                 freed, freed_bytes = self.store.delete_blocks(garbage)
                 self.store.unwant_blocks(unwanted)
         folded = 0
-        if not isinstance(self.store, ReadOnlyStore):
-            folded = self.journal.fold(stable)
+        if not isinstance(self.store, ReadOnlyStore) and not self.journal.space.full:
+            folded = self.journal.fold(stable)  # (a checkpoint needs room to be written)
         reclaimed = (
             self.store.reclaim(RECLAIM_PAGES) if freed or folded or self.store.free_bytes() else 0
         )

@@ -35,6 +35,7 @@ from peer.errors import CorruptEntry
 from peer.identity import NodeIdentity
 from peer.keys import VolumeKeys
 from peer.sealing import GENESIS, Head, LogEntry, entry_hash, head_of, open_entry, seal_entry
+from peer.space import Space
 from peer.store import Evidence, Store
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,8 @@ class Journal:
         # Called after every commit or merge that grew the log (the peer
         # server's long polls wait on this).
         self.grew: list[Callable[[], None]] = []
+        # The data dir's space reserve and full episodes (set by the node).
+        self.space = Space(None)
         # {node: highest seq held}, kept in step with the store's log.
         self.vv: dict[bytes, int] = store.version_vector()
         # The folded stable prefix (`peer.checkpoint`), if any: replay merges
@@ -217,13 +220,18 @@ class Journal:
             self.commit(lambda stamp: [Member(stamp(), name)])
 
     @contextlib.contextmanager
-    def _writing(self) -> Iterator[None]:
-        """One store transaction; a full disk becomes `NoSpace` (ENOSPC)."""
+    def _writing(self, freeing: bool = False) -> Iterator[None]:
+        """One store transaction; a full disk becomes `NoSpace` (ENOSPC) and
+        starts a full episode (`peer.space`), in which only `freeing` writes run."""
+        if not freeing:
+            self.space.refuse_if_full()
         try:
             with self.store.transaction():
                 yield
         except sqlite3.OperationalError as exc:
             if "full" in str(exc):
+                self.space.exhausted()
+                self.store.shrink_wal()  # give back what the failed write took
                 raise NoSpace() from exc
             raise
 
@@ -243,9 +251,12 @@ class Journal:
         self,
         make: Callable[[Callable[[], Hlc]], Sequence[Op]],
         blocks: Iterable[tuple[bytes, bytes]] = (),
+        *,
+        freeing: bool = False,
     ) -> Changes:
         """Stamp, seal, store and merge the ops `make(stamp)` returns, with `blocks`,
-        in one transaction."""
+        in one transaction. `freeing` ops (deletes) run on a full disk too: in
+        the room the released reserve leaves, retried once after releasing it."""
         # In stamp order, so a node's seqs and stamps grow together (causal
         # stability turns a stable seq into a stamp bound: `peer.gc`).
         ops = sorted(make(self.stamp), key=lambda op: op.hlc)
@@ -258,9 +269,17 @@ class Journal:
             entries.append(seal_entry(self.keys, self.identity, seq, encode_op(op), prev))
             prev = entry_hash(entries[-1])
             seq += 1
-        with self._writing():
-            self.store.put_blocks(blocks)
-            self.store.append_log(entries)
+        blocks = list(blocks)
+        try:
+            with self._writing(freeing):
+                self.store.put_blocks(blocks)
+                self.store.append_log(entries)
+        except NoSpace:
+            if not freeing:
+                raise
+            with self._writing(freeing):  # the reserve is released now
+                self.store.put_blocks(blocks)
+                self.store.append_log(entries)
         self._next_seq = seq
         self._own_prev = prev
         self.vv[self.identity.node_id] = seq - 1
@@ -483,6 +502,7 @@ class Journal:
         own = tops.get(self.identity.node_id)
         if own is not None:
             self.clock.restore(own)
+
     def within_cuts(self, cp: Checkpoint) -> Checkpoint:
         """`cp` without the entries (and their ops) of forgotten or forked
         nodes past their cuts: a peer that folded them before it learnt of

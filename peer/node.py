@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -29,13 +30,15 @@ import cbor2
 from aiohttp import web
 
 from crdt.merge import Changes, Replica
-from peer import gc, history, invitations, metrics, running, service, statuspage
+from fuse.errors import NoSpace
+from peer import gate, gc, history, invitations, metrics, running, service, statuspage
 from peer.auth import PROTOCOL
 from peer.blocks import Blocks
 from peer.errors import (
     DataDirLocked,
     DfsError,
     ListenFailed,
+    LostOnExit,
     MountpointBusy,
     MountpointMissing,
     MountpointNotDirectory,
@@ -43,6 +46,7 @@ from peer.errors import (
     MountRefused,
     NoFuseDevice,
     PortInUse,
+    StoreFull,
     WrongSecret,
 )
 from peer.identity import NodeIdentity, load_or_create
@@ -50,6 +54,7 @@ from peer.journal import Journal
 from peer.keys import VolumeKeys
 from peer.progress import CatchUp
 from peer.sealing import check_opens, make_check
+from peer.space import Space
 from peer.store import ReadOnlyStore, Store
 from peer.sync import PeerStatistics, Sync
 from peer.volume import Volume
@@ -203,6 +208,16 @@ def write_check(data_dir: Path, keys: VolumeKeys) -> None:
     os.replace(tmp, data_dir / CHECK_NAME)
 
 
+def secure_data_dir(data_dir: Path) -> None:
+    """Owner only, always: the data dir 0700 and every file in it 0600, also
+    when an older version or another umask left them readable by others."""
+    os.chmod(data_dir, 0o700)
+    with os.scandir(data_dir) as it:
+        for entry in it:
+            if entry.is_file(follow_symlinks=False) and entry.stat().st_mode & 0o077:
+                os.chmod(entry.path, 0o600)
+
+
 class Node:
     """The parts of one node, wired together (the composition root)."""
 
@@ -210,12 +225,18 @@ class Node:
         self.config = config
         self.keys = keys
         self.identity = identity
+        self.space = Space(config.data_dir)
+        # Buffered writes a shutdown could not flush for lack of space: (files, bytes).
+        self.lost = (0, 0)
         if config.at_ms is not None:
             self.store = ReadOnlyStore.open(config.data_dir / DB_NAME)
         else:
+            secure_data_dir(config.data_dir)
+            self.space.start()  # before the store opens: it may need the reserve's room
             self.store = Store.open(config.data_dir / DB_NAME)
         self.replica = Replica()
         self.journal = Journal(self.store, keys, identity, self.replica)
+        self.journal.space = self.space
         self.blocks = Blocks(self.store, keys)
         self.volume = Volume(
             self.journal, self.blocks, read_only=config.read_only, data_dir=config.data_dir
@@ -355,11 +376,17 @@ class Node:
         }
 
     def close(self) -> None:
+        """Flush what can be flushed and close the store. On a full disk, what
+        could not be flushed is dropped and counted in `lost`; the rest is kept."""
         try:
             if not self.config.read_only:
-                self.volume.flush_all()
+                self.lost = self.volume.flush_all()
             if self.config.at_ms is None:
-                self.stability.persist()
+                try:
+                    self.stability.persist()
+                except (NoSpace, sqlite3.OperationalError) as exc:
+                    # Members' progress is learnt again from them; nothing is lost.
+                    log.info("cannot save members' progress: %s", exc)
             self.store.sync()
         finally:
             self.store.close()
@@ -499,7 +526,11 @@ async def _gc(request: web.Request) -> web.Response:
     """POST /gc: collect now; what was freed and what holds collection back."""
     node = request.app[NODE_KEY]
     node.volume.flush_all()  # buffered writes pin old versions; publish them first
-    result = node.collector.collect(force=True)
+    try:
+        result = node.collector.collect(force=True)
+    except (NoSpace, sqlite3.OperationalError) as exc:
+        return _refused(StoreFull(detail=str(exc)), 507)
+    node.space.room_again()
     return web.json_response(
         {
             **asdict(result),
@@ -648,6 +679,8 @@ async def run(
     check_mountpoint(config.mountpoint)
     # The peer port is a check a user can fail too (in use): bound before the
     # data dir is touched, so a refused start creates and changes nothing.
+    os.umask(0o077)  # whatever this node creates in its data dir is its own
+    gate.raise_descriptor_limit()  # room for peers, within the connection caps
     peer_sock = bind_peer_port(config.listen_host, config.listen_port)
     page_sock = None
     try:
@@ -710,6 +743,8 @@ async def run(
                     invalidating.cancel()
         finally:
             node.close()
+    if node.lost[0]:
+        raise LostOnExit(files=node.lost[0], mib=f"{node.lost[1] / 2**20:.1f}")
     log.info("node stopped cleanly")
 
 

@@ -21,6 +21,11 @@ without the sealed bytes (`Head`): checkable by anyone, 170 bytes. Entries
 written before chaining (format 1: `prev` empty, the signature over the
 sealed bytes) still open; their hash is computed the same way with an empty
 `prev`, so the first chained entry after them binds them too.
+Blocks are sealed in version 2, which hides their exact size: `0x02 || nonce
+|| ciphertext and tag` of the plaintext padded to a size class (`0x80`, then
+zeros up to the class; `padded_size`), with `0x02 || id` as associated data
+(so the version byte cannot be switched). The id stays the keyed hash of the
+plaintext without padding. Version 1 blocks (written before) still open.
 """
 
 from __future__ import annotations
@@ -35,11 +40,16 @@ import nacl.hash
 import nacl.signing
 import nacl.utils
 
+from crdt.ops import BLOCK_SIZE
 from peer.errors import CorruptBlock, CorruptEntry
 from peer.identity import NodeIdentity
 from peer.keys import VolumeKeys
 
 SEAL_VERSION = 1
+PADDED_VERSION = 2
+# The smallest size class of a padded block; classes double from here up to
+# BLOCK_SIZE, so a block's sealed size tells its length only within a factor of 2.
+PAD_MIN = 256
 NONCE_BYTES = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_NPUBBYTES
 TAG_BYTES = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_ABYTES
 KEY_BYTES = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_KEYBYTES
@@ -63,7 +73,7 @@ class SealError(Exception):
     """Sealed bytes that do not open: wrong key, wrong identity, or tampered."""
 
 
-def seal(key: bytes, plaintext: bytes, aad: bytes) -> bytes:
+def seal(key: bytes, plaintext: bytes, aad: bytes, version: int = SEAL_VERSION) -> bytes:
     """`plaintext` encrypted and authenticated under `key`, bound to `aad`."""
     if len(key) != KEY_BYTES:
         raise ValueError(f"a sealing key is {KEY_BYTES} bytes, not {len(key)}")
@@ -71,14 +81,14 @@ def seal(key: bytes, plaintext: bytes, aad: bytes) -> bytes:
     ciphertext = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(
         plaintext, aad, nonce, key
     )
-    return bytes([SEAL_VERSION]) + nonce + ciphertext
+    return bytes([version]) + nonce + ciphertext
 
 
-def unseal(key: bytes, sealed: bytes, aad: bytes) -> bytes:
+def unseal(key: bytes, sealed: bytes, aad: bytes, version: int = SEAL_VERSION) -> bytes:
     """The plaintext of `sealed`; `SealError` unless key and aad are the sealer's."""
     if len(sealed) < OVERHEAD:
         raise SealError(f"sealed data too short ({len(sealed)} bytes)")
-    if sealed[0] != SEAL_VERSION:
+    if sealed[0] != version:
         raise SealError(f"unknown sealed format version {sealed[0]}")
     nonce = sealed[1 : 1 + NONCE_BYTES]
     try:
@@ -102,16 +112,36 @@ def block_id(keys: VolumeKeys, plaintext: bytes) -> bytes:
     )
 
 
+def padded_size(length: int) -> int:
+    """The size class a block of `length` bytes is sealed at: the smallest
+    power of two, at least `PAD_MIN`, with room for the `0x80` marker; a
+    full block takes just the marker."""
+    want = length + 1
+    size = PAD_MIN
+    while size < want:
+        size *= 2
+    return size if size <= BLOCK_SIZE else want
+
+
 def seal_block(keys: VolumeKeys, plaintext: bytes) -> tuple[bytes, bytes]:
-    """(id, sealed) for a block's plaintext."""
+    """(id, sealed) for a block's plaintext, padded to its size class."""
     bid = block_id(keys, plaintext)
-    return bid, seal(keys.blocks, plaintext, bid)
+    pad = padded_size(len(plaintext)) - len(plaintext) - 1
+    padded = plaintext + b"\x80" + bytes(pad)
+    return bid, seal(keys.blocks, padded, bytes([PADDED_VERSION]) + bid, PADDED_VERSION)
 
 
 def open_block(keys: VolumeKeys, bid: bytes, sealed: bytes) -> bytes:
     """The plaintext of block `bid`; `CorruptBlock` unless it is exactly that block."""
     try:
-        plaintext = unseal(keys.blocks, sealed, bid)
+        if sealed[:1] == bytes([PADDED_VERSION]):
+            padded = unseal(keys.blocks, sealed, bytes([PADDED_VERSION]) + bid, PADDED_VERSION)
+            body = padded.rstrip(b"\0")
+            if not body.endswith(b"\x80"):
+                raise SealError("bad padding")
+            plaintext = body[:-1]
+        else:
+            plaintext = unseal(keys.blocks, sealed, bid)
     except SealError as exc:
         raise CorruptBlock(f"block {bid.hex()}: {exc}") from exc
     # The MAC proves a secret holder sealed it for this id; the hash proves the

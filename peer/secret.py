@@ -7,7 +7,10 @@ derives the same 32-byte root; secret text with a typo in it is refused with
 Text form: `dfs1-` then RFC 4648 base32 (lowercase, no padding) of the 32 raw
 bytes and a 4-byte checksum, in groups of five joined by dashes. Reading is
 forgiving about case, whitespace and dashes. Anything not starting with `dfs1`
-is a human passphrase.
+is a human passphrase, which needs a volume name as well: the name salts
+the stretching (as a Wi-Fi network's name salts its passphrase), so every
+machine given the same name and passphrase derives the same root while no
+precomputed dictionary serves against two volumes of different names.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import nacl.utils
 
 from peer.errors import (
     BadSecretText,
+    PassphraseNeedsName,
     PassphraseTooShort,
     SecretFileUnreadable,
     SecretMissing,
@@ -37,6 +41,7 @@ CHECKSUM_BYTES = 4
 GROUP = 5
 MIN_PASSPHRASE_CHARS = 12
 ENV_VAR = "DFS_PEER_SECRET"
+NAME_ENV_VAR = "DFS_PEER_VOLUME_NAME"
 
 _CHECKSUM_PERSON = b"dfs-peer:v1:chk"
 # Base32 length of raw + checksum without padding: ceil(36 * 8 / 5) = 58.
@@ -48,22 +53,12 @@ _DASHED_SHAPE = re.compile(
     rf"-[a-z2-7]{{{_BODY_CHARS % GROUP}}}"
 )
 
-# Argon2id needs a salt, but every machine must derive the same root from the
-# same passphrase with nothing else shared, so the salt is a constant (derived
-# from a versioned purpose string). The cost is the price of that: one
-# precomputation per guessed passphrase serves every dfs-peer volume.
-_PASSPHRASE_SALT = nacl.hash.blake2b(
-    b"dfs-peer:v1:passphrase-salt",
-    digest_size=nacl.pwhash.argon2id.SALTBYTES,
-    encoder=nacl.encoding.RawEncoder,
-)
-# INTERACTIVE (2 passes, 64 MiB) rather than MODERATE (3 passes, 256 MiB):
-# `join` stretches the passphrase at every start and every CLI call that needs
-# the key, and MODERATE needs a quarter GiB and ~6x the time (measured here:
-# 0.07 s vs 0.44 s, on a fast machine). Passphrases are the convenience path; the secret from `dfs-peer init`
-# is 256 random bits and needs no stretching at all.
-_OPSLIMIT = nacl.pwhash.argon2id.OPSLIMIT_INTERACTIVE
-_MEMLIMIT = nacl.pwhash.argon2id.MEMLIMIT_INTERACTIVE
+_SALT_PERSON = b"dfs-peer:v2:salt"
+# MODERATE: 3 passes over 256 MiB (about 0.4 s on a fast core, 3 s on our
+# shared test machine), paid at every `join` with a passphrase. A guess costs
+# an attacker the same, per volume name.
+_OPSLIMIT = nacl.pwhash.argon2id.OPSLIMIT_MODERATE
+_MEMLIMIT = nacl.pwhash.argon2id.MEMLIMIT_MODERATE
 
 
 def new_secret() -> bytes:
@@ -127,39 +122,60 @@ def _parse_secret_text(compact: str) -> bytes:
     return raw
 
 
-def _stretch_passphrase(passphrase: str) -> bytes:
+def passphrase_salt(volume_name: str) -> bytes:
+    """The Argon2id salt of a passphrase volume: a hash of its name (NFC)."""
+    return nacl.hash.blake2b(
+        unicodedata.normalize("NFC", volume_name.strip()).encode("utf-8"),
+        digest_size=nacl.pwhash.argon2id.SALTBYTES,
+        person=_SALT_PERSON,
+        encoder=nacl.encoding.RawEncoder,
+    )
+
+
+def _stretch_passphrase(passphrase: str, volume_name: str | None) -> bytes:
     # NFC so that the same passphrase typed with different input methods (one
     # code point or a base letter plus a combining accent) gives the same root.
     normalized = unicodedata.normalize("NFC", passphrase)
     if len(normalized) < MIN_PASSPHRASE_CHARS:
         raise PassphraseTooShort(minimum=MIN_PASSPHRASE_CHARS)
+    if not volume_name or not volume_name.strip():
+        raise PassphraseNeedsName()
     return nacl.pwhash.argon2id.kdf(
         SECRET_BYTES,
         normalized.encode("utf-8"),
-        _PASSPHRASE_SALT,
+        passphrase_salt(volume_name),
         opslimit=_OPSLIMIT,
         memlimit=_MEMLIMIT,
     )
 
 
-def parse_secret(text: str) -> bytes:
-    """The 32-byte volume root named by secret text or by a passphrase.
+def parse_secret(text: str, volume_name: str | None = None) -> bytes:
+    """The 32-byte volume root named by secret text or by a passphrase (with
+    the volume's name, which salts it).
 
-    Raises `BadSecretText` for mistyped secret text and `PassphraseTooShort`
-    for a passphrase under `MIN_PASSPHRASE_CHARS` characters.
+    Raises `BadSecretText` for mistyped secret text, `PassphraseTooShort` for
+    a passphrase under `MIN_PASSPHRASE_CHARS` characters and
+    `PassphraseNeedsName` for a passphrase without a volume name.
     """
     stripped = text.strip()
     compact = "".join(stripped.split()).lower()
     if _looks_like_secret_text(compact):
         return _parse_secret_text(compact)
     # A passphrase keeps its inner spaces and its case: they are part of it.
-    return _stretch_passphrase(stripped)
+    return _stretch_passphrase(stripped, volume_name)
 
 
-def read_secret(secret: str | None, secret_file: Path | None, env: Mapping[str, str]) -> bytes:
-    """The volume root from --secret, else --secret-file, else DFS_PEER_SECRET."""
+def read_secret(
+    secret: str | None,
+    secret_file: Path | None,
+    env: Mapping[str, str],
+    volume_name: str | None = None,
+) -> bytes:
+    """The volume root from --secret, else --secret-file, else DFS_PEER_SECRET;
+    a passphrase's volume name from `volume_name`, else DFS_PEER_VOLUME_NAME."""
+    name = volume_name if volume_name is not None else env.get(NAME_ENV_VAR)
     if secret is not None:
-        return parse_secret(secret)
+        return parse_secret(secret, name)
     if secret_file is not None:
         try:
             text = secret_file.read_text(encoding="utf-8")
@@ -168,8 +184,8 @@ def read_secret(secret: str | None, secret_file: Path | None, env: Mapping[str, 
             raise SecretFileUnreadable(path=secret_file, detail=detail) from exc
         if not text.strip():
             raise SecretFileUnreadable(path=secret_file, detail="it is empty")
-        return parse_secret(text)
+        return parse_secret(text, name)
     from_env = env.get(ENV_VAR)
     if from_env:
-        return parse_secret(from_env)
+        return parse_secret(from_env, name)
     raise SecretMissing()

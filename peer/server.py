@@ -17,22 +17,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+import math
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Protocol
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
-from peer import wire
+from peer import gate, wire
 from peer.auth import (
     HEADER_MAC,
     HEADER_SERVER_TIME,
     PROTOCOL,
     AuthFailed,
     ReplayGuard,
+    RequestAuth,
     StaleRequest,
     parse_request,
     sign_response,
-    verify_request,
+    verify_body,
+    verify_request_head,
     wall_ms,
 )
 from peer.pairing import PATHS as PAIRING_PATHS
@@ -48,8 +52,10 @@ CBOR = "application/cbor"
 
 SYNC_KEY: web.AppKey[Sync] = web.AppKey("sync")
 GUARD_KEY: web.AppKey[ReplayGuard] = web.AppKey("guard", ReplayGuard)
+GATE_KEY: web.AppKey[gate.Gate] = web.AppKey("gate", gate.Gate)
 BODY_KEY: web.RequestKey[bytes] = web.RequestKey("body", bytes)
 PEER_KEY: web.RequestKey[str] = web.RequestKey("peer", str)  # its short id, for metrics
+AUTH_KEY: web.RequestKey[RequestAuth] = web.RequestKey("auth", RequestAuth)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -70,11 +76,17 @@ PAIRING_KEY: web.AppKey[Pairing] = web.AppKey("pairing")
 def _refuse(request: web.Request, reason: str) -> web.Response:
     sync = request.app[SYNC_KEY]
     sync.note_refused(request.remote or "?", reason)
-    return web.Response(status=401)
+    resp = web.Response(status=401)
+    resp.force_close()  # whatever body follows is never read
+    return resp
 
 
 @web.middleware
 async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Check, in this order and before reading any body byte: a declared
+    length within bounds, then the MAC over the head and the declared body
+    hash, then the replay window; only then read the body (within
+    `gate.BODY_S`) and check it against the hash."""
     pairing = request.app.get(PAIRING_KEY)
     if pairing is not None and request.path in PAIRING_PATHS and pairing.active():
         # The one exchange open to a machine without the secret, and only while
@@ -82,12 +94,14 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         return await pairing.handle(request)
     sync = request.app[SYNC_KEY]
     key = sync.keys.peers
-    if request.content_length is not None and request.content_length > wire.MAX_REQUEST_BYTES:
+    length = request.content_length
+    if hdrs.TRANSFER_ENCODING in request.headers or (request.body_exists and length is None):
+        return _refuse(request, "body without a declared length")
+    if length is not None and length > wire.MAX_REQUEST_BYTES:
         return _refuse(request, "body too large")
     try:
         auth = parse_request(request.headers)
-        body = await request.read()
-        verify_request(key, request.method, request.path_qs, auth, body)
+        verify_request_head(key, request.method, request.path_qs, auth)
         request.app[GUARD_KEY].check(auth, wall_ms())
     except StaleRequest as stale:
         # Authenticated but outside the window: tell the (genuine) peer our
@@ -96,6 +110,17 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         resp = web.Response(status=401, headers={HEADER_SERVER_TIME: extra})
         resp.headers[HEADER_MAC] = sign_response(key, auth.nonce, 401, b"", extra)
         return resp
+    except AuthFailed as exc:
+        return _refuse(request, str(exc))
+    if (the_gate := request.app.get(GATE_KEY)) is not None:
+        the_gate.prove(request.protocol)
+    try:
+        async with asyncio.timeout(gate.BODY_S):
+            body = await request.read()
+        verify_body(auth, body)
+    except TimeoutError:
+        log.info("peer %s sent its body too slowly: closing", auth.node[:8])
+        return _refuse(request, "body too slow")
     except AuthFailed as exc:
         return _refuse(request, str(exc))
     except web.HTTPRequestEntityTooLarge:
@@ -117,6 +142,7 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         request[BODY_KEY] = body
         request[PEER_KEY] = peer
         sync.metrics.wire_bytes.labels("received").inc(len(body))
+        request[AUTH_KEY] = auth
         try:
             result = await handler(request)
             if not isinstance(result, web.Response):
@@ -147,7 +173,7 @@ async def hello(request: web.Request) -> web.Response:
     sync = request.app[SYNC_KEY]
     port = request.query.get("port", "")
     if port.isdigit() and 0 < int(port) < 65536 and request.remote:
-        sync.add_peer(request.remote, int(port), "inbound")
+        sync.add_inbound(request.remote, int(port), bytes.fromhex(request[AUTH_KEY].node))
     return _cbor(wire.encode_hello(sync.hello()))
 
 
@@ -172,9 +198,12 @@ async def watch(request: web.Request) -> web.Response:
     sync = request.app[SYNC_KEY]
     since = request.query.get("since", "")
     try:
-        wait = min(max(float(request.query.get("wait", "20")), 0.0), MAX_WATCH_S)
+        wait = float(request.query.get("wait", "20"))
     except ValueError:
         raise wire.BadMessage("bad wait") from None
+    if not math.isfinite(wait) or wait < 0:
+        raise wire.BadMessage("bad wait")
+    wait = min(wait, MAX_WATCH_S)
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(wait):
             await sync.wait_log_differs(since)
@@ -192,3 +221,46 @@ def make_peer_app(sync: Sync) -> web.Application:
     app.router.add_post("/blocks", blocks)
     app.router.add_get("/watch", watch)
     return app
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    sync: Sync, host: str, port: int, sock: socket.socket | None = None
+) -> AsyncIterator[int]:
+    """Serve peers on host:port (or on `sock`, bound there already) behind the
+    gate; yields the bound port.
+
+    Raises OSError (e.g. EADDRINUSE) before anything starts if the port
+    cannot be bound."""
+    app = make_peer_app(sync)
+    the_gate = gate.Gate(sync.strangers, max_connections=gate.connection_cap())
+    app[GATE_KEY] = the_gate
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=2.0,
+        keepalive_timeout=gate.IDLE_S,
+        lingering_time=1.0,
+        logger=gate.ServerLog(sync.strangers),
+    )
+    await runner.setup()
+    loop = asyncio.get_running_loop()
+    restore = gate.quiet_accept_errors(loop, sync.strangers)
+    try:
+        the_gate.make_inner = runner.server
+        if sock is not None:
+            server = await loop.create_server(the_gate.protocol, sock=sock, backlog=128)
+        else:
+            server = await loop.create_server(
+                the_gate.protocol, host, port, reuse_address=True, backlog=128
+            )
+        try:
+            sock = server.sockets[0]
+            bound = sock.getsockname()[1] if sock.family != socket.AF_UNIX else port
+            yield int(bound)
+        finally:
+            server.close()
+    finally:
+        await runner.cleanup()
+        restore()

@@ -44,6 +44,7 @@ _BUSY_TIMEOUT_MS = 5000
 # while a one-entry log transaction still takes ~0.2 ms. Takes effect only
 # when the database is created.
 _PAGE_SIZE = 65536
+_WAL_PAGES = 64  # 4 MiB
 # Rows per query when streaming the log, and ids per `IN (...)` list (well
 # under SQLite's bound-parameter limit).
 _LOG_CHUNK = 1000
@@ -144,7 +145,13 @@ class Store:
 
     @classmethod
     def open(cls, path: Path) -> Store:
-        """Open (creating if new) the store at `path`; `CorruptStore` if unusable."""
+        """Open (creating if new) the store at `path`; `CorruptStore` if unusable.
+
+        The file is made (or made again) owner-only, mode 0600, before SQLite
+        opens it: SQLite gives its `-wal` and `-shm` files the database's mode."""
+        with contextlib.suppress(OSError):  # unusable paths are reported by the connect
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+            os.chmod(path, 0o600)
         return cls._connect(path, str(path))
 
     @classmethod
@@ -195,6 +202,18 @@ class Store:
         # created; NORMAL + sync on demand keeps fsync where POSIX puts it.
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA foreign_keys = ON")
+        # A short WAL, truncated after each checkpoint: pages in the WAL need
+        # as much room again in the database when checkpointed, so a WAL that
+        # held the whole volume (1,000 pages of 64 KiB by default) could never
+        # be checkpointed on a full disk, and deletes there could free nothing.
+        # Measured: no loss of write speed with this (146 vs 132 MB/s).
+        conn.execute(f"PRAGMA wal_autocheckpoint = {_WAL_PAGES}")
+        # Debian's SQLite zeroes every freed page (secure_delete ON), so a
+        # delete wrote as many bytes to the WAL as it freed: on a full disk,
+        # no delete could run. Freed pages hold only sealed bytes; FAST still
+        # clears what costs no extra I/O.
+        conn.execute("PRAGMA secure_delete = FAST")
+        conn.execute(f"PRAGMA journal_size_limit = {_WAL_PAGES * _PAGE_SIZE}")
 
     def _migrate(self) -> None:
         with self.transaction():
@@ -559,12 +578,31 @@ class Store:
         with self._lock:
             if self._depth:
                 raise AssertionError("reclaim() cannot run inside a transaction")
-            arg = "" if max_pages is None else f"({int(max_pages)})"
-            # executescript, not execute: the module steps this pragma once,
-            # which frees one page; a script runs it to completion.
-            self._conn.executescript(f"PRAGMA incremental_vacuum{arg};")
+            # In steps of half the WAL's length, each checkpointed and the WAL
+            # truncated before the next: every page moved is written to the
+            # WAL first, so one big step needs room for all of them (a full
+            # disk has none), a small one only for a few.
+            left = max_pages
+            while left is None or left > 0:
+                step = _WAL_PAGES // 2 if left is None else min(left, _WAL_PAGES // 2)
+                (free,) = self._conn.execute("PRAGMA freelist_count").fetchone()
+                if not free:
+                    break
+                # executescript, not execute: the module steps this pragma
+                # once, which frees one page; a script runs it to completion.
+                self._conn.executescript(f"PRAGMA incremental_vacuum({step});")
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                if left is not None:
+                    left -= step
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         return max(0, before - self.stats().db_bytes)
+
+    def shrink_wal(self) -> None:
+        """Checkpoint and truncate the WAL (after a failed write left it long)."""
+        with self._lock:
+            if not self._depth:
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
     def free_bytes(self) -> int:
         """Bytes of pages inside the file that hold nothing (reclaimable)."""

@@ -31,11 +31,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from dataclasses import dataclass, field
 
 import aiohttp
-from aiohttp import web
 
 from crdt.content import Contents, Version
 from crdt.merge import Changes
 from crdt.ops import BLOCK_SIZE, TRASH, Move, Op, Write
+from fuse.errors import NoSpace
 from peer import chain, wire
 from peer.auth import (
     HEADER_MAC,
@@ -49,13 +49,14 @@ from peer.auth import (
 from peer.blocks import Blocks
 from peer.checkpoint import ForgedCheckpoint, covered, open_checkpoint
 from peer.errors import CorruptBlock, CorruptEntry
+from peer.gate import CLIENT_KEEPALIVE_S, Summary
 from peer.gc import Stability
 from peer.identity import NodeIdentity
 from peer.journal import Journal
 from peer.keys import VolumeKeys
 from peer.metrics import Metrics
 from peer.sealing import Head, LogEntry, open_block
-from peer.server import MAX_WATCH_S, Pairing, make_peer_app
+from peer.server import MAX_WATCH_S, Pairing, serving
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,11 @@ REPAIR_TIMEOUT_S = 10.0
 # and at once whenever a peer connects.
 WANTED_RETRY_MIN_S = 1.0
 WANTED_RETRY_MAX_S = 300.0
+# Links to addresses peers asked us to sync back with (`/hello?port=N`): at
+# most this many, one per node id, dropped unless the address answers as that
+# node, or when it has not answered for INBOUND_EXPIRE_S.
+MAX_INBOUND = 64
+INBOUND_EXPIRE_S = 600.0
 
 
 class PeerError(Exception):
@@ -223,6 +229,7 @@ class Link:
     is_self: bool = False
     task: asyncio.Task[None] | None = None
     client: PeerClient | None = None
+    expect: bytes | None = None  # an inbound link: the node id that asked for it
 
     @property
     def address(self) -> str:
@@ -286,7 +293,8 @@ class Sync:
         self._tasks: asyncio.TaskGroup | None = None
         self._pull_lock = asyncio.Lock()
         self._grew = asyncio.Event()
-        self._refused_logged: dict[str, float] = {}
+        # What strangers cause at the peer port: one log line per interval.
+        self.strangers = Summary(log)
         self._inflight: dict[bytes, asyncio.Future[bytes | None]] = {}
         # Wanted blocks (kept in the store): when each may be asked for
         # again (monotonic time) and the delay that led there.
@@ -315,23 +323,19 @@ class Sync:
 
         Raises OSError (e.g. EADDRINUSE) before anything starts if the port
         cannot be bound."""
-        runner = web.AppRunner(
-            make_peer_app(self), access_log=None, handle_signals=False, shutdown_timeout=2.0
-        )
-        await runner.setup()
-        try:
-            site: web.BaseSite
-            if sock is not None:
-                site = web.SockSite(runner, sock)
-            else:
-                site = web.TCPSite(runner, host, port, reuse_address=True)
-            await site.start()
-            bound = runner.addresses[0] if runner.addresses else (host, port)
+        async with contextlib.AsyncExitStack() as stack:
+            bound = await stack.enter_async_context(serving(self, host, port, sock))
+            stack.callback(self._grew.set)  # wake long polls so the server can stop
+            stack.callback(setattr, self, "_closing", True)
             shown = f"[{host}]" if ":" in host else host
-            self.listen = f"{shown}:{bound[1]}"
-            self.port = int(bound[1])
+            self.listen = f"{shown}:{bound}"
+            self.port = bound
             log.info("serving peers: listen=%s", self.listen)
-            connector = aiohttp.TCPConnector(limit=64, limit_per_host=FETCH_CONCURRENCY + 2)
+            connector = aiohttp.TCPConnector(
+                limit=64,
+                limit_per_host=FETCH_CONCURRENCY + 2,
+                keepalive_timeout=CLIENT_KEEPALIVE_S,
+            )
             async with (
                 aiohttp.ClientSession(connector=connector) as session,
                 asyncio.TaskGroup() as tasks,
@@ -349,10 +353,6 @@ class Sync:
                         if link.task is not None:
                             link.task.cancel()
                     self._tasks = None
-        finally:
-            self._closing = True
-            self._grew.set()  # wake long polls so the server can stop
-            await runner.cleanup()
 
     def add_peer(self, host: str, port: int, source: str) -> None:
         key = (host, port)
@@ -363,6 +363,30 @@ class Sync:
         log.info("peer address added: address=%s source=%s", link.address, source)
         if self._tasks is not None:
             self._start(link)
+        self._peers_changed()
+
+    def add_inbound(self, host: str, port: int, node: bytes) -> None:
+        """Node `node` said hello and serves peers on host:port: sync back with
+        it, unless a link already reaches it. One such link per node id (a new
+        port replaces the old), at most `MAX_INBOUND`; `_run_link` drops it
+        unless the address answers a hello as `node`."""
+        if (host, port) in self.links:
+            return
+        for key, link in list(self.links.items()):
+            if link.node_id == node and link.connected:
+                return
+            if link.source == "inbound" and link.expect == node:
+                self._drop(key, link)
+        if sum(link.source == "inbound" for link in self.links.values()) >= MAX_INBOUND:
+            return
+        self.add_peer(host, port, "inbound")
+        self.links[(host, port)].expect = node
+
+    def _drop(self, key: tuple[str, int], link: Link) -> None:
+        if self.links.get(key) is link:
+            del self.links[key]
+        if link.task is not None and link.task is not asyncio.current_task():
+            link.task.cancel()
         self._peers_changed()
 
     def remove_peer(self, host: str, port: int) -> None:
@@ -394,6 +418,10 @@ class Sync:
                 hello = await client.hello()
                 if hello.node == self.identity.node_id:
                     raise SelfConnection(link.address)
+                if link.expect is not None and hello.node != link.expect:
+                    log.info("inbound address %s is not the node that named it", link.address)
+                    self._drop((link.host, link.port), link)
+                    return
                 if link.node_id != hello.node or not link.connected:
                     log.info(
                         "peer connected: address=%s node=%s name=%s",
@@ -406,7 +434,6 @@ class Sync:
                 link.last_seen = time.time()
                 self._learn(hello.node, hello.vv, hello.known)
                 await self._compare_chains(link, hello.heads, hello.forks)
-                backoff = BACKOFF_MIN_S
                 self._want_next.clear()  # a peer that may have wanted blocks
                 self._want_wake.set()
                 self._peers_changed()
@@ -418,6 +445,9 @@ class Sync:
                     link.last_seen = time.time()
                     self._learn(hello.node, watched.vv, watched.known)
                     await self._compare_chains(link, watched.heads, watched.forks)
+                    # Only a whole round resets the backoff: a peer whose hello
+                    # works but whose other answers fail is not hammered.
+                    backoff = BACKOFF_MIN_S
             except asyncio.CancelledError:
                 link.connected = False
                 raise
@@ -434,7 +464,8 @@ class Sync:
                 backoff = BACKOFF_MAX_S * 6
             except (CorruptEntry, CorruptBlock, wire.BadMessage) as exc:
                 self._link_failed(link, f"peer sent bad data: {exc}", logging.WARNING)
-            except (aiohttp.ClientError, TimeoutError, OSError, PeerError) as exc:
+            except (aiohttp.ClientError, TimeoutError, OSError, PeerError, NoSpace) as exc:
+                # NoSpace: a full disk, said once per episode by `peer.space`.
                 self._link_failed(link, f"{type(exc).__name__}: {exc}", logging.INFO)
             except Exception as exc:
                 # A bug, or a state we cannot store (a full disk, a gap a peer's
@@ -442,6 +473,13 @@ class Sync:
                 log.exception("sync with %s failed", link.address)
                 self._link_failed(link, f"{type(exc).__name__}: {exc}", logging.ERROR)
                 backoff = BACKOFF_MAX_S
+            if link.expect is not None and (
+                link.last_seen is None or time.time() - link.last_seen > INBOUND_EXPIRE_S
+            ):
+                # An inbound address that never answered as its node, or has
+                # not for long: forget it (the node names it again at its hello).
+                self._drop((link.host, link.port), link)
+                return
             await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
             backoff = min(backoff * 2, BACKOFF_MAX_S)
 
@@ -892,15 +930,13 @@ class Sync:
 
     def note_refused(self, remote: str, reason: str) -> None:
         self.refused += 1
-        now = time.monotonic()
-        if now - self._refused_logged.get(remote, -60.0) >= 60.0:
-            self._refused_logged[remote] = now
-            log.warning(
-                "refused a peer request: from=%s reason=%s (it does not share this "
-                "volume's secret, or is not a dfs-peer node)",
-                remote,
-                reason,
-            )
+        self.strangers.note(
+            "refused",
+            "refused a peer request: from=%s reason=%s (it does not share this "
+            "volume's secret, or is not a dfs-peer node)",
+            remote,
+            reason,
+        )
 
     # -- status --------------------------------------------------------------------
     def statistics(self) -> SyncStatistics:

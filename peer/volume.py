@@ -47,6 +47,7 @@ from fuse.errors import (
     IsADirectory,
     NameTooLong,
     NoAttribute,
+    NoSpace,
     NotADirectory,
     NotEmpty,
     NotFound,
@@ -167,6 +168,10 @@ class Volume:
         self._open_count: dict[bytes, int] = {}
         self._next_fh = 1
         self._dirty: dict[bytes, _Dirty] = {}
+        # Files whose buffered writes were dropped for lack of space: their
+        # writes fail until the last handle closes, so no later write builds
+        # on a hole where the failed data was.
+        self._failed: set[bytes] = set()
         self._last: dict[bytes, Attrs] = {}
         # What the kernel may have cached: {parent inode: {name: inode}}, from
         # our lookup/create replies, so a remote change invalidates exactly the
@@ -510,10 +515,11 @@ class Volume:
         if view.kind == "dir":
             raise IsADirectory()
         if view.id in self._dirty:
-            self._flush(view.id)  # the delete must see what was written
+            with contextlib.suppress(NoSpace):  # a full disk drops the buffer; delete anyway
+                self._flush(view.id)  # the delete must see what was written
         view = self._view(view.id)
         with self._kernel_update(((parent, name, None),)):
-            self.journal.commit(lambda stamp: self._delete_ops(view, stamp))
+            self.journal.commit(lambda stamp: self._delete_ops(view, stamp), freeing=True)
 
     def rmdir(self, parent: int, name: bytes) -> None:
         self._writable()
@@ -523,7 +529,7 @@ class Volume:
         if self.replica.listing(view.id):
             raise NotEmpty()
         with self._kernel_update(((parent, name, None),)):
-            self.journal.commit(lambda stamp: self._delete_ops(view, stamp))
+            self.journal.commit(lambda stamp: self._delete_ops(view, stamp), freeing=True)
 
     def rename(
         self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int
@@ -758,6 +764,8 @@ class Volume:
             raise BadHandle()
         self._writable()
         entry = handle.entry
+        if entry in self._failed:
+            raise NoSpace()
         dirty = self._dirty_for(entry)
         if handle.append:
             offset = dirty.size
@@ -870,7 +878,15 @@ class Volume:
                 base = (w.hlc,)
             return ops
 
-        self.journal.commit(make, blocks=sealed)
+        try:
+            self.journal.commit(make, blocks=sealed)
+        except NoSpace:
+            # The write failed (ENOSPC to the caller): it must never show up
+            # later, and a full disk must not make buffers grow without bound.
+            del self._dirty[entry]
+            if self._open_count.get(entry):
+                self._failed.add(entry)
+            raise
         del self._dirty[entry]
 
     def _size_of_base(self, dirty: _Dirty) -> int:
@@ -892,6 +908,7 @@ class Volume:
             self._open_count[handle.entry] = left
             return
         del self._open_count[handle.entry]
+        self._failed.discard(handle.entry)
         self._flush(handle.entry)
 
     def buffered_bases(self) -> list[Hlc | None]:
@@ -904,10 +921,19 @@ class Volume:
         versions = (self._version(entry) for entry in self._open_count)
         return [v for v in versions if v is not None]
 
-    def flush_all(self) -> None:
-        """Flush every buffered file (shutdown)."""
+    def flush_all(self) -> tuple[int, int]:
+        """Flush every buffered file (shutdown, gc). Returns (files, bytes)
+        whose buffered writes could not be flushed for lack of space (and
+        were dropped); the others are flushed."""
+        lost = lost_bytes = 0
         for entry in list(self._dirty):
-            self._flush(entry)
+            size = self._dirty[entry].bytes()
+            try:
+                self._flush(entry)
+            except NoSpace:
+                lost += 1
+                lost_bytes += size
+        return lost, lost_bytes
 
     # -- extended attributes ---------------------------------------------------------------
     def getxattr(self, inode: int, name: bytes) -> bytes:

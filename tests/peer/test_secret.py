@@ -5,12 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import nacl.pwhash.argon2id
 import pytest
 
+from peer import secret as secret_module
 from peer.errors import (
     BadSecretText,
     CorruptStore,
     DfsError,
+    PassphraseNeedsName,
     PassphraseTooShort,
     SecretFileUnreadable,
     SecretMissing,
@@ -22,6 +25,7 @@ from peer.secret import (
     format_secret,
     new_secret,
     parse_secret,
+    passphrase_salt,
     read_secret,
 )
 
@@ -87,12 +91,35 @@ def test_secret_text_of_wrong_length_or_alphabet_is_refused(
 
 def test_passphrase_gives_the_same_root_everywhere() -> None:
     phrase = "correct horse battery staple"
-    root = parse_secret(phrase)
+    root = parse_secret(phrase, "photos")
     assert len(root) == 32
-    assert parse_secret(f"  {phrase}\n") == root
-    assert parse_secret("Correct horse battery staple") != root
+    assert parse_secret(f"  {phrase}\n", " photos ") == root
+    assert parse_secret("Correct horse battery staple", "photos") != root
     # The same text typed precomposed or with a combining accent is one passphrase.
-    assert parse_secret("caf\u00e9 au lait noir") == parse_secret("cafe\u0301 au lait noir")
+    assert parse_secret("caf\u00e9 au lait noir", "v") == parse_secret(
+        "cafe\u0301 au lait noir", "v"
+    )
+
+
+def test_one_passphrase_names_a_different_volume_under_each_name() -> None:
+    """The salt is per volume: a dictionary computed for one name is useless
+    against another."""
+    phrase = "correct horse battery staple"
+    assert parse_secret(phrase, "photos") != parse_secret(phrase, "music")
+    assert passphrase_salt("photos") != passphrase_salt("music")
+    assert secret_module._OPSLIMIT >= nacl.pwhash.argon2id.OPSLIMIT_MODERATE
+    assert secret_module._MEMLIMIT >= nacl.pwhash.argon2id.MEMLIMIT_MODERATE
+
+
+def test_a_passphrase_without_a_volume_name_is_refused() -> None:
+    with pytest.raises(PassphraseNeedsName) as caught:
+        parse_secret("correct horse battery staple")
+    assert "--volume-name" in caught.value.message()
+    with pytest.raises(PassphraseNeedsName):
+        read_secret("correct horse battery staple", None, {"DFS_PEER_VOLUME_NAME": " "})
+    assert read_secret("correct horse battery staple", None, {"DFS_PEER_VOLUME_NAME": "x"}) == (
+        parse_secret("correct horse battery staple", "x")
+    )
 
 
 def test_too_short_passphrase_is_refused_with_its_reason() -> None:
