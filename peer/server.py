@@ -207,6 +207,8 @@ async def watch(request: web.Request) -> web.Response:
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(wait):
             await sync.wait_log_differs(since)
+    if sync.closing:  # woken to let the server stop: the store may be closing too
+        raise web.HTTPServiceUnavailable()
     return _cbor(sync.watch_answer())
 
 

@@ -917,6 +917,11 @@ class Sync:
         self._grew.set()
         self._grew = asyncio.Event()
 
+    @property
+    def closing(self) -> bool:
+        """True once the node stops serving (long polls are woken to end)."""
+        return self._closing
+
     async def wait_log_differs(self, since: str) -> None:
         """Until our log differs from `since`, or we learnt that some member's
         vector grew (news for the peer's causal stability)."""

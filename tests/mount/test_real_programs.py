@@ -265,12 +265,6 @@ def editor_save(path: Path, text: str) -> None:
     os.rename(tmp, path)
 
 
-@pytest.mark.xfail(
-    reason="issue 8, stale name after a rename (fixed on branch posix): the node that "
-    "renamed the temporary file over the name never tells its kernel that a peer's "
-    "later save replaced that name, so it keeps showing its own save",
-    strict=True,
-)
 def test_editor_saves_taking_turns_between_two_nodes(two: tuple[Path, Path]) -> None:
     a, b = two
     (a / "notes.txt").write_text("version 0\n")

@@ -98,11 +98,6 @@ def test_fsx_passes_without_corruption_and_reaches_a_second_node(fsx_run: FsxRun
             )
 
 
-@pytest.mark.xfail(
-    reason="fallocate is not implemented yet (issue 8; branch posix adds it): fsx "
-    "turns off fallocate, punch hole and zero range. Remove this mark when it lands.",
-    strict=True,
-)
 def test_fsx_keeps_fallocate_punch_hole_and_zero_range(fsx_run: FsxRun) -> None:
     for p in fsx_run.passes:
         disabled = [m for m in FALLOCATE_MODES if f"fallocate mode {m}" in p.disabled()]
