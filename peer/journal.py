@@ -9,6 +9,7 @@ log alone (the log is the truth; the `Replica` is derived).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import logging
@@ -39,12 +40,27 @@ log = logging.getLogger(__name__)
 
 # Replay decodes the log in chunks so a large log does not sit in memory twice.
 REPLAY_CHUNK = 4096
-# Fold the stable prefix into the checkpoint once this many more entries are stable.
+# Fold the stable prefix into the checkpoint once this many more entries are
+# stable (and a quarter of the checkpoint's ops: `Journal.fold_target`).
 FOLD_MIN_ENTRIES = 1000
+# Ops merged into the replica between two chances for the loop to answer FUSE
+# (`apply_in_pieces`); ~50 ms of merging on this machine kind.
+MERGE_PIECE_OPS = 1000
 
 
 def wall_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Adoption:
+    """A peer's checkpoint merged with this node's, sealed, ready to store
+    (`Journal.prepare_adoption`): valid while the store's covers are `covers`."""
+
+    covers: dict[bytes, int]
+    new_covers: dict[bytes, int]
+    sealed: bytes
+    ops: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +103,8 @@ class Journal:
         # How far back `--at` must stay exact: folding drops an op another
         # overrides only if that one is older than this (`crdt.compact`).
         self.history_ms = 0
+        # How many ops the checkpoint holds (counted by replay and each fold).
+        self._folded_ops = 0
 
     @property
     def checkpoint(self) -> Checkpoint | None:
@@ -94,8 +112,9 @@ class Journal:
         blob = self.store.get_checkpoint()
         return None if blob is None else open_checkpoint(self.keys, blob, stored_here=True)
 
-    def _set_checkpoint(self) -> None:
+    def _set_checkpoint(self, ops: int) -> None:
         self._tops = None
+        self._folded_ops = ops
 
     # -- start-up --------------------------------------------------------------
     def replay(self, until_ms: int | None = None) -> int:
@@ -138,7 +157,11 @@ class Journal:
         """Every op this store holds: the checkpoint's, then the log's."""
         blob = self.store.get_checkpoint()
         if blob is not None:
-            yield from iter_checkpoint_ops(self.keys, blob)
+            folded = 0
+            for op in iter_checkpoint_ops(self.keys, blob):
+                folded += 1
+                yield op
+            self._folded_ops = folded
         for entry in self.store.iter_log():
             yield self._open(entry, signed_already=True)
 
@@ -254,10 +277,23 @@ class Journal:
     # -- checkpoint --------------------------------------------------------------
     def fold(self, stable: dict[bytes, int], min_entries: int | None = None) -> int:
         """Fold the log entries `stable` covers into the checkpoint, if at least
-        `min_entries` (default `FOLD_MIN_ENTRIES`) are new, and drop them from
-        the log in the same transaction; returns how many entries were dropped."""
+        `min_entries` are new (default: `FOLD_MIN_ENTRIES`, and a quarter of
+        the checkpoint's ops), and drop them from the log in the same
+        transaction; returns how many entries were dropped."""
+        target = self.fold_target(stable, min_entries)
+        return self.fold_to(target) if target is not None else 0
+
+    def fold_target(
+        self, stable: dict[bytes, int], min_entries: int | None = None
+    ) -> dict[bytes, int] | None:
+        """The covers a fold now would reach, or None if not worth one.
+
+        A fold re-encodes the whole checkpoint, so it waits until the new
+        entries are a quarter of what is folded already: each op is then
+        re-encoded a bounded number of times (geometric growth), and folding
+        costs a constant per entry however large the checkpoint grew."""
         if min_entries is None:
-            min_entries = FOLD_MIN_ENTRIES
+            min_entries = max(FOLD_MIN_ENTRIES, self._folded_ops // 4)
         covers = self.store.covers()
         cuts = self.replica.forgotten()
         own = self.identity.node_id
@@ -269,20 +305,33 @@ class Journal:
             if seq > covers.get(node, 0):
                 target[node] = seq
         if not target or sum(s - covers.get(n, 0) for n, s in target.items()) < min_entries:
-            return 0
-        ops = [self._open(e, signed_already=True) for e in self._entries_between(covers, target)]
-        new_covers = {**covers, **target}
+            return None
+        return {**covers, **target}
+
+    def fold_to(self, new_covers: dict[bytes, int]) -> int:
+        """Fold the log up to `new_covers` (from `fold_target`) into the checkpoint.
+
+        Reads only the store, never the replica: safe in a worker thread while
+        the loop merges and commits. If the checkpoint changed meanwhile (an
+        adoption), nothing is written and 0 returned."""
+        covers = self.store.covers()
+        ops = [
+            self._open(e, signed_already=True) for e in self._entries_between(covers, new_covers)
+        ]
         current = self.checkpoint
         old = current.ops if current is not None else ()
         cp = Checkpoint(new_covers, tuple(compact([*old, *ops], self._horizon())))
+        del old, current, ops
         try:
             sealed = seal_checkpoint(self.keys, self.identity, cp)
         except CheckpointTooLarge as exc:
             log.info("not folding the log: the checkpoint would be too large (%s)", exc)
             return 0
         with self.store.transaction():
+            if self.store.covers() != covers:
+                return 0
             dropped = self.store.set_checkpoint(sealed, new_covers)
-        self._set_checkpoint()
+        self._set_checkpoint(len(cp.ops))
         log.info(
             "folded the stable log: entries=%d checkpoint_ops=%d bytes=%d",
             dropped,
@@ -310,30 +359,72 @@ class Journal:
         """Merge a peer's checkpoint (opened by `open_checkpoint`) and the blocks
         its heads need, in one transaction. This node's checkpoint becomes the
         union of both with its own log entries the new `covers` reach (ops are
-        a set; covers the elementwise max), and those entries leave the log."""
+        a set; covers the elementwise max), and those entries leave the log.
+
+        In three steps, which `Sync` runs apart so the loop stays free:
+        `prepare_adoption` (store only: a worker thread), `install_adoption`
+        (one transaction), then merging `cp.ops` (`apply_in_pieces`)."""
+        prepared = self.prepare_adoption(cp)
+        if prepared is None or not self.install_adoption(cp, prepared, blocks):
+            return Changes(frozenset(), frozenset())
+        return self._apply(cp.ops)
+
+    def prepare_adoption(self, cp: Checkpoint) -> Adoption | None:
+        """The checkpoint this node would keep after adopting `cp`, sealed; None
+        if `cp` covers nothing new. Reads only the store: safe in a worker thread."""
         covers = self.store.covers()
         new_covers = dict(covers)
         for node, seq in cp.covers.items():
             new_covers[node] = max(new_covers.get(node, 0), seq)
         if new_covers == covers:
-            return Changes(frozenset(), frozenset())
-        reach = {n: min(s, self.vv.get(n, 0)) for n, s in new_covers.items()}
+            return None
+        vv = self.store.version_vector()
+        reach = {n: min(s, vv.get(n, 0)) for n, s in new_covers.items()}
         mine = [self._open(e, signed_already=True) for e in self._entries_between(covers, reach)]
         current = self.checkpoint
         old = current.ops if current is not None else ()
-        merged = Checkpoint(new_covers, tuple(compact([*old, *mine, *cp.ops], self._horizon())))
-        sealed = seal_checkpoint(self.keys, self.identity, merged)
+        merged = compact([*old, *mine, *cp.ops], self._horizon())
+        del old, current, mine
+        sealed = seal_checkpoint(self.keys, self.identity, Checkpoint(new_covers, tuple(merged)))
+        return Adoption(covers, new_covers, sealed, len(merged))
+
+    def install_adoption(
+        self, cp: Checkpoint, prepared: Adoption, blocks: Iterable[tuple[bytes, bytes]] = ()
+    ) -> bool:
+        """Store a prepared adoption with `blocks`, in one transaction; False
+        (nothing written) if the checkpoint changed since it was prepared. The
+        caller then merges `cp.ops` into the replica."""
         with self._writing():
+            if self.store.covers() != prepared.covers:
+                return False
             self.store.put_blocks(blocks)
-            self.store.set_checkpoint(sealed, new_covers)
-        self._set_checkpoint()
-        for node, seq in new_covers.items():
+            self.store.set_checkpoint(prepared.sealed, prepared.new_covers)
+        self._set_checkpoint(prepared.ops)
+        for node, seq in prepared.new_covers.items():
             self.vv[node] = max(self.vv.get(node, 0), seq)
         self._next_seq = max(self._next_seq, self.vv.get(self.identity.node_id, 0) + 1)
         now = self._now()
         for op in cp.ops:
             self.clock.observe(op.hlc, now)
-        return self._apply(cp.ops)
+        return True
+
+    async def apply_in_pieces(self, ops: Sequence[Op]) -> Changes:
+        """Merge stored `ops` into the replica `MERGE_PIECE_OPS` at a time,
+        letting the loop answer FUSE between pieces; then tell who listens."""
+        dirs: set[bytes] = set()
+        entries: set[bytes] = set()
+        for start in range(0, len(ops), MERGE_PIECE_OPS):
+            piece = ops[start : start + MERGE_PIECE_OPS]
+            changes = self.replica.apply(piece)
+            if any(isinstance(op, Forget) for op in piece):
+                changes = self.enforce_forgets() or changes
+            dirs |= changes.dirs
+            entries |= changes.entries
+            await asyncio.sleep(0)
+        changes = Changes(frozenset(dirs), frozenset(entries))
+        self._notify(changes)
+        self._grown()
+        return changes
 
     def _horizon(self) -> int:
         return self._now() - self.history_ms

@@ -392,7 +392,7 @@ async def _gc(request: web.Request) -> web.Response:
     """POST /gc: collect now; what was freed and what holds collection back."""
     node = request.app[NODE_KEY]
     node.volume.flush_all()  # buffered writes pin old versions; publish them first
-    result = node.collector.collect(force=True)
+    result = await node.collector.collect_async(force=True)
     return web.json_response(
         {
             **asdict(result),

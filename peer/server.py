@@ -129,13 +129,20 @@ async def hello(request: web.Request) -> web.Response:
 async def log_suffix(request: web.Request) -> web.Response:
     sync = request.app[SYNC_KEY]
     req = wire.decode_log_request(request[BODY_KEY])
-    return _cbor(wire.encode_log_response(sync.entries_for(req.vv, req.max_bytes)))
+    ours = dict(sync.journal.vv)
+
+    def answer() -> bytes:
+        # Reads only the store (a few MiB of it): a worker thread, not the loop.
+        return wire.encode_log_response(sync.entries_for(req.vv, req.max_bytes, ours))
+
+    return _cbor(await asyncio.to_thread(answer))
 
 
 async def blocks(request: web.Request) -> web.Response:
     sync = request.app[SYNC_KEY]
     req = wire.decode_blocks_request(request[BODY_KEY])
-    return _cbor(wire.encode_blocks_response(wire.BlocksResponse(sync.sealed_blocks(req.ids))))
+    found = await asyncio.to_thread(sync.sealed_blocks, req.ids)
+    return _cbor(wire.encode_blocks_response(wire.BlocksResponse(found)))
 
 
 async def watch(request: web.Request) -> web.Response:

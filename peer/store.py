@@ -246,7 +246,12 @@ class Store:
         with self._lock:
             if not self._unsynced:
                 return
-            wal = self.path.with_name(self.path.name + "-wal")
+            self._unsynced = False
+        # Not under the lock: an fsync takes milliseconds, during which other
+        # threads' reads and commits go on (a commit after this point sets
+        # `_unsynced` again, for the next sync).
+        wal = self.path.with_name(self.path.name + "-wal")
+        try:
             try:
                 fd = os.open(wal, os.O_RDONLY)
             except FileNotFoundError:
@@ -255,7 +260,9 @@ class Store:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            self._unsynced = False
+        except BaseException:
+            self._unsynced = True
+            raise
 
     def _require_transaction(self) -> None:
         # An explicit raise, not `assert`: a write outside a transaction would
