@@ -276,6 +276,30 @@ def test_delete_loses_to_concurrent_write() -> None:
     assert alice.content(f) == {0: block(2)}
 
 
+def _revival_checks_per_op_after(deletes: int) -> int:
+    """Rule 4's work for one create and one delete, on a replica that holds
+    `deletes` deleted files and one delete that lost to a concurrent write."""
+    alice, bob = alice_and_bob()
+    kept = alice.create(ROOT, b"kept.txt")
+    alice.write(kept, {0: block(1)}, 10)
+    sync(alice, bob)
+    for i in range(deletes):
+        alice.delete(alice.create(ROOT, f"old-{i}".encode()))
+    alice.delete(kept)
+    bob.write(kept, {0: block(2)}, 20)
+    sync(alice, bob)
+    assert names(alice)[b"kept.txt"] == kept  # revived
+    before = alice.replica.revival_checks
+    alice.delete(alice.create(ROOT, b"new.txt"))
+    return alice.replica.revival_checks - before
+
+
+def test_rule_4_looks_only_at_what_a_batch_changed_not_at_the_whole_trash() -> None:
+    # The same work after 50 deletes as after 2,000: it does not grow with the trash.
+    assert _revival_checks_per_op_after(2000) == _revival_checks_per_op_after(50)
+    assert _revival_checks_per_op_after(50) < 20
+
+
 def test_delete_that_saw_the_write_wins() -> None:
     alice, bob = alice_and_bob()
     f = alice.create(ROOT, b"plan.txt")
