@@ -376,6 +376,7 @@ def main() -> int:
     ap.add_argument("--versions", type=int, default=10_000)
     ap.add_argument("--probes", type=int, default=50)
     ap.add_argument("--only", default="revival,versions,listing,stall")
+    ap.add_argument("--keep", action="store_true", help="keep the work dir (nodes' logs)")
     args = ap.parse_args()
     parts = set(args.only.split(","))
     work = Path(tempfile.mkdtemp(prefix="dfs-aging-"))
@@ -425,7 +426,10 @@ def main() -> int:
             )
             print(rows[-1], flush=True)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     print(f"\naging (entries={args.entries}, versions={args.versions})")
     print(f"{'':62}{'young/other':>16}{'old/dfs-peer':>16}{'ratio':>8}  target")
     for what, young, old, ratio, target in rows:

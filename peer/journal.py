@@ -44,8 +44,18 @@ REPLAY_CHUNK = 4096
 # stable (and a quarter of the checkpoint's ops: `Journal.fold_target`).
 FOLD_MIN_ENTRIES = 1000
 # Ops merged into the replica between two chances for the loop to answer FUSE
-# (`apply_in_pieces`); ~50 ms of merging on this machine kind.
-MERGE_PIECE_OPS = 1000
+# (`apply_in_pieces`); ~25 ms of merging on this machine kind.
+MERGE_PIECE_OPS = 250
+
+
+def _tops(ops: Iterable[Op]) -> dict[bytes, Hlc]:
+    """{node: its newest stamp among `ops`}."""
+    tops: dict[bytes, Hlc] = {}
+    for op in ops:
+        cur = tops.get(op.hlc.node)
+        if cur is None or op.hlc > cur:
+            tops[op.hlc.node] = op.hlc
+    return tops
 
 
 def wall_ms() -> int:
@@ -61,6 +71,7 @@ class Adoption:
     new_covers: dict[bytes, int]
     sealed: bytes
     ops: int
+    tops: dict[bytes, Hlc]
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,9 +123,10 @@ class Journal:
         blob = self.store.get_checkpoint()
         return None if blob is None else open_checkpoint(self.keys, blob, stored_here=True)
 
-    def _set_checkpoint(self, ops: int) -> None:
-        self._tops = None
-        self._folded_ops = ops
+    def _set_checkpoint(self, ops: Sequence[Op] | None) -> None:
+        """Note a new checkpoint holding `ops` (None: unknown, read when needed)."""
+        self._tops = None if ops is None else _tops(ops)
+        self._folded_ops = 0 if ops is None else len(ops)
 
     # -- start-up --------------------------------------------------------------
     def replay(self, until_ms: int | None = None) -> int:
@@ -157,11 +169,15 @@ class Journal:
         """Every op this store holds: the checkpoint's, then the log's."""
         blob = self.store.get_checkpoint()
         if blob is not None:
+            tops: dict[bytes, Hlc] = {}
             folded = 0
             for op in iter_checkpoint_ops(self.keys, blob):
                 folded += 1
+                cur = tops.get(op.hlc.node)
+                if cur is None or op.hlc > cur:
+                    tops[op.hlc.node] = op.hlc
                 yield op
-            self._folded_ops = folded
+            self._tops, self._folded_ops = tops, folded
         for entry in self.store.iter_log():
             yield self._open(entry, signed_already=True)
 
@@ -331,7 +347,7 @@ class Journal:
             if self.store.covers() != covers:
                 return 0
             dropped = self.store.set_checkpoint(sealed, new_covers)
-        self._set_checkpoint(len(cp.ops))
+        self._set_checkpoint(cp.ops)
         log.info(
             "folded the stable log: entries=%d checkpoint_ops=%d bytes=%d",
             dropped,
@@ -386,7 +402,7 @@ class Journal:
         merged = compact([*old, *mine, *cp.ops], self._horizon())
         del old, current, mine
         sealed = seal_checkpoint(self.keys, self.identity, Checkpoint(new_covers, tuple(merged)))
-        return Adoption(covers, new_covers, sealed, len(merged))
+        return Adoption(covers, new_covers, sealed, len(merged), _tops(merged))
 
     def install_adoption(
         self, cp: Checkpoint, prepared: Adoption, blocks: Iterable[tuple[bytes, bytes]] = ()
@@ -399,7 +415,7 @@ class Journal:
                 return False
             self.store.put_blocks(blocks)
             self.store.set_checkpoint(prepared.sealed, prepared.new_covers)
-        self._set_checkpoint(prepared.ops)
+        self._tops, self._folded_ops = dict(prepared.tops), prepared.ops
         for node, seq in prepared.new_covers.items():
             self.vv[node] = max(self.vv.get(node, 0), seq)
         self._next_seq = max(self._next_seq, self.vv.get(self.identity.node_id, 0) + 1)
@@ -436,12 +452,7 @@ class Journal:
             cp = self.checkpoint
             if cp is None:
                 return None
-            tops: dict[bytes, Hlc] = {}
-            for op in cp.ops:
-                cur = tops.get(op.hlc.node)
-                if cur is None or op.hlc > cur:
-                    tops[op.hlc.node] = op.hlc
-            self._tops = tops
+            self._tops = _tops(cp.ops)
         return self._tops.get(node)
 
     # -- forgotten nodes ---------------------------------------------------------
