@@ -99,6 +99,7 @@ class Store:
         self._owner: int | None = None
         self._unsynced = False
         self._covers: dict[bytes, int] | None = None
+        self.commits = 0  # transactions committed (what a change costs in fsyncs)
 
     @classmethod
     def open(cls, path: Path) -> Store:
@@ -233,6 +234,7 @@ class Store:
                 yield
                 self._conn.execute("COMMIT")
                 self._unsynced = True
+                self.commits += 1
             except BaseException:
                 if self._conn.in_transaction:
                     self._conn.execute("ROLLBACK")
