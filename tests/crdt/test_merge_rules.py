@@ -588,3 +588,19 @@ def test_forget_removes_a_member_in_any_order_and_the_greatest_cut_wins() -> Non
         assert replica.current_members() == {alice.node: "alice", bob.node: "bob"}
         assert replica.members()[carol.node] == "carol"  # its name still names its copies
         assert replica.snapshot() == replicas[0].snapshot()
+
+
+def _head_scans_for_one_more_write(versions: int) -> int:
+    alice = SimNode.named("alice")
+    f = alice.create(ROOT, b"log.txt")
+    for i in range(versions):
+        alice.write(f, {0: block(i % 200)}, 10)
+        alice.view(f)  # read back after each write, as a commit does
+    before = alice.replica.contents.head_scans
+    alice.write(f, {0: block(1)}, 10)
+    assert alice.view(f).version is not None
+    return alice.replica.contents.head_scans - before
+
+
+def test_a_new_version_does_not_rescan_the_files_older_versions() -> None:
+    assert _head_scans_for_one_more_write(1000) == _head_scans_for_one_more_write(10) == 0
