@@ -515,6 +515,26 @@ class Store:
             assert inode is not None
             return inode
 
+    def inodes_of(self, entries: Iterable[bytes]) -> dict[bytes, int]:
+        """{entry: inode} for many entries, allocating the new ones (in order)
+        with a few statements in one transaction."""
+        wanted = list(dict.fromkeys(entries))
+        found: dict[bytes, int] = {}
+        with self.transaction():
+            self._conn.executemany(
+                "INSERT OR IGNORE INTO inodes (entry) VALUES (?)", [(e,) for e in wanted]
+            )
+            for start in range(0, len(wanted), _IN_CHUNK):
+                chunk = wanted[start : start + _IN_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                found.update(
+                    (bytes(entry), int(inode))
+                    for entry, inode in self._conn.execute(
+                        f"SELECT entry, inode FROM inodes WHERE entry IN ({marks})", chunk
+                    )
+                )
+        return found
+
     def entry_of(self, inode: int) -> bytes | None:
         with self._lock:
             row = self._conn.execute(
@@ -601,3 +621,6 @@ class ReadOnlyStore(Store):
                 inode = self._memory_inodes[entry] = self._next_inode
                 self._next_inode += 1
             return inode
+
+    def inodes_of(self, entries: Iterable[bytes]) -> dict[bytes, int]:
+        return {entry: self.inode_of(entry) for entry in entries}

@@ -189,11 +189,9 @@ class Volume:
         entries = list(entries)
         missing = [e for e in entries if e not in self._inodes]
         if missing:
-            with self.store.transaction():
-                for entry in missing:
-                    inode = self.store.inode_of(entry)
-                    self._inodes[entry] = inode
-                    self._entries[inode] = entry
+            for entry, inode in self.store.inodes_of(missing).items():
+                self._inodes[entry] = inode
+                self._entries[inode] = entry
         return [self._inodes[e] for e in entries]
 
     def entry_of(self, inode: int) -> bytes:
