@@ -44,8 +44,8 @@ REPLAY_CHUNK = 4096
 # stable (and a quarter of the checkpoint's ops: `Journal.fold_target`).
 FOLD_MIN_ENTRIES = 1000
 # Ops merged into the replica between two chances for the loop to answer FUSE
-# (`apply_in_pieces`); ~25 ms of merging on this machine kind.
-MERGE_PIECE_OPS = 250
+# (`apply_in_pieces`): 10-30 ms of merging on this machine kind.
+MERGE_PIECE_OPS = 128
 
 
 def _tops(ops: Iterable[Op]) -> dict[bytes, Hlc]:
@@ -114,8 +114,10 @@ class Journal:
         # How far back `--at` must stay exact: folding drops an op another
         # overrides only if that one is older than this (`crdt.compact`).
         self.history_ms = 0
-        # How many ops the checkpoint holds (counted by replay and each fold).
+        # How many ops the checkpoint holds (counted by replay and each fold),
+        # and how many all folds so far re-encoded (what folding has cost).
         self._folded_ops = 0
+        self.folded_ops_written = 0
 
     @property
     def checkpoint(self) -> Checkpoint | None:
@@ -348,6 +350,7 @@ class Journal:
                 return 0
             dropped = self.store.set_checkpoint(sealed, new_covers)
         self._set_checkpoint(cp.ops)
+        self.folded_ops_written += len(cp.ops)
         log.info(
             "folded the stable log: entries=%d checkpoint_ops=%d bytes=%d",
             dropped,
