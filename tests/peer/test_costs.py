@@ -143,5 +143,6 @@ async def test_merging_a_peers_checkpoint_lets_the_loop_run_between_pieces(
             )
         finally:
             ticker.cancel()
-    assert sum(steps) >= 5000
+    pieces = [s for s in steps if s]
+    assert len(pieces) >= 5000 // MERGE_PIECE_OPS - 1, f"merged in {len(pieces)} steps"
     assert max(steps) <= MERGE_PIECE_OPS + 1, f"{max(steps)} ops merged in one step"
