@@ -333,6 +333,8 @@ class Journal:
         the loop merges and commits. If the checkpoint changed meanwhile (an
         adoption), nothing is written and 0 returned."""
         covers = self.store.covers()
+        if any(new_covers.get(n, 0) < s for n, s in covers.items()):
+            return 0  # an adoption went further since the target was chosen
         ops = [
             self._open(e, signed_already=True) for e in self._entries_between(covers, new_covers)
         ]
