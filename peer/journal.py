@@ -58,6 +58,14 @@ def _tops(ops: Iterable[Op]) -> dict[bytes, Hlc]:
     return tops
 
 
+def _settle() -> None:
+    """Move every object alive now out of the cyclic collector's reach after a
+    bulk build (replay, a checkpoint): the replica is long-lived and holds no
+    garbage cycles, and a full collection walking all of it stalls the loop
+    that answers FUSE for a time that grows with the volume."""
+    gc.freeze()
+
+
 def wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -146,6 +154,7 @@ class Journal:
         finally:
             if gc_was_enabled:
                 gc.enable()
+            _settle()
 
     def _replay(self, until_ms: int | None) -> int:
         batch: list[Op] = []
@@ -434,14 +443,23 @@ class Journal:
         letting the loop answer FUSE between pieces; then tell who listens."""
         dirs: set[bytes] = set()
         entries: set[bytes] = set()
-        for start in range(0, len(ops), MERGE_PIECE_OPS):
-            piece = ops[start : start + MERGE_PIECE_OPS]
-            changes = self.replica.apply(piece)
-            if any(isinstance(op, Forget) for op in piece):
-                changes = self.enforce_forgets() or changes
-            dirs |= changes.dirs
-            entries |= changes.entries
-            await asyncio.sleep(0)
+        # As in replay: no cyclic collection while the replica grows (a full
+        # pass over it took ~0.2 s of the loop for 20,000 files, at random points).
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            for start in range(0, len(ops), MERGE_PIECE_OPS):
+                piece = ops[start : start + MERGE_PIECE_OPS]
+                changes = self.replica.apply(piece)
+                if any(isinstance(op, Forget) for op in piece):
+                    changes = self.enforce_forgets() or changes
+                dirs |= changes.dirs
+                entries |= changes.entries
+                await asyncio.sleep(0)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+            _settle()
         changes = Changes(frozenset(dirs), frozenset(entries))
         self._notify(changes)
         self._grown()
