@@ -53,6 +53,7 @@ from scenarios.harness import (
 CALLER = Caller(uid=0, gid=0, pid=0, umask=0o022)
 BATCH = 2000  # operations per commit when ageing a volume
 ROUNDS = 5
+MOUNT_TIMEOUT_S = 600.0
 
 
 def make_node(work: Path, name: str, keys: VolumeKeys, keep_history_s: float = 0.0) -> Node:
@@ -280,7 +281,8 @@ def listing(work: Path, entries: int) -> tuple[float, float, str]:
         secret, data, work / "list-mnt", name="list", extra=["--no-mdns", "--listen", "127.0.0.1:0"]
     )
     try:
-        node.start()
+        node.start(wait=False)
+        node.wait_mounted(timeout=MOUNT_TIMEOUT_S)  # replay of a large volume, a loaded machine
         ours = list_s(node.mountpoint / "d0000")
     finally:
         node.stop()
@@ -360,7 +362,8 @@ def stall(work: Path, entries: int) -> tuple[float, float, float, int]:
         extra=["--no-mdns", "--listen", "127.0.0.1:0", "--peer", f"127.0.0.1:{pa}"],
     )
     try:
-        a.start()
+        a.start(wait=False)
+        a.wait_mounted(timeout=MOUNT_TIMEOUT_S)
         fresh.start()
         t0 = time.perf_counter()
         with StatLoop(fresh.mountpoint) as mine, StatLoop(a.mountpoint) as theirs:
