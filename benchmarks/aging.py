@@ -373,7 +373,10 @@ def stall(work: Path, entries: int) -> tuple[float, float, float, int]:
                 # whose loop is stuck that long fails here.
                 m = query_status(fresh.data_dir)
                 t = query_status(a.data_dir)
-                return m["version_vector"] == t["version_vector"]
+                # the same log, and every entry merged into the replica
+                # (which goes on after the vector is reached: in pieces)
+                same_log = m["version_vector"] == t["version_vector"]
+                return same_log and m["files"] >= t["files"]
 
             wait_for(caught_up, 1800, "the fresh node to merge everything", interval=0.2)
             took = time.perf_counter() - t0
