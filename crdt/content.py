@@ -62,6 +62,12 @@ class Contents:
         # file -> the newest stamp of a move that put it outside the trash
         self._placed: dict[bytes, Hlc] = {}
         self._heads: dict[bytes, tuple[Hlc, ...]] = {}
+        # Stamps named as a base by a held version before they arrived
+        # (out-of-order delivery): their arrival may complete others.
+        self._awaited: set[Hlc] = set()
+        # Versions whose file's heads were recomputed in full / updated.
+        self.head_scans = 0
+        self.head_updates = 0
         self._maps: OrderedDict[Hlc, BlockMap] = OrderedDict()
 
     def add(self, version: Version) -> None:
@@ -79,7 +85,29 @@ class Contents:
             self._by_entry[version.entry] = (*mine, version.hlc)
         else:
             self._by_entry[version.entry] = {*mine, version.hlc}
-        self._heads.pop(version.entry, None)
+        self._update_heads(version)
+        for base in version.bases:
+            if base not in self.versions:
+                self._awaited.add(base)
+
+    def _update_heads(self, version: Version) -> None:
+        """Keep a file's cached heads up to date for a new version, in time
+        proportional to the heads, not to the file's versions: a complete
+        version that no held version names as a base supersedes its bases and
+        is a head; an incomplete one changes nothing. Anything else (it
+        completes versions that arrived before it) recomputes from scratch."""
+        self.head_updates += 1
+        entry = version.entry
+        cached = self._heads.get(entry)
+        if cached is None or version.hlc in self._awaited:
+            self._awaited.discard(version.hlc)
+            self._heads.pop(entry, None)
+            return
+        if not self.complete(version.hlc):
+            return
+        bases = set(version.bases)
+        kept = [h for h in cached if h not in bases]
+        self._heads[entry] = tuple(sorted((*kept, version.hlc), reverse=True))
 
     def entries(self) -> set[bytes]:
         return set(self._by_entry)
@@ -158,6 +186,7 @@ class Contents:
         if isinstance(held, Hlc):
             # its one version: not cached (~100 bytes a file)
             return (held,) if self.complete(held) else ()
+        self.head_scans += len(held)
         mine = [h for h in held if self.complete(h)]
         superseded = {b for h in mine for b in self.versions[h].bases}
         heads = tuple(sorted((h for h in mine if h not in superseded), reverse=True))

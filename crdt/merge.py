@@ -195,6 +195,13 @@ class Replica:
         # Derived views, recomputed when what they depend on changes.
         self._revived: dict[bytes, Place] = {}
         self._revived_into: dict[bytes, set[bytes]] = {}
+        # Rule 4's candidates, kept up to date entry by entry: the children of
+        # TRASH (in the tree) that hold something live (`_holds_live`). The
+        # rest of the trash is never looked at again, however large it grew.
+        self._seeds: set[bytes] = set()
+        # Entries rule 4 looked at (candidates checked, revivals computed):
+        # grows with what each batch changes, not with the trash's size.
+        self.revival_checks = 0
         # Entries cut off from ROOT though no delete put them out (see `_is_detached`).
         self._detached: set[bytes] = set()
         self._copies: dict[bytes, _Copy] = {}
@@ -333,7 +340,8 @@ class Replica:
         relist = set(changed)
         for entry in files:
             relist.update(self._refresh_copies(entry))
-        if self._trash_relevant(changed):
+        seeds_changed = self._update_seeds(changed)
+        if seeds_changed or self._trash_relevant(changed):
             before = dict(self._revived)
             self._revive()
             for entry in set(before) | set(self._revived):
@@ -546,6 +554,36 @@ class Replica:
         shown = self.contents.shown(entry)
         return shown if shown is not None else self._info[entry].hlc
 
+    def _update_seeds(self, changed: set[bytes]) -> bool:
+        """Bring `_seeds` up to date for `changed` entries (and the directories
+        that hold them: a child's creation makes its directory hold something
+        live); True if the set changed."""
+        todo = set(changed)
+        for entry in changed:
+            place = self.tree.places.get(entry)
+            if place is not None:
+                todo.add(place.parent)
+        before = len(self._seeds)
+        moved = False
+        for entry in todo:
+            if entry in (ROOT, TRASH):
+                continue
+            self.revival_checks += 1
+            place = self.tree.places.get(entry)
+            if place is not None and place.parent == TRASH and self._holds_live(entry):
+                if entry not in self._seeds:
+                    self._seeds.add(entry)
+                    moved = True
+            elif entry in self._seeds:
+                self._seeds.discard(entry)
+                moved = True
+        return moved or len(self._seeds) != before
+
+    def _holds_live(self, entry: bytes) -> bool:
+        """A deleted entry that rule 4 brings back: a file with a live head,
+        or a directory with a child."""
+        return bool(self.contents.live_heads(entry)) or self._has_live_child(entry)
+
     def _in_trash(self, entry: bytes) -> bool:
         """True if the tree (before revivals) puts `entry` under TRASH."""
         place = self.tree.places.get(entry)
@@ -570,15 +608,15 @@ class Replica:
         """
         self._revived = {}
         self._revived_into = {}
-        trashed = sorted(self.tree.children.get(TRASH, ()))
         queue = deque(sorted(self._detached))
-        queue += [e for e in trashed if self.contents.live_heads(e) or self._has_live_child(e)]
+        queue += sorted(self._seeds)
         seen: set[bytes] = set()
         while queue:
             entry = queue.popleft()
             if entry in seen:
                 continue
             seen.add(entry)
+            self.revival_checks += 1
             old: Place | None
             if entry in self._detached:
                 old = self._place_of_detached(entry)

@@ -455,6 +455,19 @@ def _plan_entry(
 # -- the collector -------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class _Sweep:
+    """The first, synchronous step of a collection (`Collector._sweep`)."""
+
+    t0: float
+    stable: VersionVector
+    signature: object
+    plan: KeepPlan
+    freed: int
+    freed_bytes: int
+    before: int
+
+
 class Collector:
     """Runs collections (periodically and on demand) and remembers the last one."""
 
@@ -479,6 +492,7 @@ class Collector:
         self._next_expiry_ms: int | None = None
         self._ops_at_last = 0
         self._wake = asyncio.Event()
+        self._collecting = asyncio.Lock()
         self._warned_forgotten = False
 
     def _pins(self) -> list[Hlc]:
@@ -497,6 +511,29 @@ class Collector:
 
         Synchronous from start to delete, so no commit or merge can slip in
         between deciding what is live and deleting the rest."""
+        sweep = self._sweep(force)
+        if isinstance(sweep, Collection):
+            return sweep
+        fold = self._fold_target(sweep)
+        folded = self.journal.fold_to(fold) if fold is not None else 0
+        return self._finish(sweep, folded, self._reclaim(sweep.freed, folded))
+
+    async def collect_async(self, force: bool = True) -> Collection:
+        """`collect`, with the parts that grow with the volume (folding the log
+        into the checkpoint, vacuum) in a worker thread: they touch only the
+        store, while the loop goes on answering FUSE."""
+        async with self._collecting:
+            sweep = self._sweep(force)
+            if isinstance(sweep, Collection):
+                return sweep
+            fold = self._fold_target(sweep)
+            folded = await asyncio.to_thread(self.journal.fold_to, fold) if fold is not None else 0
+            reclaimed = await asyncio.to_thread(self._reclaim, sweep.freed, folded)
+            return self._finish(sweep, folded, reclaimed)
+
+    def _sweep(self, force: bool) -> Collection | _Sweep:
+        """Decide what is live and delete the other blocks (one synchronous step);
+        the last collection if nothing changed since (`force=False`)."""
         t0 = time.monotonic()
         now = self._now()
         stable = self.stability.stable_vv()
@@ -521,19 +558,27 @@ class Collector:
             with self.store.transaction():
                 freed, freed_bytes = self.store.delete_blocks(garbage)
                 self.store.unwant_blocks(unwanted)
-        folded = 0
-        if not isinstance(self.store, ReadOnlyStore) and not self.journal.space.full:
-            folded = self.journal.fold(stable)  # (a checkpoint needs room to be written)
-        reclaimed = (
-            self.store.reclaim(RECLAIM_PAGES) if freed or folded or self.store.free_bytes() else 0
-        )
+        return _Sweep(t0, stable, signature, plan, freed, freed_bytes, before)
+
+    def _fold_target(self, sweep: _Sweep) -> dict[bytes, int] | None:
+        if isinstance(self.store, ReadOnlyStore) or self.journal.space.full:
+            return None  # (a checkpoint needs room to be written)
+        return self.journal.fold_target(sweep.stable)
+
+    def _reclaim(self, freed: int, folded: int) -> int:
+        if freed or folded or self.store.free_bytes():
+            return self.store.reclaim(RECLAIM_PAGES)
+        return 0
+
+    def _finish(self, sweep: _Sweep, folded: int, reclaimed: int) -> Collection:
+        plan, freed, freed_bytes = sweep.plan, sweep.freed, sweep.freed_bytes
         self.stability.persist()
-        self._signature = signature
+        self._signature = sweep.signature
         self._next_expiry_ms = plan.next_expiry_ms
         self._ops_at_last = sum(self.journal.vv.values())
         result = Collection(
             at=time.time(),
-            seconds=round(time.monotonic() - t0, 4),
+            seconds=round(time.monotonic() - sweep.t0, 4),
             ran=True,
             blocks_freed=freed,
             bytes_freed=freed_bytes,
@@ -542,7 +587,7 @@ class Collector:
             versions_unstable=plan.versions_unstable,
             versions_in_retention=plan.versions_in_retention,
             log_entries_folded=folded,
-            store_bytes_before=before,
+            store_bytes_before=sweep.before,
             store_bytes_after=self.store.stats().db_bytes,
             store_bytes_reclaimed=reclaimed,
         )
@@ -583,7 +628,7 @@ class Collector:
             if time.monotonic() - last_run < COLLECT_EVERY_S and grown < BIG_MERGE_OPS:
                 continue
             last_run = time.monotonic()
-            self.collect(force=False)
+            await self.collect_async(force=False)
 
     def status(self) -> dict[str, Any]:
         """The `gc` object of `status --json`."""

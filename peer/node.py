@@ -527,7 +527,7 @@ async def _gc(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
     node.volume.flush_all()  # buffered writes pin old versions; publish them first
     try:
-        result = node.collector.collect(force=True)
+        result = await node.collector.collect_async(force=True)
     except (NoSpace, sqlite3.OperationalError) as exc:
         return _refused(StoreFull(detail=str(exc)), 507)
     node.space.room_again()

@@ -142,6 +142,7 @@ class Store:
         self._covers: dict[bytes, int] | None = None
         # A read-only store of an older schema has no `log.prev` (format-1 entries).
         self._prev_column = "prev"
+        self.commits = 0  # transactions committed (what a change costs in fsyncs)
 
     @classmethod
     def open(cls, path: Path) -> Store:
@@ -309,6 +310,7 @@ class Store:
                 yield
                 self._conn.execute("COMMIT")
                 self._unsynced = True
+                self.commits += 1
             except BaseException:
                 if self._conn.in_transaction:
                     self._conn.execute("ROLLBACK")
@@ -322,7 +324,12 @@ class Store:
         with self._lock:
             if not self._unsynced:
                 return
-            wal = self.path.with_name(self.path.name + "-wal")
+            self._unsynced = False
+        # Not under the lock: an fsync takes milliseconds, during which other
+        # threads' reads and commits go on (a commit after this point sets
+        # `_unsynced` again, for the next sync).
+        wal = self.path.with_name(self.path.name + "-wal")
+        try:
             try:
                 fd = os.open(wal, os.O_RDONLY)
             except FileNotFoundError:
@@ -331,7 +338,9 @@ class Store:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            self._unsynced = False
+        except BaseException:
+            self._unsynced = True
+            raise
 
     def _require_transaction(self) -> None:
         # An explicit raise, not `assert`: a write outside a transaction would
@@ -669,6 +678,26 @@ class Store:
             assert inode is not None
             return inode
 
+    def inodes_of(self, entries: Iterable[bytes]) -> dict[bytes, int]:
+        """{entry: inode} for many entries, allocating the new ones (in order)
+        with a few statements in one transaction."""
+        wanted = list(dict.fromkeys(entries))
+        found: dict[bytes, int] = {}
+        with self.transaction():
+            self._conn.executemany(
+                "INSERT OR IGNORE INTO inodes (entry) VALUES (?)", [(e,) for e in wanted]
+            )
+            for start in range(0, len(wanted), _IN_CHUNK):
+                chunk = wanted[start : start + _IN_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                found.update(
+                    (bytes(entry), int(inode))
+                    for entry, inode in self._conn.execute(
+                        f"SELECT entry, inode FROM inodes WHERE entry IN ({marks})", chunk
+                    )
+                )
+        return found
+
     def entry_of(self, inode: int) -> bytes | None:
         with self._lock:
             row = self._conn.execute(
@@ -762,3 +791,6 @@ class ReadOnlyStore(Store):
                 inode = self._memory_inodes[entry] = self._next_inode
                 self._next_inode += 1
             return inode
+
+    def inodes_of(self, entries: Iterable[bytes]) -> dict[bytes, int]:
+        return {entry: self.inode_of(entry) for entry in entries}

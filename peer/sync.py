@@ -52,7 +52,7 @@ from peer.errors import CorruptBlock, CorruptEntry
 from peer.gate import CLIENT_KEEPALIVE_S, Summary
 from peer.gc import Stability
 from peer.identity import NodeIdentity
-from peer.journal import Journal
+from peer.journal import MERGE_PIECE_OPS, Journal
 from peer.keys import VolumeKeys
 from peer.metrics import Metrics
 from peer.sealing import Head, LogEntry, open_block
@@ -592,8 +592,11 @@ class Sync:
         ops = cp.ops
         required, optional = self._needed(ops)
         fetched, lost = await self._fetch(list(required), prefer=link, optional=list(optional))
-        changes = self.journal.adopt_checkpoint(cp, fetched, wanted=lost, source=link.address)
+        if not self.journal.install_adoption(cp, fetched, wanted=lost, source=link.address):
+            return covered(self.journal.vv, covers)  # covered meanwhile
         self._now_wanted(lost, link)
+        # The replica takes the ops a piece at a time: the loop goes on answering FUSE.
+        changes = await self.journal.apply_in_pieces(ops)
         self.metrics.ops_received.labels(link.label).inc(len(ops))  # old: no merge delay
         self.ops_in += len(ops)
         self.blocks_in += len(fetched)
@@ -647,6 +650,8 @@ class Sync:
             end = start
             want: set[bytes] = set()
             while end < len(entries):
+                if end - start >= MERGE_PIECE_OPS:
+                    break  # a piece the loop merges without keeping FUSE waiting long
                 refs = [b for b in referenced_blocks([ops[end]]) if b in required or b in optional]
                 missing = [b for b in refs if b not in want]
                 if want and (len(want) + len(missing)) * BLOCK_SIZE > MERGE_BLOCK_BYTES:
@@ -677,6 +682,7 @@ class Sync:
             self.blocks_in += len(fetched)
             log.debug("merged: from=%s ops=%d blocks=%d", link.address, end - start, len(fetched))
             await self.on_remote(changes)
+            await asyncio.sleep(0)  # let FUSE requests in between pieces
             start = end
 
     # -- blocks ----------------------------------------------------------------------
@@ -871,20 +877,35 @@ class Sync:
             journal.vv, self.gossip(), list(journal.heads().values()), journal.proofs()
         )
 
-    def entries_for(self, theirs: dict[bytes, int], max_bytes: int) -> wire.LogResponse:
+    def entries_for(
+        self, theirs: dict[bytes, int], max_bytes: int, ours: dict[bytes, int] | None = None
+    ) -> wire.LogResponse:
         """Entries we hold past `theirs`, node by node, up to about `max_bytes`;
         first our checkpoint if `theirs` does not cover it, and then only the
-        entries after it (what it folds is no longer in our log)."""
+        entries after it (what it folds is no longer in our log). With `ours`
+        (a copy of our vector) it reads only the store: safe in a worker thread."""
+        while True:
+            covers = self.store.covers()
+            resp = self._entries_for(theirs, max_bytes, ours, covers)
+            if self.store.covers() == covers:
+                return resp  # no fold dropped entries while we read them
+
+    def _entries_for(
+        self,
+        theirs: dict[bytes, int],
+        max_bytes: int,
+        ours: dict[bytes, int] | None,
+        covers: dict[bytes, int],
+    ) -> wire.LogResponse:
         out: list[LogEntry] = []
         size = 0
         more = False
         own = self.identity.node_id
-        covers = self.store.covers()
         checkpoint = None
         if not covered(theirs, covers):
             checkpoint = self.store.get_checkpoint()
             size = len(checkpoint) if checkpoint is not None else 0
-        for node, seq in sorted(self.journal.vv.items()):
+        for node, seq in sorted((self.journal.vv if ours is None else ours).items()):
             after = max(theirs.get(node, 0), covers.get(node, 0))
             while after < seq:
                 if size >= max_bytes:

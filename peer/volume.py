@@ -11,12 +11,13 @@ blocks of two versions. An inode number, once given to an entry, stays its.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import logging
 import os
 import stat
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,6 +118,16 @@ class _Handle:
     append: bool
 
 
+@dataclass(slots=True)
+class _DirHandle:
+    """An open directory: its listing, sorted by inode (the stable `next_id`),
+    snapshot at the first `readdir` (and again at a rewind), so each page
+    starts where the last one stopped instead of building the whole listing."""
+
+    inode: int
+    rows: list[tuple[int, bytes, bytes]] | None = None  # (inode, name, entry)
+
+
 def _new_id() -> bytes:
     return os.urandom(16)
 
@@ -165,6 +176,9 @@ class Volume:
         self._entries: dict[int, bytes] = {i: e for e, i in self._inodes.items()}
         self._lookups: dict[int, int] = {}
         self._handles: dict[int, _Handle] = {}
+        self._dir_handles: dict[int, _DirHandle] = {}
+        # Directory rows whose attributes readdir built (a page costs its rows).
+        self.readdir_rows_built = 0
         self._open_count: dict[bytes, int] = {}
         self._next_fh = 1
         self._dirty: dict[bytes, _Dirty] = {}
@@ -189,6 +203,16 @@ class Volume:
             self._inodes[entry] = inode
             self._entries[inode] = entry
         return inode
+
+    def inodes_of(self, entries: Iterable[bytes]) -> list[int]:
+        """`inode_of` for many entries, allocating the new ones in one transaction."""
+        entries = list(entries)
+        missing = [e for e in entries if e not in self._inodes]
+        if missing:
+            for entry, inode in self.store.inodes_of(missing).items():
+                self._inodes[entry] = inode
+                self._entries[inode] = entry
+        return [self._inodes[e] for e in entries]
 
     def entry_of(self, inode: int) -> bytes:
         entry = self._entries.get(inode)
@@ -398,26 +422,45 @@ class Volume:
     # -- directories ---------------------------------------------------------------------
     def opendir(self, inode: int, caller: Caller) -> int:
         self._dir(inode)
-        return inode
+        fh = self._next_fh
+        self._next_fh += 1
+        self._dir_handles[fh] = _DirHandle(inode)
+        return fh
 
-    def readdir(self, inode: int, after: int) -> Sequence[tuple[bytes, Attrs]]:
-        view = self._dir(inode)
-        rows = []
-        for name, child in self.replica.listing(view.id):
-            child_view = self.replica.entry(child)
-            # Earlier pages' entries are skipped before their attributes are
-            # built: a large directory is read in many pages.
-            if child_view is None or self.inode_of(child) <= after:
-                continue
-            rows.append((name, self._attrs(child_view)))
-        rows.sort(key=lambda r: r[1].inode)
+    def readdir(self, fh: int, after: int) -> Iterator[tuple[bytes, Attrs]]:
+        """The rows after inode `after`, built one by one as the caller takes
+        them (the adapter stops when the kernel's buffer is full)."""
+        handle = self._dir_handles.get(fh)
+        if handle is None:
+            raise BadHandle()
+        view = self._dir(handle.inode)
+        if handle.rows is None or after == 0:
+            listing = self.replica.listing(view.id)
+            inodes = self.inodes_of(child for _, child in listing)
+            handle.rows = sorted(
+                (i, name, child) for i, (name, child) in zip(inodes, listing, strict=True)
+            )
+        start = bisect.bisect_right(handle.rows, after, key=lambda row: row[0])
+        return self._dir_rows(handle.inode, handle.rows, start)
+
+    def _dir_rows(
+        self, inode: int, rows: list[tuple[int, bytes, bytes]], start: int
+    ) -> Iterator[tuple[bytes, Attrs]]:
         # READDIRPLUS hands the kernel a dentry for each name: remember them
         # as lookups, so a remote change can invalidate them.
-        self._kernel_names.setdefault(inode, {}).update((n, a.inode) for n, a in rows)
-        return rows
+        known = self._kernel_names.setdefault(inode, {})
+        for index in range(start, len(rows)):
+            _, name, child = rows[index]
+            child_view = self.replica.entry(child)
+            if child_view is None:
+                continue  # gone since the snapshot
+            self.readdir_rows_built += 1
+            attrs = self._attrs(child_view)
+            known[name] = attrs.inode
+            yield name, attrs
 
     def releasedir(self, fh: int) -> None:
-        return None
+        self._dir_handles.pop(fh, None)
 
     def fsyncdir(self, fh: int, datasync: bool) -> None:
         self.store.sync()

@@ -369,6 +369,28 @@ def test_a_file_made_under_the_name_before_the_delete_keeps_its_suffix() -> None
     bob.write(one, {0: block(2)}, 10)
     sync(alice, bob)
     assert names(alice) == {b"a.txt": two, b"a~" + one[:4].hex().encode() + b".txt": one}
+def _revival_checks_per_op_after(deletes: int) -> int:
+    """Rule 4's work for one create and one delete, on a replica that holds
+    `deletes` deleted files and one delete that lost to a concurrent write."""
+    alice, bob = alice_and_bob()
+    kept = alice.create(ROOT, b"kept.txt")
+    alice.write(kept, {0: block(1)}, 10)
+    sync(alice, bob)
+    for i in range(deletes):
+        alice.delete(alice.create(ROOT, f"old-{i}".encode()))
+    alice.delete(kept)
+    bob.write(kept, {0: block(2)}, 20)
+    sync(alice, bob)
+    assert names(alice)[b"kept.txt"] == kept  # revived
+    before = alice.replica.revival_checks
+    alice.delete(alice.create(ROOT, b"new.txt"))
+    return alice.replica.revival_checks - before
+
+
+def test_rule_4_looks_only_at_what_a_batch_changed_not_at_the_whole_trash() -> None:
+    # The same work after 50 deletes as after 2,000: it does not grow with the trash.
+    assert _revival_checks_per_op_after(2000) == _revival_checks_per_op_after(50)
+    assert _revival_checks_per_op_after(50) < 20
 
 
 def test_delete_that_saw_the_write_wins() -> None:
@@ -695,3 +717,17 @@ def test_one_member_alone_cannot_forget_another_in_a_team_of_three() -> None:
     # other (the one forgotten ignores it: only the one who voted refuses it).
     replica.apply([liar])
     assert replica.forgotten() == {bob.node: 2, alice.node: 7}
+def _head_scans_for_one_more_write(versions: int) -> int:
+    alice = SimNode.named("alice")
+    f = alice.create(ROOT, b"log.txt")
+    for i in range(versions):
+        alice.write(f, {0: block(i % 200)}, 10)
+        alice.view(f)  # read back after each write, as a commit does
+    before = alice.replica.contents.head_scans
+    alice.write(f, {0: block(1)}, 10)
+    assert alice.view(f).version is not None
+    return alice.replica.contents.head_scans - before
+
+
+def test_a_new_version_does_not_rescan_the_files_older_versions() -> None:
+    assert _head_scans_for_one_more_write(1000) == _head_scans_for_one_more_write(10) == 0
