@@ -369,6 +369,8 @@ def test_a_file_made_under_the_name_before_the_delete_keeps_its_suffix() -> None
     bob.write(one, {0: block(2)}, 10)
     sync(alice, bob)
     assert names(alice) == {b"a.txt": two, b"a~" + one[:4].hex().encode() + b".txt": one}
+
+
 def _revival_checks_per_op_after(deletes: int) -> int:
     """Rule 4's work for one create and one delete, on a replica that holds
     `deletes` deleted files and one delete that lost to a concurrent write."""
@@ -717,6 +719,8 @@ def test_one_member_alone_cannot_forget_another_in_a_team_of_three() -> None:
     # other (the one forgotten ignores it: only the one who voted refuses it).
     replica.apply([liar])
     assert replica.forgotten() == {bob.node: 2, alice.node: 7}
+
+
 def _head_scans_for_one_more_write(versions: int) -> int:
     alice = SimNode.named("alice")
     f = alice.create(ROOT, b"log.txt")

@@ -19,7 +19,15 @@ from peer.identity import load_or_create
 from peer.keys import VolumeKeys
 from peer.node import Node, NodeConfig
 from peer.volume import ROOT_INODE
-from tests.peer.test_sync import CALLER, link, read_file, running, wait_until, write_file
+from tests.peer.test_sync import (
+    CALLER,
+    link,
+    list_names,
+    read_file,
+    running,
+    wait_until,
+    write_file,
+)
 
 pytestmark = pytest.mark.asyncio
 
@@ -112,7 +120,7 @@ YEAR_MS = 365 * 24 * HOUR_MS
 
 
 def names(node: Node) -> list[bytes]:
-    return sorted(name for name, _ in node.volume.readdir(ROOT_INODE, 0))
+    return list_names(node)
 
 
 async def test_an_operation_stamped_years_ahead_is_refused_and_mv_rm_work(

@@ -74,6 +74,15 @@ def write_file(node: Node, name: bytes, data: bytes) -> None:
     vol.release(fh)
 
 
+def list_names(node: Node) -> list[bytes]:
+    """The names in the volume's root, as a program listing it sees them."""
+    fh = node.volume.opendir(ROOT_INODE, CALLER)
+    try:
+        return sorted(name for name, _ in node.volume.readdir(fh, 0))
+    finally:
+        node.volume.releasedir(fh)
+
+
 def read_file(node: Node, name: bytes) -> bytes | None:
     vol = node.volume
     try:
