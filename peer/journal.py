@@ -98,6 +98,20 @@ class Refused:
 
 
 @dataclass(frozen=True, slots=True)
+class Adoption:
+    """A peer's checkpoint merged with this node's, sealed, ready to store
+    (`Journal.prepare_adoption`): valid while the store's covers are `covers`.
+    `fork`: (node, seq, proof) if the checkpoint contradicts what is held."""
+
+    covers: dict[bytes, int]
+    new_covers: dict[bytes, int]
+    sealed: bytes
+    heads: dict[bytes, Head]
+    folded: int
+    fork: tuple[bytes, int, Evidence | None] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class JournalStatistics:
     operations: int
     entries: int
@@ -497,37 +511,34 @@ class Journal:
         source: str = "",
     ) -> Changes:
         """Merge a peer's checkpoint (opened by `open_checkpoint`) and the blocks
-        its heads need: `install_adoption`, then merge its ops into the replica
-        (`Sync` uses `apply_in_pieces` for that, so the loop stays free)."""
-        if not self.install_adoption(cp, blocks, wanted, source):
+        its heads need: `prepare_adoption`, `install_adoption`, then merge its
+        ops into the replica (`Sync` runs the first in a worker thread and
+        merges with `apply_in_pieces`, so the loop stays free)."""
+        cp = self.within_cuts(cp)
+        prepared = self.prepare_adoption(cp, dict(self.vv), source)
+        if prepared is None or not self.install_adoption(cp, prepared, blocks, wanted):
             return Changes(frozenset(), frozenset())
-        return self._apply(self.within_cuts(cp).ops)
+        return self._apply(cp.ops)
 
-    def install_adoption(
-        self,
-        cp: Checkpoint,
-        blocks: Iterable[tuple[bytes, bytes]] = (),
-        wanted: Iterable[bytes] = (),
-        source: str = "",
-    ) -> bool:
-        """Store a peer's checkpoint with the blocks its heads need, in one
-        transaction; whether it covered anything new (its ops then still need
-        merging into the replica). This node's checkpoint becomes the
-        union of both with its own log entries the new `covers` reach (covers
-        the elementwise max), and those entries leave the log.
+    def prepare_adoption(
+        self, cp: Checkpoint, vv: dict[bytes, int], source: str = ""
+    ) -> Adoption | None:
+        """The checkpoint this node would keep after adopting `cp` (merged with
+        its own and with its log entries the new `covers` reach), sealed; None
+        if `cp` covers nothing new. `vv` is this node's vector when asked.
+        Reads only the store: safe in a worker thread while the loop runs.
 
         Where both hold entries of a node, the checkpoint's must be the ones
         held here (equal hashes at the highest seq both hold; the chain makes
         that one comparison enough): otherwise that node forked its log, which
-        is kept as evidence, and this checkpoint is refused (`chain.Forked`)."""
+        `install_adoption` keeps as evidence, refusing the checkpoint."""
         covers = self.store.covers()
         version, held_logs = self._stored_logs()
         if version == 1:
             raise CorruptEntry("checkpoint: this node's own is of format 1 and cannot be merged")
-        cp = self.within_cuts(cp)
         heads = cp.heads()
         for node, seq in cp.covers.items():
-            both = min(seq, self.vv.get(node, 0))
+            both = min(seq, vv.get(node, 0))
             if both > covers.get(node, 0):
                 held = self._head_at(node, both)
             elif len(held_logs.get(node, ())) >= both > 0:
@@ -535,16 +546,15 @@ class Journal:
             else:
                 held = None
             if held is not None and entry_hash(cp.logs[node][both - 1]) != held.hash:
+                # (no proof if ours is folded unsigned: the chain binds it)
                 ev = chain.proof(held, head_of(cp.logs[node][both - 1]), source)
-                if ev is not None:  # (None: ours is folded unsigned, bound by the chain)
-                    self.add_evidence(ev)
-                raise chain.Forked(node, both)
+                return Adoption(covers, {}, b"", {}, 0, (node, both, ev))
         new_covers = dict(covers)
         for node, seq in cp.covers.items():
             new_covers[node] = max(new_covers.get(node, 0), seq)
         if new_covers == covers:
-            return False
-        reach = {n: min(s, self.vv.get(n, 0)) for n, s in new_covers.items()}
+            return None
+        reach = {n: min(s, vv.get(n, 0)) for n, s in new_covers.items()}
         logs: dict[bytes, Sequence[LogEntry]] = dict(held_logs)
         for node, entries in cp.logs.items():
             if len(entries) > len(logs.get(node, ())):
@@ -554,18 +564,42 @@ class Journal:
             if top > have:
                 more = self._entries_between({node: have}, {node: top})
                 logs[node] = (*logs.get(node, ()), *more)
-        new_covers = {n: len(e) for n, e in logs.items() if e}
         sealed = seal_checkpoint(self.identity, logs)
+        return Adoption(
+            covers,
+            {n: len(e) for n, e in logs.items() if e},
+            sealed,
+            {**heads, **{n: head_of(e[-1]) for n, e in logs.items() if e}},
+            sum(len(e) for e in logs.values()),
+        )
+
+    def install_adoption(
+        self,
+        cp: Checkpoint,
+        prepared: Adoption,
+        blocks: Iterable[tuple[bytes, bytes]] = (),
+        wanted: Iterable[bytes] = (),
+    ) -> bool:
+        """Store a prepared adoption with the blocks its heads need, in one
+        transaction; False (nothing written) if this node's checkpoint changed
+        since it was prepared. A fork found while preparing is kept as evidence
+        and refuses the checkpoint (`chain.Forked`). The caller then merges
+        `cp.ops` into the replica."""
+        if prepared.fork is not None:
+            node, seq, ev = prepared.fork
+            if ev is not None:
+                self.add_evidence(ev)
+            raise chain.Forked(node, seq)
         with self._writing():
+            if self.store.covers() != prepared.covers:
+                return False
             self.store.put_blocks(blocks)
             self.store.want_blocks(wanted, self._now())
-            self.store.set_checkpoint(sealed, new_covers)
-            chain.store_heads(
-                self.store, {**heads, **{n: head_of(e[-1]) for n, e in logs.items() if e}}
-            )
+            self.store.set_checkpoint(prepared.sealed, prepared.new_covers)
+            chain.store_heads(self.store, prepared.heads)
         self._set_checkpoint(None)
-        self._folded_ops = sum(len(e) for e in logs.values())
-        for node, seq in new_covers.items():
+        self._folded_ops = prepared.folded
+        for node, seq in prepared.new_covers.items():
             self.vv[node] = max(self.vv.get(node, 0), seq)
         self._next_seq = max(self._next_seq, self.vv.get(self.identity.node_id, 0) + 1)
         self._own_prev = self.hash_at(self.identity.node_id, self._next_seq - 1) or GENESIS

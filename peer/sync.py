@@ -592,7 +592,14 @@ class Sync:
         ops = cp.ops
         required, optional = self._needed(ops)
         fetched, lost = await self._fetch(list(required), prefer=link, optional=list(optional))
-        if not self.journal.install_adoption(cp, fetched, wanted=lost, source=link.address):
+        # Merging the two checkpoints and sealing the result reads only the
+        # store: a worker thread, so the loop goes on answering FUSE.
+        prepared = await asyncio.to_thread(
+            self.journal.prepare_adoption, cp, dict(self.journal.vv), link.address
+        )
+        if prepared is None or not self.journal.install_adoption(
+            cp, prepared, fetched, wanted=lost
+        ):
             return covered(self.journal.vv, covers)  # covered meanwhile
         self._now_wanted(lost, link)
         # The replica takes the ops a piece at a time: the loop goes on answering FUSE.
