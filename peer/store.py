@@ -324,12 +324,7 @@ class Store:
         with self._lock:
             if not self._unsynced:
                 return
-            self._unsynced = False
-        # Not under the lock: an fsync takes milliseconds, during which other
-        # threads' reads and commits go on (a commit after this point sets
-        # `_unsynced` again, for the next sync).
-        wal = self.path.with_name(self.path.name + "-wal")
-        try:
+            wal = self.path.with_name(self.path.name + "-wal")
             try:
                 fd = os.open(wal, os.O_RDONLY)
             except FileNotFoundError:
@@ -338,9 +333,7 @@ class Store:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        except BaseException:
-            self._unsynced = True
-            raise
+            self._unsynced = False
 
     def _require_transaction(self) -> None:
         # An explicit raise, not `assert`: a write outside a transaction would
