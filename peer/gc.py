@@ -383,7 +383,7 @@ class Thinning:
 
     A version of age A falls in the first tier whose age bound is above A; with
     interval I it is kept only if it is the newest version (content, not a
-    delete) of its file in its bucket `wall_ms // I`. Buckets are aligned to
+    delete) of its file in its bucket `wall_ms // I`, of any age. Buckets are aligned to
     absolute time and each interval divides the next, so the versions a coarser
     tier keeps are among those a finer tier kept, and every node that holds the
     same versions keeps the same ones. No tiers: every version is kept."""
@@ -402,15 +402,16 @@ class Thinning:
         ]
         if not self.tiers:
             return set(versions), None
+        # The newest of each bucket among all the versions, whatever their tier,
+        # so a bucket's pick never changes as its versions age.
         newest: dict[tuple[int, int], Hlc] = {}
+        intervals = {every for _, every in self.tiers if every > 0}
         tier_of: dict[Hlc, int] = {}
         for h in versions:
             age = now_ms - h.wall_ms
             i = next((i for i, (bound, _) in enumerate(self.tiers) if age < bound), None)
-            i = len(self.tiers) - 1 if i is None else i
-            tier_of[h] = i
-            every = self.tiers[i][1]
-            if every > 0:
+            tier_of[h] = len(self.tiers) - 1 if i is None else i
+            for every in intervals:
                 key = (every, h.wall_ms // every)
                 if key not in newest or newest[key] < h:
                     newest[key] = h
