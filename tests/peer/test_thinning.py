@@ -90,7 +90,7 @@ def test_a_day_of_versions_thins_to_one_per_bucket_in_the_right_places() -> None
     assert plan.blocks == {blocks[h] for h in kept}
     assert plan.versions_thinned == len(versions) - len(kept)
     # Per hour of the day before the last hour: one version (the hours are full).
-    assert sum(1 for h in kept if HOUR <= NOW - h.wall_ms) in (23, 24, 25)
+    assert sum(1 for h in kept if NOW - h.wall_ms >= HOUR) in (23, 24, 25)
 
 
 def test_nothing_thins_before_what_superseded_it_is_stable() -> None:
@@ -129,14 +129,16 @@ def test_the_collector_wakes_when_a_kept_version_moves_to_a_coarser_tier() -> No
     young = [h for h in plan.kept if NOW - h.wall_ms < MINUTE and h != versions[-1]]
     assert young
     assert plan.next_expiry_ms == min(h.wall_ms + MINUTE for h in young)
-    assert plan.next_expiry_ms is not None and plan.next_expiry_ms > NOW
+    assert plan.next_expiry_ms is not None
+    assert plan.next_expiry_ms > NOW
     # Following the wake-ups, each plan keeps a subset of the one before,
     # until the last minute's versions are one per 30 s bucket.
     at = plan.next_expiry_ms
     while at <= NOW + MINUTE:
         later = keep_plan(replica, all_stable(versions), at, WEEK_MS, thinning=Thinning())
         assert later.kept <= plan.kept
-        assert later.next_expiry_ms is not None and later.next_expiry_ms > at
+        assert later.next_expiry_ms is not None
+        assert later.next_expiry_ms > at
         plan, at = later, later.next_expiry_ms
     buckets = {h.wall_ms // (30 * S) for h in young}
     assert len([h for h in plan.kept if h in young]) <= len(buckets) < len(young)
@@ -191,7 +193,7 @@ def make_node(tmp: Path, name: str, keys: VolumeKeys, clock: FakeClock | None = 
 
 
 @pytest.mark.asyncio
-async def test_a_day_of_rewrites_keeps_only_the_thinned_versions_and_a_fresh_peer_fetches_only_those(  # noqa: E501
+async def test_a_day_of_rewrites_keeps_only_the_thinned_versions_and_a_fresh_peer_fetches_only_those(
     tmp_path: Path, keys: VolumeKeys
 ) -> None:
     """1,000 versions of one file written over the day before now (A's clock
