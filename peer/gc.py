@@ -383,10 +383,11 @@ class Thinning:
 
     A version of age A falls in the first tier whose age bound is above A; with
     interval I it is kept only if it is the newest version (content, not a
-    delete) of its file in its bucket `wall_ms // I`, of any age. Buckets are aligned to
-    absolute time and each interval divides the next, so the versions a coarser
-    tier keeps are among those a finer tier kept, and every node that holds the
-    same versions keeps the same ones. No tiers: every version is kept."""
+    delete) of its file, of any age, in its bucket `wall_ms // I`. Buckets are
+    aligned to absolute time and each interval divides the next, so the versions
+    a coarser tier keeps are among those a finer tier kept, and every node that
+    holds the same versions keeps the same ones. No tiers: every version is
+    kept."""
 
     tiers: tuple[tuple[int, int], ...] = DEFAULT_TIERS
 
