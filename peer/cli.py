@@ -134,6 +134,14 @@ def _parser() -> argparse.ArgumentParser:
         "(default 7d; 0 keeps none; units s, m, h, d, w)",
     )
     j.add_argument(
+        "--thin-history",
+        metavar="AGE:EVERY,...",
+        default="1m:0,1h:30s,1d:1h,30d:1d",
+        help="how history thins out with age: up to each AGE, one version per EVERY "
+        "(0: all), buckets aligned to the clock (default 1m:0,1h:30s,1d:1h,30d:1d; "
+        "off keeps every version until --keep-history)",
+    )
+    j.add_argument(
         "--page-port",
         metavar="PORT",
         default="0",
@@ -253,6 +261,7 @@ def _join(args: argparse.Namespace) -> int:
 
     listen = _address(args.listen, "--listen")
     keep_history_s = history.parse_duration(args.keep_history)
+    thin_history = history.parse_thinning(args.thin_history)
     at_ms = None
     if args.at is not None:
         if not args.read_only:
@@ -296,6 +305,7 @@ def _join(args: argparse.Namespace) -> int:
         peers=tuple(peers),
         mdns=not args.no_mdns,
         keep_history_s=keep_history_s,
+        thin_history=thin_history,
         at_ms=at_ms,
         page_port=_page_port(args.page_port),
     )
@@ -495,7 +505,7 @@ def _history(args: argparse.Namespace) -> int:
         if v["conflict"]:
             notes.append("conflict copy")
         if not v["available"]:
-            notes.append("unavailable (collected)")
+            notes.append("unavailable (thinned out or collected)")
         node = f"{v['node']} {v['node_name']}".strip()
         print(f"{v['time']:<24}  {node:<24}  {v['size']:>12}  {', '.join(notes)}")
     return 0

@@ -7,8 +7,11 @@ references it, where a version is kept when it is
   deleted file), or the content a delete hid while the delete is not stable,
   not past the retention, no longer in force, or the file is visible again;
 - superseded, unless one of the versions superseding it is *stable* (every
-  current member holds it) and was written at least the history retention ago
-  (`NodeConfig.keep_history_s`, by the superseding stamp's wall time);
+  current member holds it) and either was written at least the history
+  retention ago (`NodeConfig.keep_history_s`, by the superseding stamp's wall
+  time) or the version is thinned out (`Thinning`: staggered versioning, every
+  version of the last minute, then the newest of each 30 s, hour, day bucket
+  as it ages; buckets aligned to absolute time, so every node keeps the same);
 - the base of a write still buffered here (an open file), a version an open
   handle reads (a file deleted while open, until its last close), or
   incomplete (its lineage has not arrived: every block it lists is kept).
@@ -75,7 +78,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Collection", "Collector", "Forget", "Stability", "keep_plan", "resolve_member"]
+__all__ = [
+    "Collection",
+    "Collector",
+    "Forget",
+    "Stability",
+    "Thinning",
+    "keep_plan",
+    "resolve_member",
+]
 
 FORGOTTEN_WARNING = (
     "this node was forgotten by the other members of the volume (`dfs-peer forget`): "
@@ -135,6 +146,7 @@ class Collection:
     versions_kept: int
     versions_unstable: int  # superseded, but not by anything stable yet
     versions_in_retention: int  # superseded stably, kept as history
+    versions_thinned: int  # superseded stably, dropped by staggered versioning
     log_entries_folded: int
     store_bytes_before: int
     store_bytes_after: int
@@ -355,6 +367,84 @@ def forget_cut(stability: Stability, node: bytes) -> int:
 
 # -- what to keep ------------------------------------------------------------------------
 
+# Staggered versioning: (age below which, one version per interval), in ms;
+# interval 0 keeps every version. Older than the last tier: its interval.
+DEFAULT_TIERS: tuple[tuple[int, int], ...] = (
+    (60_000, 0),
+    (3_600_000, 30_000),
+    (86_400_000, 3_600_000),
+    (30 * 86_400_000, 86_400_000),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Thinning:
+    """Which superseded versions of a file history keeps as they age.
+
+    A version of age A falls in the first tier whose age bound is above A; with
+    interval I it is kept only if it is the newest version (content, not a
+    delete) of its file, of any age, in its bucket `wall_ms // I`. Buckets are
+    aligned to absolute time and each interval divides the next, so the versions
+    a coarser tier keeps are among those a finer tier kept, and every node that
+    holds the same versions keeps the same ones. No tiers: every version is
+    kept."""
+
+    tiers: tuple[tuple[int, int], ...] = DEFAULT_TIERS
+
+    def selected(
+        self, contents: Contents, entry: bytes, now_ms: int
+    ) -> tuple[set[Hlc], int | None]:
+        """(the complete content versions of `entry` the tiers keep now, the
+        soonest time one of them moves to a coarser tier)."""
+        versions = [
+            h
+            for h in contents.of(entry)
+            if contents.complete(h) and not contents.versions[h].tombstone
+        ]
+        if not self.tiers:
+            return set(versions), None
+        # The newest of each bucket among all the versions, whatever their tier,
+        # so a bucket's pick never changes as its versions age.
+        newest: dict[tuple[int, int], Hlc] = {}
+        intervals = {every for _, every in self.tiers if every > 0}
+        tier_of: dict[Hlc, int] = {}
+        for h in versions:
+            age = now_ms - h.wall_ms
+            i = next((i for i, (bound, _) in enumerate(self.tiers) if age < bound), None)
+            tier_of[h] = len(self.tiers) - 1 if i is None else i
+            for every in intervals:
+                key = (every, h.wall_ms // every)
+                if key not in newest or newest[key] < h:
+                    newest[key] = h
+        kept: set[Hlc] = set()
+        moves: int | None = None
+        for h, i in tier_of.items():
+            every = self.tiers[i][1]
+            if every == 0 or newest[(every, h.wall_ms // every)] == h:
+                kept.add(h)
+                if i + 1 < len(self.tiers):
+                    at = h.wall_ms + self.tiers[i][0]
+                    moves = at if moves is None else min(moves, at)
+        return kept, moves
+
+    def history_kept(self, contents: Contents, entry: bytes, now_ms: int, keep_ms: int) -> set[Hlc]:
+        """The superseded versions of `entry` this node's retention keeps once
+        what superseded them is stable (heads aside): the ones worth fetching."""
+        if keep_ms <= 0:
+            return set()
+        selected, _ = self.selected(contents, entry, now_ms)
+        heads = set(contents.heads(entry))
+        first: dict[Hlc, int] = {}
+        for h in contents.of(entry):
+            if contents.complete(h):
+                for base in contents.versions[h].bases:
+                    first[base] = min(first.get(base, h.wall_ms), h.wall_ms)
+        return {
+            h
+            for h in selected
+            if h not in heads and (h not in first or now_ms - first[h] < keep_ms)
+        }
+
 
 @dataclass(slots=True)
 class KeepPlan:
@@ -364,7 +454,9 @@ class KeepPlan:
     versions_kept: int = 0
     versions_unstable: int = 0
     versions_in_retention: int = 0
+    versions_thinned: int = 0  # superseded stably, dropped by `Thinning`
     next_expiry_ms: int | None = None
+    kept: set[Hlc] = field(default_factory=set)
 
     def _expires(self, at_ms: int) -> None:
         if self.next_expiry_ms is None or at_ms < self.next_expiry_ms:
@@ -377,8 +469,12 @@ def keep_plan(
     now_ms: int,
     keep_ms: int,
     pins: Iterable[Hlc] = (),
+    thinning: Thinning | None = None,
+    entries: Iterable[bytes] | None = None,
 ) -> KeepPlan:
-    """The blocks every version this node keeps references (module docstring)."""
+    """The blocks every version this node keeps references (module docstring);
+    `thinning` None keeps every version for the retention. `entries`: only
+    those files' versions (`KeepPlan.kept`, for `history`)."""
     contents = replica.contents
     plan = KeepPlan()
 
@@ -387,15 +483,17 @@ def keep_plan(
         return bound is not None and h <= bound
 
     kept: list[Hlc] = []
-    for entry in contents.entries():
-        _plan_entry(contents, replica, entry, is_stable, now_ms, keep_ms, plan, kept)
+    thin = thinning if thinning is not None else Thinning(())
+    for entry in contents.entries() if entries is None else entries:
+        _plan_entry(contents, replica, entry, is_stable, now_ms, keep_ms, plan, kept, thin)
     for pin in pins:
         if pin in contents.versions and contents.complete(pin):
             kept.append(pin)
     # Oldest first, so a version's map extends its (cached) base's.
     for h in sorted(set(kept)):
         plan.blocks.update(contents.block_map(h).values())
-    plan.versions_kept = len(set(kept))
+    plan.kept = set(kept)
+    plan.versions_kept = len(plan.kept)
     return plan
 
 
@@ -408,8 +506,10 @@ def _plan_entry(
     keep_ms: int,
     plan: KeepPlan,
     kept: list[Hlc],
+    thinning: Thinning,
 ) -> None:
     versions = contents.of(entry)
+    selected: set[Hlc] | None = None
     superseders: dict[Hlc, list[Hlc]] = {}
     for h in versions:
         if not contents.complete(h):
@@ -446,10 +546,18 @@ def _plan_entry(
             kept.append(h)
             continue
         superseded_ms = min(stable_by)
-        if now_ms - superseded_ms < keep_ms:
-            plan.versions_in_retention += 1
-            plan._expires(superseded_ms + keep_ms)
-            kept.append(h)
+        if now_ms - superseded_ms >= keep_ms:
+            continue
+        if selected is None:
+            selected, moves = thinning.selected(contents, entry, now_ms)
+            if moves is not None:
+                plan._expires(moves)
+        if h not in selected and not v.tombstone:
+            plan.versions_thinned += 1
+            continue
+        plan.versions_in_retention += 1
+        plan._expires(superseded_ms + keep_ms)
+        kept.append(h)
 
 
 # -- the collector -------------------------------------------------------------------------
@@ -477,8 +585,10 @@ class Collector:
         volume: Volume,
         keep_history_s: float,
         now_ms: Callable[[], int] = wall_ms,
+        thinning: Thinning | None = None,
     ) -> None:
         self.stability = stability
+        self.thinning = Thinning() if thinning is None else thinning
         self.journal = stability.journal
         self.store = stability.store
         self.volume = volume
@@ -505,6 +615,18 @@ class Collector:
             tuple(sorted(stable.items())),
             tuple(sorted(pins)),
         )
+
+    def kept_versions(self, entry: bytes) -> set[Hlc]:
+        """The versions of `entry` the next collection keeps (for `history`)."""
+        return keep_plan(
+            self.journal.replica,
+            self.stability.stable_stamps(),
+            self._now(),
+            self.keep_ms,
+            self._pins(),
+            self.thinning,
+            entries=[entry],
+        ).kept
 
     def collect(self, force: bool = True) -> Collection:
         """Delete every block no kept version references; give the space back.
@@ -549,6 +671,7 @@ class Collector:
             now,
             self.keep_ms,
             pins,
+            self.thinning,
         )
         garbage = [bid for bid in self.store.block_ids() if bid not in plan.blocks]
         # A wanted block (`peer.sync`) no kept version references is wanted no more.
@@ -586,6 +709,7 @@ class Collector:
             versions_kept=plan.versions_kept,
             versions_unstable=plan.versions_unstable,
             versions_in_retention=plan.versions_in_retention,
+            versions_thinned=plan.versions_thinned,
             log_entries_folded=folded,
             store_bytes_before=sweep.before,
             store_bytes_after=self.store.stats().db_bytes,
@@ -637,6 +761,7 @@ class Collector:
         members = self.stability.members()
         return {
             "keep_history_s": self.keep_ms / 1000,
+            "thin_history": [[age / 1000, every / 1000] for age, every in self.thinning.tiers],
             "stable_version_vector": {n.hex(): s for n, s in sorted(stable.items())},
             "operations_not_stable": sum(max(0, s - stable.get(n, 0)) for n, s in ours.items()),
             "members": [asdict(m) for m in members],

@@ -13,6 +13,7 @@ and it syncs to peers like any write.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import os
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -38,6 +39,16 @@ _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
 class BadDuration(DfsError):
     """--keep-history {text}: not a duration; use 0 (keep none) or a number
     with a unit: 90s, 10m, 12h, 7d, 2w."""
+
+
+class BadThinning(DfsError):
+    """--thin-history {text}: give AGE:EVERY pairs, ages growing, each EVERY
+    dividing the next (e.g. 1m:0,1h:30s,1d:1h,30d:1d: every version for a
+    minute, then one per 30 s up to an hour old, ...), or `off` to keep every
+    version."""
+
+
+DEFAULT_THIN_HISTORY = "1m:0,1h:30s,1d:1h,30d:1d"
 
 
 class BadTime(DfsError):
@@ -112,6 +123,25 @@ def parse_duration(text: str) -> float:
     if m is None:
         raise BadDuration(text=repr(text))
     return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def parse_thinning(text: str) -> tuple[tuple[int, int], ...]:
+    """`--thin-history`: ((age ms, interval ms), ...); () for `off`."""
+    if text.strip().lower() in ("off", "none"):
+        return ()
+    tiers: list[tuple[int, int]] = []
+    try:
+        for part in text.split(","):
+            age, _, every = part.strip().partition(":")
+            tiers.append((round(parse_duration(age) * 1000), round(parse_duration(every) * 1000)))
+    except BadDuration:
+        raise BadThinning(text=repr(text)) from None
+    for (age0, every0), (age1, every1) in itertools.pairwise(tiers):
+        if age1 <= age0 or (every0 and (every1 < every0 or every1 % every0)):
+            raise BadThinning(text=repr(text))
+    if not tiers or tiers[0][0] <= 0:
+        raise BadThinning(text=repr(text))
+    return tuple(tiers)
 
 
 def parse_time(text: str, now_s: float) -> int:
@@ -210,7 +240,7 @@ class VersionInfo:
     kind: VersionKind  # a write, a delete, or a merge that resolved a conflict
     current: bool  # the version the file shows now
     conflict: bool  # shown now beside the file as a conflict copy
-    available: bool  # every block it needs is held here
+    available: bool  # every block it needs is held here, and history keeps it
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -228,13 +258,18 @@ class VersionInfo:
 
 
 def file_versions(
-    replica: Replica, entry: bytes, held: Callable[[Iterable[bytes]], set[bytes]]
+    replica: Replica,
+    entry: bytes,
+    held: Callable[[Iterable[bytes]], set[bytes]],
+    kept: Callable[[bytes], set[Hlc]] | None = None,
 ) -> list[VersionInfo]:
     """Every version of file `entry` that `replica` still holds, oldest first.
 
     `held(block ids)` says which blocks the store still has: a version some of
     whose blocks were collected is listed as unavailable (and a version whose
-    operation was collected is not listed at all)."""
+    operation was collected is not listed at all); so is one that `kept(entry)`
+    (the versions the collector keeps: `Collector.kept_versions`) leaves out,
+    thinned out or past the retention, whose blocks go at the next collection."""
     contents = replica.contents
     mine = sorted(contents.of(entry))
     shown = contents.shown(entry)
@@ -245,6 +280,7 @@ def file_versions(
         if contents.complete(h):
             needs[h] = set(contents.block_map(h).values())
     have = held({b for ids in needs.values() for b in ids})
+    keeps = kept(entry) if kept is not None else None
     out = []
     for h in mine:
         v = contents.versions[h]
@@ -260,7 +296,7 @@ def file_versions(
                 kind=kind,
                 current=h == shown,
                 conflict=h in live and h != shown,
-                available=ids is not None and ids <= have,
+                available=ids is not None and ids <= have and (keeps is None or h in keeps),
             )
         )
     return out
@@ -272,6 +308,7 @@ def history(
     held: Callable[[Iterable[bytes]], set[bytes]],
     past: Replica | None = None,
     at_ms: int | None = None,
+    kept: Callable[[bytes], set[Hlc]] | None = None,
 ) -> list[VersionInfo]:
     """The versions of the file at `path`: now, or at `at_ms` in `past` (the
     versions listed are all those held, also those after `at_ms`)."""
@@ -286,7 +323,7 @@ def history(
     copy = where.conflict_source(entry)
     if copy is not None:
         entry = copy[0]  # a conflict copy shows a version of its file
-    return file_versions(live, entry, held)
+    return file_versions(live, entry, held, kept)
 
 
 def path_of(replica: Replica, entry: bytes) -> bytes | None:

@@ -97,6 +97,8 @@ class NodeConfig:
     mdns: bool = True
     # How long old versions stay restorable (`--keep-history`; GC keeps them).
     keep_history_s: float = history.DEFAULT_KEEP_HISTORY_S
+    # How history thins out with age (`--thin-history`; () keeps every version).
+    thin_history: tuple[tuple[int, int], ...] = gc.DEFAULT_TIERS
     # `--at`: show the volume as it was at this unix time (ms), read-only.
     at_ms: int | None = None
     # The status page and /metrics on 127.0.0.1 (0: any free port; None: none).
@@ -254,7 +256,11 @@ class Node:
         self.stability = gc.Stability(self.journal)
         self.sync.attach(self.stability)
         self.sync.fetch_history = config.keep_history_s > 0
-        self.collector = gc.Collector(self.stability, self.volume, config.keep_history_s)
+        thinning = gc.Thinning(config.thin_history)
+        self.sync.retention = (thinning, round(config.keep_history_s * 1000))
+        self.collector = gc.Collector(
+            self.stability, self.volume, config.keep_history_s, thinning=thinning
+        )
         # Names the kernel holds that a local commit changed behind its back
         # (a sibling's `~hex` suffix): invalidated by `invalidate_local`, never
         # inside the request handler that committed (that can deadlock).
@@ -483,7 +489,9 @@ async def _history(request: web.Request) -> web.Response:
         path = _asked_path(node, query)
         at_ms = int(query["at_ms"]) if "at_ms" in query else None
         past = await _past(node, at_ms) if at_ms is not None else None
-        versions = history.history(node.replica, path, node.store.has_blocks, past, at_ms)
+        versions = history.history(
+            node.replica, path, node.store.has_blocks, past, at_ms, node.collector.kept_versions
+        )
     except DfsError as exc:
         return _refused(exc, 404)
     except ValueError:

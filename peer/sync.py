@@ -50,7 +50,7 @@ from peer.blocks import Blocks
 from peer.checkpoint import ForgedCheckpoint, covered, open_checkpoint
 from peer.errors import CorruptBlock, CorruptEntry
 from peer.gate import CLIENT_KEEPALIVE_S, Summary
-from peer.gc import Stability
+from peer.gc import Stability, Thinning
 from peer.identity import NodeIdentity
 from peer.journal import MERGE_PIECE_OPS, Journal
 from peer.keys import VolumeKeys
@@ -309,6 +309,9 @@ class Sync:
         # Fetch the blocks of superseded versions too (history for --at and
         # restore); a node that keeps no history (`--keep-history 0`) skips them.
         self.fetch_history = True
+        # This node's retention (thinning, keep ms): history blocks are fetched
+        # only for the versions it keeps (None: every version the ops list).
+        self.retention: tuple[Thinning, int] | None = None
         # Serves `/pair/*` without the volume MAC (set by the node: peer.invitations).
         self.pairing: Pairing | None = None
         journal.grew.append(self._log_grew)
@@ -621,7 +624,8 @@ class Sync:
 
         Required: the block maps of the heads of every file `ops` write or
         delete, in the state after the merge. Optional: the other blocks `ops`
-        list (superseded versions: history a peer may have collected)."""
+        list (superseded versions: history a peer may have collected), only of
+        the versions this node's retention keeps (`retention`)."""
         contents = self.journal.replica.contents
         files: set[bytes] = set()
         fresh: list[Version] = []
@@ -643,7 +647,18 @@ class Sync:
             for head in after.heads(entry):
                 if not after.versions[head].tombstone:
                     required.update(after.block_map(head).values())
-        optional = referenced_blocks(ops) - required if self.fetch_history else set()
+        optional: set[bytes] = set()
+        if self.fetch_history and self.retention is None:
+            optional = referenced_blocks(ops) - required
+        elif self.fetch_history and self.retention is not None:
+            # Only versions the collector here would keep (staggered versioning):
+            # the rest it would delete at its next collection.
+            thinning, keep_ms = self.retention
+            now = wall_ms()
+            for entry in files:
+                for h in sorted(thinning.history_kept(after, entry, now, keep_ms)):
+                    optional.update(after.block_map(h).values())
+            optional = (optional & referenced_blocks(ops)) - required
         held = self.store.has_blocks(required | optional)
         # Blocks already wanted are asked for by `_retry_wanted`, not again here.
         held.update(self.store.wanted_blocks())

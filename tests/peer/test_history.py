@@ -33,6 +33,7 @@ from tests.peer.test_sync import CALLER, link, read_file, running, wait_until, w
 # the real clock, so a restore (stamped by the real clock) sorts after them.
 T0 = 1_700_000_000_000
 MINUTE = 60_000
+KEEP_ALL_S = 20 * 365 * 86400.0
 
 
 class FakeClock:
@@ -49,7 +50,16 @@ def make_node(tmp: Path, name: str, keys: VolumeKeys, clock_ms: int | None = T0 
     HLC never goes back, so the clock is set before the node starts."""
     data = tmp / f"{name}-data"
     data.mkdir()
-    config = NodeConfig(mountpoint=tmp / f"{name}-mnt", data_dir=data, name=name, mdns=False)
+    # T0 is years back: retention long enough and no thinning, so the listing
+    # and restores here see every version (thinning: tests/peer/test_thinning.py).
+    config = NodeConfig(
+        mountpoint=tmp / f"{name}-mnt",
+        data_dir=data,
+        name=name,
+        mdns=False,
+        keep_history_s=KEEP_ALL_S,
+        thin_history=(),
+    )
     node = Node(config, keys, load_or_create(data))
     if clock_ms is not None:
         node.journal._now = FakeClock(clock_ms)
