@@ -146,7 +146,9 @@ def test_status_json_reports_the_node(node: NodeProcess) -> None:
 
 
 def test_status_without_a_running_node_says_so(tmp_path: Path) -> None:
-    env = dict(os.environ, XDG_DATA_HOME=str(tmp_path))
+    # Its own data home and record of running nodes: a node some other
+    # program runs on this machine is not this test's business.
+    env = dict(os.environ, XDG_DATA_HOME=str(tmp_path), DFS_PEER_RUNTIME_DIR=str(tmp_path / "run"))
     out = _run("status", env=env)
     assert out.returncode != 0
     assert out.stderr.startswith("dfs-peer: ")
