@@ -29,10 +29,11 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 
+from benchmarks.scale import gocryptfs
 from crdt.clock import Hlc
 from crdt.ops import ROOT, TRASH, Create, Move, Op, Write
 from fuse.protocol import Caller
@@ -238,32 +239,6 @@ def build_volume(work: Path, secret_text: str, name: str, dirs: int, per_dir: in
     finally:
         node.close()
     return work / f"{name}-data"
-
-
-@contextmanager
-def gocryptfs(work: Path) -> Iterator[Path | None]:
-    if shutil.which("gocryptfs") is None:
-        yield None
-        return
-    cipher, plain, pw = work / "gc.cipher", work / "gc.plain", work / "gc.pw"
-    cipher.mkdir()
-    plain.mkdir()
-    pw.write_text("benchmark passphrase\n")
-    subprocess.run(
-        ["gocryptfs", "-init", "-q", "-passfile", str(pw), "-scryptn", "10", str(cipher)],
-        check=True,
-    )
-
-    def mount() -> None:
-        subprocess.run(
-            ["gocryptfs", "-q", "-passfile", str(pw), str(cipher), str(plain)], check=True
-        )
-
-    mount()
-    try:
-        yield plain
-    finally:
-        subprocess.run(["fusermount3", "-u", "-z", str(plain)], check=False)
 
 
 def list_s(path: Path) -> float:

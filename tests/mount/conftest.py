@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from scenarios.harness import NodeProcess, new_secret
+from scenarios.harness import NodeProcess, free_port, new_secret
 
 LONE = ["--no-mdns", "--listen", "127.0.0.1:0"]
 
@@ -59,3 +59,16 @@ def node(make_node: Callable[..., NodeProcess]) -> NodeProcess:
 @pytest.fixture
 def mnt(node: NodeProcess) -> Path:
     return node.mountpoint
+
+
+@pytest.fixture
+def pair(make_node: Callable[..., NodeProcess]) -> tuple[Path, Path]:
+    """Two running nodes of one volume, each the other's static peer on
+    loopback: their mount points."""
+    pa, pb = free_port(), free_port()
+    a = make_node("a", ["--listen", f"127.0.0.1:{pa}", "--peer", f"127.0.0.1:{pb}"])
+    b = make_node("b", ["--listen", f"127.0.0.1:{pb}", "--peer", f"127.0.0.1:{pa}"])
+    a.start(wait=False)
+    b.start()
+    a.wait_mounted()
+    return a.mountpoint, b.mountpoint

@@ -21,17 +21,6 @@ from scenarios.harness import NodeProcess, free_port, wait_for
 pytestmark = pytest.mark.mount
 
 
-@pytest.fixture
-def pair(make_node: Callable[..., NodeProcess]) -> tuple[Path, Path]:
-    pa, pb = free_port(), free_port()
-    a = make_node("a", ["--listen", f"127.0.0.1:{pa}", "--peer", f"127.0.0.1:{pb}"])
-    b = make_node("b", ["--listen", f"127.0.0.1:{pb}", "--peer", f"127.0.0.1:{pa}"])
-    a.start(wait=False)
-    b.start()
-    a.wait_mounted()
-    return a.mountpoint, b.mountpoint
-
-
 def read(path: Path) -> bytes | None:
     try:
         return path.read_bytes()

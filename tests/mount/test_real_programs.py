@@ -14,12 +14,11 @@ import sqlite3
 import stat
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from scenarios.harness import NodeProcess, free_port, wait_for
+from scenarios.harness import wait_for
 from scenarios.trees import Tree, diff, snapshot
 
 pytestmark = pytest.mark.mount
@@ -32,18 +31,6 @@ GIT_ENV = {
     "GIT_COMMITTER_EMAIL": "t@example.invalid",
     "GIT_CONFIG_NOSYSTEM": "1",
 }
-
-
-@pytest.fixture
-def two(make_node: Callable[..., NodeProcess]) -> tuple[Path, Path]:
-    """Two running nodes of one volume, each the other's static peer on loopback."""
-    pa, pb = free_port(), free_port()
-    a = make_node("a", ["--listen", f"127.0.0.1:{pa}", "--peer", f"127.0.0.1:{pb}"])
-    b = make_node("b", ["--listen", f"127.0.0.1:{pb}", "--peer", f"127.0.0.1:{pa}"])
-    a.start(wait=False)
-    b.start()
-    a.wait_mounted()
-    return a.mountpoint, b.mountpoint
 
 
 def run(*cmd: str | Path, cwd: Path | None = None, home: Path | None = None) -> str:
@@ -132,9 +119,9 @@ def make_history(repo: Path) -> int:
 
 
 def test_git_clone_gc_fsck_on_one_node_and_on_the_other(
-    two: tuple[Path, Path], tmp_path: Path
+    pair: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    a, b = two
+    a, b = pair
     commits = make_history(tmp_path / "origin")
     run("git", "clone", "-q", "--no-hardlinks", tmp_path / "origin", a / "clone", cwd=tmp_path)
     clone_a = a / "clone"
@@ -173,9 +160,9 @@ con.close()
 
 @pytest.mark.parametrize("journal", ["delete", "wal"])
 def test_sqlite_two_concurrent_writers_then_integrity_on_both_nodes(
-    two: tuple[Path, Path], journal: str
+    pair: tuple[Path, Path], journal: str
 ) -> None:
-    a, b = two
+    a, b = pair
     db = a / "app.db"
     con = sqlite3.connect(db)
     con.execute(f"PRAGMA journal_mode={journal}")
@@ -216,9 +203,9 @@ def test_sqlite_two_concurrent_writers_then_integrity_on_both_nodes(
 
 
 def test_rsync_in_and_back_out_keeps_modes_and_times_on_both_nodes(
-    two: tuple[Path, Path], tmp_path: Path
+    pair: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    a, b = two
+    a, b = pair
     src = tmp_path / "src"
     src.mkdir()
     sample_tree(src)
@@ -236,8 +223,10 @@ def test_rsync_in_and_back_out_keeps_modes_and_times_on_both_nodes(
     assert out == "", f"rsync found differences on node b:\n{out}"
 
 
-def test_tar_x_on_one_node_shows_whole_on_the_other(two: tuple[Path, Path], tmp_path: Path) -> None:
-    a, b = two
+def test_tar_x_on_one_node_shows_whole_on_the_other(
+    pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    a, b = pair
     src = tmp_path / "src"
     src.mkdir()
     sample_tree(src)
@@ -265,8 +254,8 @@ def editor_save(path: Path, text: str) -> None:
     os.rename(tmp, path)
 
 
-def test_editor_saves_taking_turns_between_two_nodes(two: tuple[Path, Path]) -> None:
-    a, b = two
+def test_editor_saves_taking_turns_between_two_nodes(pair: tuple[Path, Path]) -> None:
+    a, b = pair
     (a / "notes.txt").write_text("version 0\n")
     wait_for(lambda: (b / "notes.txt").exists(), CONVERGE_S, "B to see the file")
     text = "version 0\n"
