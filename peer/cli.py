@@ -212,11 +212,12 @@ def _parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser(
         "forget",
-        help="record that a member is gone for good",
-        description="Record, as an operation every node learns, that member NODE (its "
-        "name or the start of its id) is gone for good: it stops holding back "
-        "collection. Its writes after this are refused; it must join again with a "
-        "fresh data dir.",
+        help="vote that a member is gone for good",
+        description="Vote, as an operation every node learns, that member NODE (its "
+        "name or the start of its id) is gone for good. It is forgotten once it voted "
+        "itself out or more than half of the other members voted: then it stops "
+        "holding back collection, its writes after the cut are refused, and it must "
+        "join again with a fresh data dir.",
     )
     f.add_argument("node", metavar="NODE")
     _asks_node(f)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import resource
 import time
 from collections import Counter, OrderedDict
@@ -58,22 +57,13 @@ def raise_descriptor_limit(want: int = 8192) -> int:
 
 
 def connection_cap(limit: int = MAX_CONNECTIONS) -> int:
-    """`limit`, or half the descriptors this process may still open if that
-    is less: peer connections must never use up the descriptors the store,
-    the mount, the control socket and the node's own requests need (once
-    accept() fails for want of one, no connection can be let in or pushed
-    out, and the kernel queues strangers' connections instead)."""
+    """`limit`, or half the descriptors this process may open if that is less:
+    peer connections must never use up the descriptors the store, the mount,
+    the control socket and the node's own requests need."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return limit
-    return max(8, min(limit, (soft - _descriptors_in_use()) // 2))
-
-
-def _descriptors_in_use() -> int:
-    try:
-        return len(os.listdir("/proc/self/fd"))
-    except OSError:
-        return 0
+    return max(8, min(limit, soft // 2))
 
 
 class Summary:
