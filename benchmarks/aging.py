@@ -274,10 +274,9 @@ def listing(work: Path, entries: int) -> tuple[float, float, str]:
                 os.close(os.open(target / f"f{i:06d}", os.O_CREAT | os.O_WRONLY, 0o644))
             if g is not None:  # a cold kernel cache, as for dfs-peer
                 subprocess.run(["fusermount3", "-u", "-z", str(g)], check=True)
-                pw = work / "gc.pw"
+                pw, cipher = work / "gocrypt.pw", work / "gocrypt.cipher"  # as `gocryptfs` made them
                 subprocess.run(
-                    ["gocryptfs", "-q", "-passfile", str(pw), str(work / "gc.cipher"), str(g)],
-                    check=True,
+                    ["gocryptfs", "-q", "-passfile", str(pw), str(cipher), str(g)], check=True
                 )
             theirs = list_s(target)
         finally:
