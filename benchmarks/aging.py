@@ -274,7 +274,8 @@ def listing(work: Path, entries: int) -> tuple[float, float, str]:
                 os.close(os.open(target / f"f{i:06d}", os.O_CREAT | os.O_WRONLY, 0o644))
             if g is not None:  # a cold kernel cache, as for dfs-peer
                 subprocess.run(["fusermount3", "-u", "-z", str(g)], check=True)
-                pw, cipher = work / "gocrypt.pw", work / "gocrypt.cipher"  # as `gocryptfs` made them
+                # the files `gocryptfs` made
+                pw, cipher = work / "gocrypt.pw", work / "gocrypt.cipher"
                 subprocess.run(
                     ["gocryptfs", "-q", "-passfile", str(pw), str(cipher), str(g)], check=True
                 )

@@ -201,6 +201,8 @@ class Contents:
 
     def shown(self, entry: bytes) -> Hlc | None:
         """The version a file shows: its newest live head, else its newest head."""
+        if entry not in self._by_entry:
+            return None  # never written (a listing asks this of every file)
         live = self.live_heads(entry)
         if live:
             return live[0]

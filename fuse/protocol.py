@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Final, Literal, Protocol
+from typing import Final, Literal, NamedTuple, Protocol
 
 ROOT_INODE: Final = 1
 """The root directory's inode number (FUSE_ROOT_ID, equal to `pyfuse3.ROOT_INODE`)."""
@@ -19,13 +19,16 @@ ROOT_INODE: Final = 1
 Kind = Literal["file", "dir", "symlink", "fifo", "socket", "chardev", "blockdev"]
 
 
-@dataclass(frozen=True, slots=True)
-class Attrs:
+class Attrs(NamedTuple):
     """The attributes of one inode, as `stat` shows them.
 
     `mode` holds permission bits only (`0o7777`); the file type is `kind`.
     Timestamps are nanoseconds since the epoch. `rdev` is the device number
     of a character or block device node, else 0.
+
+    A named tuple rather than a frozen dataclass (like `crdt.clock.Hlc`): the
+    same fields and immutability, built in C. A listing builds one per row;
+    the frozen dataclass's `__init__` cost ~2.5 µs of a row's ~25 µs.
     """
 
     inode: int

@@ -677,11 +677,21 @@ class Store:
         wanted = list(dict.fromkeys(entries))
         found: dict[bytes, int] = {}
         with self.transaction():
+            (last,) = self._conn.execute("SELECT coalesce(max(inode), 0) FROM inodes").fetchone()
             self._conn.executemany(
                 "INSERT OR IGNORE INTO inodes (entry) VALUES (?)", [(e,) for e in wanted]
             )
-            for start in range(0, len(wanted), _IN_CHUNK):
-                chunk = wanted[start : start + _IN_CHUNK]
+            # What this transaction inserted (the usual case: every one) in one
+            # range read; only entries that already had a number are looked up.
+            found.update(
+                (bytes(entry), int(inode))
+                for entry, inode in self._conn.execute(
+                    "SELECT entry, inode FROM inodes WHERE inode > ?", (last,)
+                )
+            )
+            known = [e for e in wanted if e not in found]
+            for start in range(0, len(known), _IN_CHUNK):
+                chunk = known[start : start + _IN_CHUNK]
                 marks = ",".join("?" * len(chunk))
                 found.update(
                     (bytes(entry), int(inode))

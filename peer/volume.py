@@ -441,17 +441,18 @@ class Volume:
                 (i, name, child) for i, (name, child) in zip(inodes, listing, strict=True)
             )
         start = bisect.bisect_right(handle.rows, after, key=lambda row: row[0])
-        return self._dir_rows(handle.inode, handle.rows, start)
+        return self._dir_rows(handle.inode, view.id, handle.rows, start)
 
     def _dir_rows(
-        self, inode: int, rows: list[tuple[int, bytes, bytes]], start: int
+        self, inode: int, dir_id: bytes, rows: list[tuple[int, bytes, bytes]], start: int
     ) -> Iterator[tuple[bytes, Attrs]]:
         # READDIRPLUS hands the kernel a dentry for each name: remember them
         # as lookups, so a remote change can invalidate them.
         known = self._kernel_names.setdefault(inode, {})
         for index in range(start, len(rows)):
             _, name, child = rows[index]
-            child_view = self.replica.entry(child)
+            # `_dir` found the directory visible for this page
+            child_view = self.replica.listed_entry(dir_id, child)
             if child_view is None:
                 continue  # gone since the snapshot
             self.readdir_rows_built += 1

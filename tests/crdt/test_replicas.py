@@ -111,6 +111,9 @@ def assert_listings_sound(replica: Replica, created: Iterable[bytes]) -> None:
         assert view is not None
         assert (view.parent, view.name) == (parent, name)
         assert replica.visible(child)
+        # what a listing shows without walking to ROOT is the same view
+        assert replica.listed_entry(parent, child) == view, f"{child.hex()} listed differently"
+        assert replica.listed_entry(child, child) is None
     for parent in {ROOT, *parents.values()}:
         listed = [name for name, _ in replica.listing(parent)]
         assert len(set(listed)) == len(listed), f"duplicate names in {parent.hex()}"
