@@ -15,10 +15,10 @@ import gc
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
-from crdt.clock import MAX_AHEAD_MS, Clock, Hlc, refusal
+from crdt.clock import MAX_AHEAD_MS, MAX_FORWARD_MS, Clock, Hlc, refusal
 from crdt.merge import Changes, Replica
 from crdt.ops import Forget, MalformedOp, Member, Op, decode_op, encode_op
 from fuse.errors import NoSpace
@@ -109,6 +109,10 @@ class Adoption:
     heads: dict[bytes, Head]
     folded: int
     fork: tuple[bytes, int, Evidence | None] | None = None
+    # {node: the stamp of its last entry in the new checkpoint} (`folded_stamp`)
+    tops: dict[bytes, Hlc] = field(default_factory=dict)
+    # {node: its newest stamp among the peer's ops} (the clock follows them)
+    seen: dict[bytes, Hlc] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,11 +179,6 @@ class Journal:
         """The stored checkpoint, opened (read and decoded anew at each use)."""
         blob = self.store.get_checkpoint()
         return None if blob is None else open_checkpoint(self.keys, blob, stored_here=True)
-
-    def _set_checkpoint(self, ops: Sequence[Op] | None) -> None:
-        """Note a new checkpoint holding `ops` (None: unknown, read when needed)."""
-        self._tops = None if ops is None else _tops(ops)
-        self._folded_ops = 0 if ops is None else len(ops)
 
     def _stored_logs(self) -> tuple[int, dict[bytes, list[LogEntry]]]:
         """(format, logs) of the stored checkpoint, entries not opened."""
@@ -465,13 +464,14 @@ class Journal:
         except CheckpointTooLarge as exc:
             log.info("not folding the log: the checkpoint would be too large (%s)", exc)
             return 0
+        tops = self._last_stamps(logs)
         with self.store.transaction():
             if self.store.covers() != covers:
                 return 0
             dropped = self.store.set_checkpoint(sealed, new_covers)
             chain.store_heads(self.store, {n: head_of(e[-1]) for n, e in logs.items() if e})
         folded = sum(len(e) for e in logs.values())
-        self._set_checkpoint(None)
+        self._tops = tops
         self._folded_ops = folded
         self.folded_ops_written += folded
         log.info(
@@ -571,7 +571,16 @@ class Journal:
             sealed,
             {**heads, **{n: head_of(e[-1]) for n, e in logs.items() if e}},
             sum(len(e) for e in logs.values()),
+            tops=self._last_stamps(logs),
+            seen=_tops(cp.ops),
         )
+
+    def _last_stamps(self, logs: Mapping[bytes, Sequence[LogEntry]]) -> dict[bytes, Hlc]:
+        """{node: the stamp of its last entry in `logs`}: what `folded_stamp`
+        answers for a checkpoint of these logs. One entry opened per node,
+        where a replay-like pass over every op took seconds on the loop (a
+        node's stamps rise with its seqs: `commit`, `crdt.clock.refusal`)."""
+        return {n: self._open(e[-1], signed_already=True).hlc for n, e in logs.items() if e}
 
     def install_adoption(
         self,
@@ -597,16 +606,23 @@ class Journal:
             self.store.want_blocks(wanted, self._now())
             self.store.set_checkpoint(prepared.sealed, prepared.new_covers)
             chain.store_heads(self.store, prepared.heads)
-        self._set_checkpoint(None)
+        self._tops = prepared.tops
         self._folded_ops = prepared.folded
         for node, seq in prepared.new_covers.items():
             self.vv[node] = max(self.vv.get(node, 0), seq)
         self._next_seq = max(self._next_seq, self.vv.get(self.identity.node_id, 0) + 1)
         self._own_prev = self.hash_at(self.identity.node_id, self._next_seq - 1) or GENESIS
+        # The clock follows the newest of the ops (as observing each in turn
+        # would), not a pass over all of them on the loop; a stamp past the
+        # forward bound is capped per op, so then each is observed.
         now = self._now()
-        for op in cp.ops:
-            self.clock.observe(op.hlc, now)
-        self._raise_tops(cp.ops)
+        newest = max(prepared.seen.values(), default=None)
+        if newest is not None and newest.wall_ms <= now + MAX_FORWARD_MS:
+            self.clock.observe(newest, now)
+        else:
+            for op in cp.ops:
+                self.clock.observe(op.hlc, now)
+        self._raise_stamps(prepared.seen.values())
         return True
 
     async def apply_in_pieces(self, ops: Sequence[Op]) -> Changes:
@@ -639,11 +655,14 @@ class Journal:
     def _raise_tops(self, ops: Iterable[Op]) -> None:
         """Note the stamps of ops now held; our own (from a peer: this data dir
         was restored from an old copy) move our clock past them."""
+        self._raise_stamps(op.hlc for op in ops)
+
+    def _raise_stamps(self, stamps: Iterable[Hlc]) -> None:
         tops = self.tops
-        for op in ops:
-            top = tops.get(op.hlc.node)
-            if top is None or op.hlc > top:
-                tops[op.hlc.node] = op.hlc
+        for hlc in stamps:
+            top = tops.get(hlc.node)
+            if top is None or hlc > top:
+                tops[hlc.node] = hlc
         own = tops.get(self.identity.node_id)
         if own is not None:
             self.clock.restore(own)
