@@ -182,6 +182,12 @@ class Replica:
     def __init__(self) -> None:
         self.reset()
 
+    def become(self, other: Replica) -> None:
+        """Take `other`'s whole state (a replica rebuilt elsewhere), in place:
+        whoever holds this object sees the new state. `other` is spent."""
+        self.__dict__ = other.__dict__
+        other.__dict__ = {}
+
     def reset(self) -> None:
         """Forget every operation: the state of a new replica (before a rebuild)."""
         self._ops: set[Hlc] = set()

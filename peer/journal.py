@@ -14,6 +14,7 @@ import contextlib
 import gc
 import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -69,6 +70,32 @@ def _settle() -> None:
     gc.freeze()
 
 
+_paused_lock = threading.Lock()
+_paused = 0  # bulk builds under way (the loop's and worker threads')
+_was_enabled = True
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """No cyclic collection during a bulk build, then `_settle`. Counted, so a
+    rebuild in a worker thread and a merge on the loop can overlap: the
+    collector comes back on when the last one ends, not the first."""
+    global _paused, _was_enabled
+    with _paused_lock:
+        if _paused == 0:
+            _was_enabled = gc.isenabled()
+            gc.disable()
+        _paused += 1
+    try:
+        yield
+    finally:
+        with _paused_lock:
+            _paused -= 1
+            if _paused == 0 and _was_enabled:
+                gc.enable()
+        _settle()
+
+
 def wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -113,6 +140,16 @@ class Adoption:
     tops: dict[bytes, Hlc] = field(default_factory=dict)
     # {node: its newest stamp among the peer's ops} (the clock follows them)
     seen: dict[bytes, Hlc] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Rebuilt:
+    """A replica rebuilt from the store in a worker thread (`Journal._rebuild`):
+    it holds the checkpoint of `covers` and, per node, the log up to `seen`."""
+
+    replica: Replica
+    covers: dict[bytes, int]
+    seen: dict[bytes, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +210,10 @@ class Journal:
         # and how many all folds so far re-encoded (what folding has cost).
         self._folded_ops = 0
         self.folded_ops_written = 0
+        # Set while a task enforces forgets off the loop (`enforce_forgets_async`):
+        # a `Forget` that arrives then sets `forgets_due` instead of rebuilding.
+        self.defer_forgets = False
+        self.forgets_due = asyncio.Event()
 
     @property
     def checkpoint(self) -> Checkpoint | None:
@@ -194,14 +235,8 @@ class Journal:
         # Replay builds millions of long-lived objects and no garbage cycles:
         # the cyclic collector's passes over them took a fifth of a
         # 100,000-file restart (1.3 of 6.7 s), for nothing.
-        gc_was_enabled = gc.isenabled()
-        gc.disable()
-        try:
+        with _collector_paused():
             return self._replay(until_ms)
-        finally:
-            if gc_was_enabled:
-                gc.enable()
-            _settle()
 
     def _replay(self, until_ms: int | None) -> int:
         batch: list[Op] = []
@@ -290,7 +325,7 @@ class Journal:
         """Merge stored `ops` into the replica, then tell who waits for growth."""
         changes = self.replica.apply(ops)
         if any(isinstance(op, Forget) for op in ops):
-            changes = self.enforce_forgets() or changes
+            changes = self._forgets_arrived() or changes
         self._grown()
         return changes
 
@@ -632,21 +667,15 @@ class Journal:
         entries: set[bytes] = set()
         # As in replay: no cyclic collection while the replica grows (a full
         # pass over it took ~0.2 s of the loop for 20,000 files, at random points).
-        gc_was_enabled = gc.isenabled()
-        gc.disable()
-        try:
+        with _collector_paused():
             for start in range(0, len(ops), MERGE_PIECE_OPS):
                 piece = ops[start : start + MERGE_PIECE_OPS]
                 changes = self.replica.apply(piece)
                 if any(isinstance(op, Forget) for op in piece):
-                    changes = self.enforce_forgets() or changes
+                    changes = self._forgets_arrived() or changes
                 dirs |= changes.dirs
                 entries |= changes.entries
                 await asyncio.sleep(0)
-        finally:
-            if gc_was_enabled:
-                gc.enable()
-            _settle()
         changes = Changes(frozenset(dirs), frozenset(entries))
         self._notify(changes)
         self._grown()
@@ -771,7 +800,7 @@ class Journal:
         if ev.kind in chain.FORK_KINDS:
             self._proofs = None
             self.fork_cuts = chain.fork_cuts(self.store.evidence(chain.FORK_KINDS))
-            changes = self.enforce_forgets()
+            changes = self._forgets_arrived()
             if changes is not None:
                 self._notify(changes)
                 self._grown()
@@ -873,7 +902,25 @@ class Journal:
         """Drop entries of forgotten nodes past their cut, if this node holds
         any (it merged them before it learnt of the `Forget`), and rebuild the
         replica from the log without them, so every node ends up with the
-        same operations. Returns what changed, or None if nothing was held."""
+        same operations. Returns what changed, or None if nothing was held.
+        Synchronous (at start, and without a loop); a running node uses
+        `enforce_forgets_async`."""
+        if not self._drop_forgotten():
+            return None
+        self.replica.reset()
+        self.replay()
+        return self.replica.everything()
+
+    def _forgets_arrived(self) -> Changes | None:
+        """A `Forget` or a fork cut arrived: enforce it now, or, while a task
+        waits on `forgets_due` (`defer_forgets`), wake it to rebuild off the loop."""
+        if self.defer_forgets:
+            self.forgets_due.set()
+            return None
+        return self.enforce_forgets()
+
+    def _drop_forgotten(self) -> bool:
+        """Delete the entries past their node's cut (one transaction); whether any were held."""
         own = self.identity.node_id
         covers = self.store.covers()
         over = {
@@ -882,7 +929,7 @@ class Journal:
             if n != own and self.vv.get(n, 0) > max(cut, covers.get(n, 0))
         }
         if not over:
-            return None
+            return False
         with self.store.transaction():
             dropped = sum(self.store.delete_log_after(n, cut) for n, cut in over.items())
         log.warning(
@@ -891,9 +938,68 @@ class Journal:
             ",".join(n.hex()[:8] for n in over),
         )
         self.vv = self.store.version_vector()
-        self.replica.reset()
-        self.replay()
-        return self.replica.everything()
+        return True
+
+    async def enforce_forgets_async(self) -> Changes | None:
+        """`enforce_forgets` with the rebuild (a replay of the whole volume) in
+        a worker thread, into a new replica, while the loop goes on answering
+        FUSE and merging into the old one; what reached the store meanwhile is
+        merged into the new one, which then takes the old one's place."""
+        if not self._drop_forgotten():
+            return None
+        while True:
+            rebuilt = await asyncio.to_thread(self._rebuild)
+            if await self._catch_up(rebuilt):
+                break
+            log.info("rebuilding the replica again: the checkpoint changed meanwhile")
+        # (`tops` and the clock already followed every op now held: they
+        # came through `commit`, `merge_remote` or replay)
+        self.replica.become(rebuilt.replica)
+        changes = self.replica.everything()
+        self._grown()
+        return changes
+
+    def _rebuild(self) -> _Rebuilt:
+        """A new replica of what the store holds (a worker thread: reads only
+        the store); with the covers and the seqs it read, to catch up from."""
+        covers = self.store.covers()
+        replica = Replica()
+        seen = dict(covers)
+        blob = self.store.get_checkpoint()
+        with _collector_paused():
+            batch: list[Op] = []
+            for op in () if blob is None else iter_checkpoint_ops(self.keys, blob):
+                batch.append(op)
+                if len(batch) >= REPLAY_CHUNK:
+                    replica.apply(batch)
+                    batch = []
+            for entry in self.store.iter_log():
+                if entry.seq <= covers.get(entry.node, 0):
+                    continue  # (folded meanwhile: then the covers differ, and this is read again)
+                batch.append(self._open(entry, signed_already=True))
+                seen[entry.node] = max(seen.get(entry.node, 0), entry.seq)
+                if len(batch) >= REPLAY_CHUNK:
+                    replica.apply(batch)
+                    batch = []
+            replica.apply(batch)
+        return _Rebuilt(replica, covers, seen)
+
+    async def _catch_up(self, rebuilt: _Rebuilt) -> bool:
+        """Merge into `rebuilt` what the store took since it was read, a piece
+        at a time; False if the checkpoint changed meanwhile (read it again).
+        Returns with the store and `rebuilt` holding the same entries."""
+        while True:
+            if self.store.covers() != rebuilt.covers:
+                return False
+            late = self._entries_between(rebuilt.seen, self.vv)
+            if not late:
+                return True
+            for start in range(0, len(late), MERGE_PIECE_OPS):
+                piece = late[start : start + MERGE_PIECE_OPS]
+                rebuilt.replica.apply([self._open(e, signed_already=True) for e in piece])
+                for e in piece:
+                    rebuilt.seen[e.node] = max(rebuilt.seen.get(e.node, 0), e.seq)
+                await asyncio.sleep(0)
 
     def _notify(self, changes: Changes) -> None:
         for listener in self.listeners:

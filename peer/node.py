@@ -310,6 +310,21 @@ class Node:
         if names:
             self._stale_names.put_nowait(names)
 
+    async def enforce_forgets(self) -> None:
+        """Enforce each `Forget` (or fork cut) that arrives while the node runs,
+        rebuilding the replica off the loop (`Journal.enforce_forgets_async`);
+        then make the kernel forget what it cached."""
+        self.journal.defer_forgets = True
+        try:
+            while True:
+                await self.journal.forgets_due.wait()
+                self.journal.forgets_due.clear()
+                changes = await self.journal.enforce_forgets_async()
+                if changes is not None:
+                    await self._remote_changed(changes)
+        finally:
+            self.journal.defer_forgets = False
+
     async def invalidate_local(self) -> None:
         """Make the kernel forget the names local commits changed, as they come."""
         while True:
@@ -733,6 +748,7 @@ async def run(
                 progress = tasks.create_task(show_progress(node, announce))
                 collecting = tasks.create_task(node.collector.run_periodically())
                 invalidating = tasks.create_task(node.invalidate_local())
+                forgetting = tasks.create_task(node.enforce_forgets())
                 try:
                     await serve_mount(
                         node,
@@ -749,6 +765,7 @@ async def run(
                     progress.cancel()
                     collecting.cancel()
                     invalidating.cancel()
+                    forgetting.cancel()
         finally:
             node.close()
     if node.lost[0]:

@@ -5,18 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
 
-from crdt.ops import ROOT, Create
+from crdt.merge import Changes, Replica
+from crdt.ops import ROOT, Create, Forget, Op
 from peer import journal as journal_module
 from peer.journal import MERGE_PIECE_OPS
 from peer.keys import VolumeKeys
 from peer.node import Node
 from peer.volume import ROOT_INODE
 from tests.peer.test_gc import make_node
-from tests.peer.test_sync import CALLER, link, running, wait_until
+from tests.peer.test_sync import CALLER, link, read_file, running, wait_until, write_file
 
 
 def _fill(node: Node, count: int) -> None:
@@ -179,3 +182,51 @@ async def test_after_a_fold_or_an_adoption_stability_decodes_no_checkpoint(
         monkeypatch.setattr(journal_module, "open_checkpoint", decode)
         assert full.journal.folded_stamp(own) == newest
         assert fresh.journal.folded_stamp(own) == newest
+
+
+@pytest.mark.asyncio
+async def test_enforcing_a_forget_rebuilds_the_replica_off_the_loop(
+    tmp_path: Path,
+    keys: VolumeKeys,
+    monkeypatch: pytest.MonkeyPatch,
+    expect_logs: Callable[..., None],
+) -> None:
+    expect_logs("dropped 2 operation", logger="peer.journal")
+    a, c = make_node(tmp_path, "a", keys), make_node(tmp_path, "c", keys)
+    c_id = c.identity.node_id
+    forgetting: asyncio.Task[None] | None = None
+    try:
+        for _ in range(3):
+            _fill_dir(a, 1000)  # what a rebuild replays
+        write_file(c, b"x", b"1")
+        blocks = [(bid, c.store.get_block(bid) or b"") for bid in c.store.block_ids()]
+        a.journal.merge_remote(list(c.store.iter_log()), blocks=blocks)
+        assert read_file(a, b"x") == b"1"
+        forgetting = asyncio.create_task(a.enforce_forgets())  # as the running node does
+        await asyncio.sleep(0)
+
+        loop_thread = threading.get_ident()
+        on_loop = 0
+        apply = Replica.apply
+
+        def counted(self: Replica, ops: Iterable[Op]) -> Changes:
+            nonlocal on_loop
+            ops = list(ops)
+            if threading.get_ident() == loop_thread:
+                on_loop += len(ops)
+            return apply(self, ops)
+
+        monkeypatch.setattr(Replica, "apply", counted)
+        # Forgotten after its Member op (seq 1), before its write: a merged
+        # the write, so its replica is rebuilt without it (a full replay).
+        a.journal.commit(lambda stamp: [Forget(stamp(), c_id, 1)])
+        await wait_until(lambda: read_file(a, b"x") is None, "the forget to be enforced", 60)
+        assert a.journal.vv[c_id] == 1
+        assert a.replica.counts()[1] >= 3000, "the rebuilt replica lost the volume"
+        # The loop merged the Forget itself, not the 3,000-op replay.
+        assert on_loop <= MERGE_PIECE_OPS, f"{on_loop} ops merged on the loop"
+    finally:
+        if forgetting is not None:
+            forgetting.cancel()
+        a.close()
+        c.close()
