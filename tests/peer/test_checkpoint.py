@@ -12,9 +12,12 @@ import contextlib
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import cbor2
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from crdt.clock import Hlc
 from crdt.ops import ROOT, Member, Move, Op, SetAttr, encode_op
@@ -26,6 +29,7 @@ from peer.node import Node
 from peer.sealing import GENESIS, LogEntry, entry_hash, seal_entry
 from peer.secret import new_secret
 from peer.volume import ROOT_INODE
+from peer.wire import CBOR_ERRORS
 from tests.peer.test_gc import make_node, serving
 from tests.peer.test_sync import CALLER, link, read_file, wait_until, write_file
 
@@ -244,3 +248,50 @@ async def test_a_peer_serving_a_tampered_checkpoint_changes_nothing(
         )
         assert (state(c), dict(c.journal.vv), log_size(c)) == before
         assert c.store.get_checkpoint() is None
+
+
+# -- the body, coded an entry at a time -------------------------------------------
+
+_plain = st.recursive(
+    st.integers(0, 2**64 - 1) | st.binary(max_size=40) | st.text(max_size=10),
+    lambda inner: (
+        st.lists(inner, max_size=5)
+        | st.dictionaries(st.binary(max_size=8) | st.text(max_size=5), inner, max_size=5)
+    ),
+    max_leaves=30,
+)
+_bodies = st.fixed_dictionaries(
+    {
+        "v": st.integers(0, 300),
+        "logs": st.dictionaries(
+            st.binary(min_size=1, max_size=33),
+            st.lists(
+                st.lists(st.binary(max_size=70), min_size=2, max_size=2)
+                | st.tuples(st.binary(max_size=20), st.binary(max_size=5), st.just(1)).map(list),
+                max_size=30,
+            ),
+            max_size=4,
+        ),
+    }
+)
+
+
+@given(_bodies)
+def test_a_body_coded_in_pieces_is_the_bytes_and_values_cbor2_gives(body: dict[str, Any]) -> None:
+    data = cbor2.dumps(body, canonical=True)
+    assert checkpoint._encode_body(body) == data
+    assert checkpoint._decode_body(data) == cbor2.loads(data)
+
+
+@given(_plain | st.binary(max_size=60))
+def test_any_cbor_decodes_in_pieces_as_cbor2_decodes_it(value: Any) -> None:
+    # Valid CBOR of any shape, or any bytes at all: the same value, or the same refusal.
+    data = value if isinstance(value, bytes) and value[:1] == b"\xff" else cbor2.dumps(value)
+    for raw in (data, data[:-1], data + b"\x00", bytes([0x9F]) + data + b"\xff"):
+        try:
+            expected: Any = cbor2.loads(raw)
+        except CBOR_ERRORS:  # what cbor2 refuses, _decode_body refuses
+            with pytest.raises(CorruptEntry):
+                checkpoint._decode_body(raw)
+            continue
+        assert checkpoint._decode_body(raw) == expected
