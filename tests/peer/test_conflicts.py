@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from crdt.clock import Hlc
-from crdt.merge import conflict_name
+from crdt.names import conflict_name
 from peer.keys import VolumeKeys
 from peer.node import Node
 from peer.volume import ROOT_INODE
