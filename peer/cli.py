@@ -476,11 +476,11 @@ def _ask(
     timeout_s: float = 120,
 ) -> dict[str, Any]:
     """Call the running node's control API; `NodeNotRunning` if it is not there."""
-    from peer import node
+    from peer import control
 
     try:
         return asyncio.run(
-            node.ask_node(data_dir, method, path, params=params, body=body, timeout_s=timeout_s)
+            control.ask_node(data_dir, method, path, params=params, body=body, timeout_s=timeout_s)
         )
     except OSError:
         raise NodeNotRunning(data_dir=data_dir) from None
@@ -569,7 +569,7 @@ def _invite(args: argparse.Namespace) -> int:
 
 async def _invite_and_wait(data_dir: Path, ttl_s: float) -> int:
     """Print the code, then what happens, until the new machine is paired."""
-    from peer import invitations, node
+    from peer import control, invitations
 
     final: dict[str, type[DfsError]] = {
         invitations.EXPIRED: invitations.InviteExpired,
@@ -577,7 +577,7 @@ async def _invite_and_wait(data_dir: Path, ttl_s: float) -> int:
         invitations.CANCELLED: invitations.InviteCancelled,
     }
     try:
-        async for event in node.stream_node(data_dir, "/invite", {"ttl_s": ttl_s}):
+        async for event in control.stream_node(data_dir, "/invite", {"ttl_s": ttl_s}):
             kind = event["event"]
             if kind == "open":
                 code = event["code"]

@@ -22,9 +22,10 @@ import pytest
 from crdt.ops import ROOT
 from fuse.errors import ReadOnly
 from peer import cli, history
+from peer.control import ask_node, control_server
 from peer.identity import load_or_create
 from peer.keys import VolumeKeys
-from peer.node import Node, NodeConfig, ask_node, control_server
+from peer.node import Node, NodeConfig
 from peer.store import ReadOnlyStore
 from peer.volume import ROOT_INODE
 from tests.peer.test_sync import CALLER, link, read_file, running, wait_until, write_file
