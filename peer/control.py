@@ -26,7 +26,8 @@ from peer.errors import DfsError, StoreFull
 if TYPE_CHECKING:
     from peer.node import Node
 
-log = logging.getLogger(__name__)
+# Logs under the name its messages had before it left node.py.
+log = logging.getLogger("peer.node")
 
 CONTROL_NAME = "control.sock"
 

@@ -20,7 +20,6 @@ import logging
 import math
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import hdrs, web
 
@@ -40,9 +39,7 @@ from peer.auth import (
     wall_ms,
 )
 from peer.pairing import PATHS as PAIRING_PATHS
-
-if TYPE_CHECKING:
-    from peer.sync import Sync
+from peer.serving import Pairing, Serving
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +47,7 @@ log = logging.getLogger(__name__)
 MAX_WATCH_S = 30.0
 CBOR = "application/cbor"
 
-SYNC_KEY: web.AppKey[Sync] = web.AppKey("sync")
+SYNC_KEY: web.AppKey[Serving] = web.AppKey("sync")
 GUARD_KEY: web.AppKey[ReplayGuard] = web.AppKey("guard", ReplayGuard)
 GATE_KEY: web.AppKey[gate.Gate] = web.AppKey("gate", gate.Gate)
 BODY_KEY: web.RequestKey[bytes] = web.RequestKey("body", bytes)
@@ -58,16 +55,6 @@ PEER_KEY: web.RequestKey[str] = web.RequestKey("peer", str)  # its short id, for
 AUTH_KEY: web.RequestKey[RequestAuth] = web.RequestKey("auth", RequestAuth)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class Pairing(Protocol):
-    """The endpoint of pairing by a one-time code (`peer.invitations`)."""
-
-    def active(self) -> bool:
-        """Whether an invitation is open (or closed lately, to say so)."""
-        ...
-
-    async def handle(self, request: web.Request) -> web.Response: ...
 
 
 PAIRING_KEY: web.AppKey[Pairing] = web.AppKey("pairing")
@@ -219,7 +206,7 @@ async def watch(request: web.Request) -> web.Response:
     return _cbor(sync.watch_answer())
 
 
-def make_peer_app(sync: Sync) -> web.Application:
+def make_peer_app(sync: Serving) -> web.Application:
     app = web.Application(middlewares=[authenticate], client_max_size=wire.MAX_REQUEST_BYTES)
     app[SYNC_KEY] = sync
     app[GUARD_KEY] = ReplayGuard()
@@ -234,7 +221,7 @@ def make_peer_app(sync: Sync) -> web.Application:
 
 @contextlib.asynccontextmanager
 async def serving(
-    sync: Sync, host: str, port: int, sock: socket.socket | None = None
+    sync: Serving, host: str, port: int, sock: socket.socket | None = None
 ) -> AsyncIterator[int]:
     """Serve peers on host:port (or on `sock`, bound there already) behind the
     gate; yields the bound port.
