@@ -19,9 +19,11 @@ from aiohttp import web
 
 from crdt.merge import Replica
 from fuse.errors import NoSpace
-from peer import history, invitations, running
-from peer.auth import PROTOCOL
+from peer import running
 from peer.errors import DfsError, StoreFull
+from peer.net import invitations
+from peer.net.auth import PROTOCOL
+from peer.storage import history
 
 if TYPE_CHECKING:
     from peer.node import Node

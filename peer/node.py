@@ -28,9 +28,7 @@ import cbor2
 
 from crdt.merge import Changes, Replica
 from fuse.errors import NoSpace
-from peer import gate, gc, history, invitations, metrics, running, service, statuspage
-from peer.auth import PROTOCOL
-from peer.blocks import Blocks
+from peer import metrics, running, service, statuspage
 from peer.control import _advertised, control_server
 from peer.errors import (
     DataDirLocked,
@@ -45,15 +43,19 @@ from peer.errors import (
     PortInUse,
     WrongSecret,
 )
+from peer.fs.volume import Volume
 from peer.identity import NodeIdentity, load_or_create
-from peer.journal import Journal
 from peer.keys import VolumeKeys
+from peer.net import gate, invitations
+from peer.net.auth import PROTOCOL
+from peer.net.sync import PeerStatistics, Sync
 from peer.progress import CatchUp
 from peer.sealing import check_opens, make_check
-from peer.space import Space
-from peer.store import ReadOnlyStore, Store
-from peer.sync import PeerStatistics, Sync
-from peer.volume import Volume
+from peer.storage import gc, history
+from peer.storage.blocks import Blocks
+from peer.storage.journal import Journal
+from peer.storage.space import Space
+from peer.storage.store import ReadOnlyStore, Store
 
 if TYPE_CHECKING:
     from fuse.adapter import FuseOperations
@@ -133,7 +135,7 @@ class NodeStatus:
     entries_refused: dict[str, str]
     # Causal stability and collection: what is stable, who holds it back.
     gc: dict[str, Any]
-    # What members signed that contradicts itself (`peer.chain`), oldest first.
+    # What members signed that contradicts itself (`peer.storage.chain`), oldest first.
     lies: list[dict[str, Any]]
     # The local status page (without its token; `dfs-peer open` adds it), or "".
     page: str = ""
@@ -436,7 +438,7 @@ class Node:
         )
 
     def lies(self) -> list[dict[str, Any]]:
-        """The evidence this node keeps of members that lied (`peer.chain`)."""
+        """The evidence this node keeps of members that lied (`peer.storage.chain`)."""
         names = self.replica.members()
         return [
             {

@@ -1,10 +1,10 @@
 """The peer HTTP server: serves this node's log and sealed blocks to peers.
 
 Invariant: no handler runs for a request that does not authenticate (see
-`peer.auth`): a party without the secret gets a bare 401 for every path,
+`peer.net.auth`): a party without the secret gets a bare 401 for every path,
 learns nothing (not even which paths exist) and changes nothing; the one
 exception is `/pair/*` while `dfs-peer invite` has an invitation open, which
-proves a one-time code instead (`peer.invitations`). Every
+proves a one-time code instead (`peer.net.invitations`). Every
 response to an authenticated request carries a MAC bound to that request.
 Serving is read-only: peers pull from us; nothing a peer sends is written to
 the store by this server. Our own log entries are made durable (`Store.sync`)
@@ -23,8 +23,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import hdrs, web
 
-from peer import gate, wire
-from peer.auth import (
+from peer.net import gate, wire
+from peer.net.auth import (
     HEADER_MAC,
     HEADER_SERVER_TIME,
     PROTOCOL,
@@ -38,10 +38,10 @@ from peer.auth import (
     verify_request_head,
     wall_ms,
 )
-from peer.pairing import PATHS as PAIRING_PATHS
-from peer.serving import Pairing, Serving
+from peer.net.pairing import PATHS as PAIRING_PATHS
+from peer.net.serving import Pairing, Serving
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("peer.server")
 
 # The long poll's longest wait; clients time out a little after it.
 MAX_WATCH_S = 30.0
@@ -77,7 +77,7 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     pairing = request.app.get(PAIRING_KEY)
     if pairing is not None and request.path in PAIRING_PATHS and pairing.active():
         # The one exchange open to a machine without the secret, and only while
-        # an invitation is open: it proves a one-time code instead (peer/invitations.py).
+        # an invitation is open: it proves a one-time code instead (peer/net/invitations.py).
         return await pairing.handle(request)
     sync = request.app[SYNC_KEY]
     key = sync.keys.peers

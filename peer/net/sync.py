@@ -7,7 +7,7 @@ each block), in one store transaction (`Journal.merge_remote`). So a reader
 never meets a block that has not arrived yet, and any peer that has an
 operation can serve the blocks of what it shows. Blocks only superseded
 versions reference (history) are fetched when some peer still has them and
-skipped otherwise: after collection (`peer.gc`) peers legitimately lack the
+skipped otherwise: after collection (`peer.storage.gc`) peers legitimately lack the
 blocks of superseded, stable versions past the retention, and answer without
 them.
 
@@ -36,24 +36,25 @@ from crdt.content import Contents, Version
 from crdt.merge import Changes
 from crdt.ops import BLOCK_SIZE, TRASH, Move, Op, Write
 from fuse.errors import NoSpace
-from peer import chain, wire
-from peer.auth import AuthFailed, wall_ms
-from peer.blocks import Blocks
-from peer.checkpoint import ForgedCheckpoint, covered, open_checkpoint
-from peer.client import PeerClient, PeerError, ProtocolMismatch, SelfConnection
 from peer.errors import CorruptBlock, CorruptEntry
-from peer.fetching import FETCH_CONCURRENCY, Fetching
-from peer.gate import CLIENT_KEEPALIVE_S, Summary
-from peer.gc import Stability, Thinning
 from peer.identity import NodeIdentity
-from peer.journal import MERGE_PIECE_OPS, Journal
 from peer.keys import VolumeKeys
 from peer.metrics import Metrics
+from peer.net import wire
+from peer.net.auth import AuthFailed, wall_ms
+from peer.net.client import PeerClient, PeerError, ProtocolMismatch, SelfConnection
+from peer.net.fetching import FETCH_CONCURRENCY, Fetching
+from peer.net.gate import CLIENT_KEEPALIVE_S, Summary
+from peer.net.server import MAX_WATCH_S, serving
+from peer.net.serving import Pairing, Serving
 from peer.sealing import Head, LogEntry
-from peer.server import MAX_WATCH_S, serving
-from peer.serving import Pairing, Serving
+from peer.storage import chain
+from peer.storage.blocks import Blocks
+from peer.storage.checkpoint import ForgedCheckpoint, covered, open_checkpoint
+from peer.storage.gc import Stability, Thinning
+from peer.storage.journal import MERGE_PIECE_OPS, Journal
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("peer.sync")
 
 WATCH_S = 20.0
 BACKOFF_MIN_S = 0.2
@@ -363,7 +364,7 @@ class Sync(Fetching, Serving):
             except (CorruptEntry, CorruptBlock, wire.BadMessage) as exc:
                 self._link_failed(link, f"peer sent bad data: {exc}", logging.WARNING)
             except (aiohttp.ClientError, TimeoutError, OSError, PeerError, NoSpace) as exc:
-                # NoSpace: a full disk, said once per episode by `peer.space`.
+                # NoSpace: a full disk, said once per episode by `peer.storage.space`.
                 self._link_failed(link, f"{type(exc).__name__}: {exc}", logging.INFO)
             except Exception as exc:
                 # A bug, or a state we cannot store (a full disk, a gap a peer's
@@ -397,7 +398,7 @@ class Sync(Fetching, Serving):
 
     async def _compare_chains(self, link: Link, heads: list[Head], forks: list[wire.Proof]) -> None:
         """Check a peer's heads against ours and take its fork proofs
-        (`peer.chain`). Where heads differ, the fork may lie lower: ask the
+        (`peer.storage.chain`). Where heads differ, the fork may lie lower: ask the
         peer for that node's entries and keep the first that differs."""
         journal = self.journal
         for a, b in forks:

@@ -26,10 +26,10 @@ from fuse.errors import (
     VolumeError,
 )
 from fuse.protocol import Attrs, Caller
-from peer.blocks import Blocks, MissingBlock
 from peer.errors import CorruptBlock
-from peer.journal import Journal
-from peer.store import Store
+from peer.storage.blocks import Blocks, MissingBlock
+from peer.storage.journal import Journal
+from peer.storage.store import Store
 
 # Logs under the name its messages had before it left volume.py.
 log = logging.getLogger("peer.volume")
@@ -71,7 +71,7 @@ class _Handle:
 
 
 class Files:
-    """`Volume`'s files and write buffers; see `peer.volume`."""
+    """`Volume`'s files and write buffers; see `peer.fs.volume`."""
 
     if TYPE_CHECKING:
         _dirty: dict[bytes, _Dirty]

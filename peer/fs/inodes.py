@@ -10,13 +10,13 @@ from crdt.merge import EntryView, Replica
 from crdt.ops import NAME_MAX
 from fuse.errors import NameTooLong, NotADirectory, NotFound
 from fuse.protocol import Attrs
-from peer.store import Store
+from peer.storage.store import Store
 
 ROOT_INODE = 1
 
 
 class Inodes:
-    """`Volume`'s inode table and lookups; see `peer.volume`."""
+    """`Volume`'s inode table and lookups; see `peer.fs.volume`."""
 
     if TYPE_CHECKING:
         _entries: dict[int, bytes]

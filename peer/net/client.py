@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from peer import wire
-from peer.auth import HEADER_MAC, HEADER_SERVER_TIME, sign_request, verify_response, wall_ms
+from peer.net import wire
+from peer.net.auth import HEADER_MAC, HEADER_SERVER_TIME, sign_request, verify_response, wall_ms
 
 if TYPE_CHECKING:
-    from peer.sync import Sync
+    from peer.net.sync import Sync
 
 # Logs under the name its messages had before it left sync.py.
 log = logging.getLogger("peer.sync")

@@ -19,12 +19,12 @@ from crdt.merge import Changes, Replica
 from crdt.ops import BLOCK_SIZE, NAME_MAX, ROOT
 from fuse.errors import ReadOnly
 from fuse.protocol import Attrs, FsStats
-from peer.attributes import Attributes
-from peer.blocks import Blocks
-from peer.directories import Directories, _DirHandle
-from peer.files import Files, _Dirty, _Handle
-from peer.inodes import ROOT_INODE, Inodes
-from peer.journal import Journal
+from peer.fs.attributes import Attributes
+from peer.fs.directories import Directories, _DirHandle
+from peer.fs.files import Files, _Dirty, _Handle
+from peer.fs.inodes import ROOT_INODE, Inodes
+from peer.storage.blocks import Blocks
+from peer.storage.journal import Journal
 
 
 class Volume(Inodes, Attributes, Directories, Files):

@@ -38,9 +38,9 @@ from fuse.errors import (
     NotPermitted,
 )
 from fuse.protocol import Attrs, Caller
-from peer.files import _Dirty
-from peer.journal import Journal
-from peer.store import Store
+from peer.fs.files import _Dirty
+from peer.storage.journal import Journal
+from peer.storage.store import Store
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -78,7 +78,7 @@ def _check_name(name: bytes) -> None:
 
 
 class Directories:
-    """`Volume`'s directories; see `peer.volume`."""
+    """`Volume`'s directories; see `peer.fs.volume`."""
 
     if TYPE_CHECKING:
         _dir_handles: dict[int, _DirHandle]

@@ -20,8 +20,8 @@ from fuse.errors import (
     Unsupported,
 )
 from fuse.protocol import Attrs, Caller
-from peer.files import _Dirty
-from peer.journal import Journal
+from peer.fs.files import _Dirty
+from peer.storage.journal import Journal
 
 XATTR_VALUE_MAX = 64 * 1024
 XATTR_CREATE = 1
@@ -43,7 +43,7 @@ def _xattr_key(name: bytes) -> str:
 
 
 class Attributes:
-    """`Volume`'s attributes and extended attributes; see `peer.volume`."""
+    """`Volume`'s attributes and extended attributes; see `peer.fs.volume`."""
 
     if TYPE_CHECKING:
         _dirty: dict[bytes, _Dirty]

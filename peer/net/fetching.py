@@ -15,17 +15,17 @@ from typing import TYPE_CHECKING
 import aiohttp
 
 from crdt.ops import BLOCK_SIZE
-from peer import wire
-from peer.auth import AuthFailed
-from peer.client import PeerError
 from peer.errors import CorruptBlock
 from peer.keys import VolumeKeys
 from peer.metrics import Metrics
+from peer.net import wire
+from peer.net.auth import AuthFailed
+from peer.net.client import PeerError
 from peer.sealing import open_block
-from peer.store import Store
+from peer.storage.store import Store
 
 if TYPE_CHECKING:
-    from peer.sync import Link
+    from peer.net.sync import Link
 
 # Logs under the name its messages had before it left sync.py.
 log = logging.getLogger("peer.sync")
@@ -50,7 +50,7 @@ class MissingBlocks(PeerError):
 
 
 class Fetching:
-    """`Sync`'s block fetching; see `peer.sync`."""
+    """`Sync`'s block fetching; see `peer.net.sync`."""
 
     if TYPE_CHECKING:
         _inflight: dict[bytes, asyncio.Future[bytes | None]]

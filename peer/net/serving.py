@@ -1,5 +1,5 @@
 """What this node serves its peers: hello, log entries past their vector,
-sealed blocks, and the long poll's answer (the routes are in `peer.server`)."""
+sealed blocks, and the long poll's answer (the routes are in `peer.net.server`)."""
 
 from __future__ import annotations
 
@@ -9,20 +9,20 @@ from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
-from peer import wire
-from peer.auth import PROTOCOL
-from peer.checkpoint import covered
-from peer.gate import Summary
 from peer.identity import NodeIdentity
-from peer.journal import Journal
 from peer.keys import VolumeKeys
 from peer.metrics import Metrics
+from peer.net import wire
+from peer.net.auth import PROTOCOL
+from peer.net.gate import Summary
 from peer.sealing import LogEntry
-from peer.store import Store
+from peer.storage.checkpoint import covered
+from peer.storage.journal import Journal
+from peer.storage.store import Store
 
 
 class Pairing(Protocol):
-    """The endpoint of pairing by a one-time code (`peer.invitations`)."""
+    """The endpoint of pairing by a one-time code (`peer.net.invitations`)."""
 
     def active(self) -> bool:
         """Whether an invitation is open (or closed lately, to say so)."""
@@ -32,7 +32,7 @@ class Pairing(Protocol):
 
 
 class Serving:
-    """`Sync`'s serving side; see `peer.sync`."""
+    """`Sync`'s serving side; see `peer.net.sync`."""
 
     if TYPE_CHECKING:
         _closing: bool
