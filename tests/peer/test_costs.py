@@ -13,11 +13,11 @@ import pytest
 
 from crdt.merge import Changes, Replica
 from crdt.ops import ROOT, Create, Forget, Op
-from peer import journal as journal_module
-from peer.journal import MERGE_PIECE_OPS
+from peer.fs.volume import ROOT_INODE
 from peer.keys import VolumeKeys
 from peer.node import Node
-from peer.volume import ROOT_INODE
+from peer.storage import journal as journal_module
+from peer.storage.journal import MERGE_PIECE_OPS
 from tests.peer.test_gc import make_node
 from tests.peer.test_sync import CALLER, link, read_file, running, wait_until, write_file
 
