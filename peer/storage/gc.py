@@ -50,6 +50,30 @@ later stable op overrides: `crdt.compact`) with its stamp, so merges, `--at`
 and writes buffered elsewhere on old bases behave as with the whole log. What
 the checkpoint folds leaves the log in the same transaction; a node that
 joins late is sent the checkpoint and the entries after it.
+
+Deleted entries are never dropped from the replica or the checkpoint, and the
+tree's move log is never truncated, however stable and old the delete. Stable
+here means every *member* holds the delete; it does not mean that every
+operation concurrent with it has arrived, which is what dropping needs (the
+move-op paper's causal stability, with a fixed set of replicas):
+
+- a member's write made before it received the delete may not be here yet:
+  the stable vector says every member holds the delete, not that this node
+  holds all each member wrote before it did (that much could be checked:
+  each member's own seq in the first vector of it that covers the delete);
+- a node nobody has heard of yet is no member: one that synced, went offline
+  before anyone pulled its `Member` op, and edited a file there, brings that
+  write long after every member holds the delete. Rule 4 then brings the file
+  back on every replica that kept it, and on one that dropped it the write
+  names an entry it no longer knows: the replicas differ for good, and the
+  user's write is lost there;
+- a format-2 checkpoint holds each node's entries exactly as signed and
+  chained (`peer.storage.checkpoint`): leaving one out breaks the chain that
+  lets a receiver check it, so it could only be dropped from memory, and a
+  replica rebuilt from the checkpoint would differ from one that dropped.
+
+Since rule 4 looks only at what each batch changed (`crdt.revival`), the trash
+costs memory, not time per operation.
 """
 
 from __future__ import annotations
