@@ -279,7 +279,9 @@ def _open_ops(
         for e in entries:
             try:
                 op = decode_op(
-                    open_entry(keys, e, check_signature=False), check_canonical=not stored_here
+                    open_entry(keys, e, check_signature=False),
+                    node=e.node,
+                    check_canonical=not stored_here,
                 )
             except (MalformedOp, CorruptEntry) as exc:
                 raise _fail(f"entry {e.node.hex()[:8]}/{e.seq}: {exc}") from exc

@@ -258,6 +258,7 @@ class Journal:
         try:
             op = decode_op(
                 open_entry(self.keys, entry, check_signature=not signed_already),
+                node=entry.node,
                 check_canonical=not signed_already,
             )
         except MalformedOp as exc:
@@ -318,7 +319,9 @@ class Journal:
         seq = self._next_seq
         prev = self._own_prev
         for op in ops:
-            entries.append(seal_entry(self.keys, self.identity, seq, encode_op(op), prev))
+            entries.append(
+                seal_entry(self.keys, self.identity, seq, encode_op(op, compact=True), prev)
+            )
             prev = entry_hash(entries[-1])
             seq += 1
         blocks = list(blocks)
