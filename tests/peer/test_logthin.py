@@ -21,7 +21,7 @@ import pytest
 from crdt import ops
 from crdt.clock import Hlc
 from crdt.ops import ROOT, Create, Member, Move, Op, Write, decode_op
-from peer import checkpoint, journal
+from peer import checkpoint, journal, wire
 from peer.errors import CorruptEntry
 from peer.identity import NodeIdentity, load_or_create
 from peer.keys import VolumeKeys
@@ -34,6 +34,8 @@ from peer.sealing import (
     head_of,
     open_entry,
     seal_entry,
+    sign_legacy_entry,
+    verify_entry,
     verify_head,
 )
 from tests.peer.test_checkpoint import forged, state
@@ -177,3 +179,38 @@ async def test_logs_of_both_op_formats_converge_and_a_rewrite_costs_a_fresh_peer
         assert state(again) == state(c)
     finally:
         again.close()
+
+
+def test_a_log_response_names_node_seq_and_prev_once_per_run_of_a_node(
+    tmp_path: Path, keys: VolumeKeys
+) -> None:
+    """In a log response, an entry right after its node's previous one
+    travels as [sealed, sig]: the receiver fills in node, seq and `prev`, and
+    the signature checks them, so a sender cannot make an entry say more."""
+    a = load_or_create(tmp_path / "a")
+    b = load_or_create(tmp_path / "b")
+    log_a = chained(a, keys, [Member(Hlc(1, i, a.node_id), f"a{i}") for i in range(4)])
+    log_b = chained(b, keys, [Member(Hlc(1, i, b.node_id), f"b{i}") for i in range(2)])
+    legacy = sign_legacy_entry(keys, a, 1, ops.encode_op(Member(Hlc(0, 0, a.node_id), "old")))
+    sent = [*log_a[1:], *log_b, log_a[0], legacy]
+    body = wire.encode_log_response(wire.LogResponse(sent, False))
+    items = cbor2.loads(body)["entries"]
+    assert [len(i) for i in items] == [5, 2, 2, 5, 2, 5, 5]
+    got = wire.decode_log_response(body).entries
+    assert got == sent
+    full = wire.encode(
+        {"entries": [[e.node, e.seq, e.sealed, e.sig, e.prev] for e in sent], "more": False}
+    )
+    assert len(full) - len(body) >= 3 * 2 * (ops.NODE_ID_BYTES + 2)
+
+    # A short item after another node's entry, or with its bytes changed,
+    # makes an entry whose signature does not hold.
+    swapped = [items[0], items[3], items[1]]
+    tampered = [items[0], [items[1][0][:-1] + bytes([items[1][0][-1] ^ 1]), items[1][1]]]
+    for bad in (swapped, tampered):
+        entries = wire.decode_log_response(cbor2.dumps({"entries": bad, "more": False})).entries
+        verify_entry(entries[0])
+        with pytest.raises(CorruptEntry):
+            verify_entry(entries[-1])
+    with pytest.raises(wire.BadMessage):
+        wire.decode_log_response(cbor2.dumps({"entries": [items[1]], "more": False}))
