@@ -1,6 +1,6 @@
 """What a fresh peer receives for a long run of small writes: the log's share.
 
-Thinning (`peer.gc.Thinning`) leaves a fresh peer the blocks of the versions
+Thinning (`peer.storage.gc.Thinning`) leaves a fresh peer the blocks of the versions
 kept, but every write's log entry still travels: each must, for the peer to
 check every node's chain and signatures and to know nothing was hidden. What
 shrinks is the entry itself (operation format 2, `crdt.ops.COMPACT_VERSION`:
@@ -21,10 +21,10 @@ import pytest
 from crdt import ops
 from crdt.clock import Hlc
 from crdt.ops import ROOT, Create, Member, Move, Op, Write, decode_op
-from peer import checkpoint, journal, wire
 from peer.errors import CorruptEntry
 from peer.identity import NodeIdentity, load_or_create
 from peer.keys import VolumeKeys
+from peer.net import wire
 from peer.node import Node
 from peer.sealing import (
     GENESIS,
@@ -38,6 +38,7 @@ from peer.sealing import (
     verify_entry,
     verify_head,
 )
+from peer.storage import checkpoint, journal
 from tests.peer.test_checkpoint import forged, state
 from tests.peer.test_gc import make_node, rewrite, serving
 from tests.peer.test_sync import link, read_file, wait_until, write_file
