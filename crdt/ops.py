@@ -267,7 +267,9 @@ def decode_op(data: bytes, *, node: bytes | None = None, check_canonical: bool =
         raise MalformedOp(f"not CBOR: {exc}") from None
     if type(v) is not list or len(v) < 3:
         raise MalformedOp("not an operation")
-    compact = v[0] == COMPACT_VERSION and type(v[0]) is int and node is not None
+    compact = v[0] == COMPACT_VERSION and type(v[0]) is int
+    if compact and node is None:
+        raise MalformedOp("an operation of format 2 decodes only with its entry's node")
     if v[0] != FORMAT_VERSION and not compact:
         raise MalformedOp(f"unknown operation format {v[0]!r}")
     if compact:
