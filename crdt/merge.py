@@ -43,6 +43,7 @@ from crdt.ops import (
     Member,
     Move,
     Op,
+    Rotate,
     SetAttr,
 )
 from crdt.tree import Place, Tree, TreeMove
@@ -238,6 +239,8 @@ class Replica:
                 self._forgotten = None  # who may vote changed
                 renamed = True
                 continue
+            if isinstance(op, Rotate):
+                continue  # keys, not files: read by the peer layer (`peer.epochs`)
             if isinstance(op, Forget):
                 votes = self._forget_votes.setdefault(op.node, {})
                 voter = op.hlc.node

@@ -31,7 +31,18 @@ from aiohttp import web
 
 from crdt.merge import Changes, Replica
 from fuse.errors import NoSpace
-from peer import gate, gc, history, invitations, metrics, running, service, statuspage
+from peer import (
+    epochs,
+    gate,
+    gc,
+    history,
+    invitations,
+    metrics,
+    removal,
+    running,
+    service,
+    statuspage,
+)
 from peer.auth import PROTOCOL
 from peer.blocks import Blocks
 from peer.errors import (
@@ -237,6 +248,7 @@ class Node:
             self.space.start()  # before the store opens: it may need the reserve's room
             self.store = Store.open(config.data_dir / DB_NAME)
         self.replica = Replica()
+        epochs.bind(keys, identity, config.data_dir)
         self.journal = Journal(self.store, keys, identity, self.replica)
         self.journal.space = self.space
         self.blocks = Blocks(self.store, keys)
@@ -645,6 +657,7 @@ def make_control_app(node: Node) -> web.Application:
     app.router.add_post("/restore", _restore)
     app.router.add_post("/gc", _gc)
     app.router.add_post("/forget", _forget)
+    app.router.add_post("/remove", removal.control_remove)
     app.router.add_post("/invite", _invite)
     return app
 
@@ -733,6 +746,7 @@ async def run(
                 progress = tasks.create_task(show_progress(node, announce))
                 collecting = tasks.create_task(node.collector.run_periodically())
                 invalidating = tasks.create_task(node.invalidate_local())
+                watching = tasks.create_task(removal.watch_epochs(node))
                 try:
                     await serve_mount(
                         node,
@@ -749,6 +763,7 @@ async def run(
                     progress.cancel()
                     collecting.cancel()
                     invalidating.cancel()
+                    watching.cancel()
         finally:
             node.close()
     if node.lost[0]:

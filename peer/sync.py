@@ -36,8 +36,9 @@ from crdt.content import Contents, Version
 from crdt.merge import Changes
 from crdt.ops import BLOCK_SIZE, TRASH, Move, Op, Write
 from fuse.errors import NoSpace
-from peer import chain, wire
+from peer import chain, epochs, wire
 from peer.auth import (
+    HEADER_EPOCH_REFUSED,
     HEADER_MAC,
     HEADER_SERVER_TIME,
     PROTOCOL,
@@ -55,7 +56,7 @@ from peer.identity import NodeIdentity
 from peer.journal import MERGE_PIECE_OPS, Journal
 from peer.keys import VolumeKeys
 from peer.metrics import Metrics
-from peer.sealing import Head, LogEntry, open_block
+from peer.sealing import EntryOfUnknownEpoch, Head, LogEntry, open_block
 from peer.server import MAX_WATCH_S, Pairing, serving
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,11 @@ INBOUND_EXPIRE_S = 600.0
 
 class PeerError(Exception):
     """A peer answered, but not with what the protocol promises."""
+
+
+class EpochRefused(PeerError):
+    """The peer no longer takes requests under this node's key epoch, and
+    `/epochs` brought no later one this node holds: it was removed."""
 
 
 class ProtocolMismatch(PeerError):
@@ -154,9 +160,16 @@ class PeerClient:
     ) -> bytes:
         keys = self.sync.keys
         node = self.sync.identity.node_id.hex()
-        for _ in range(2):
+        for _ in range(3):
+            epoch = keys.current
             auth = sign_request(
-                keys.peers, method, path, node, body, time_ms=wall_ms() + self.offset_ms
+                epoch.peers,
+                method,
+                path,
+                node,
+                body,
+                time_ms=wall_ms() + self.offset_ms,
+                epoch=b"" if epoch is keys.base else epoch.id,
             )
             client_timeout = aiohttp.ClientTimeout(total=limit_s, sock_connect=CONNECT_TIMEOUT_S)
             self.sync.metrics.wire_bytes.labels("sent").inc(len(body))
@@ -173,10 +186,20 @@ class PeerClient:
                         raise PeerError("response too large")
                     parts.append(part)
                 data = b"".join(parts)
-                extra = resp.headers.get(HEADER_SERVER_TIME, "")
+                refused = resp.headers.get(HEADER_EPOCH_REFUSED, "")
+                extra = refused or resp.headers.get(HEADER_SERVER_TIME, "")
                 verify_response(
-                    keys.peers, auth.nonce, resp.status, data, resp.headers.get(HEADER_MAC), extra
+                    epoch.peers, auth.nonce, resp.status, data, resp.headers.get(HEADER_MAC), extra
                 )
+                if resp.status == 401 and refused:
+                    if path != "/epochs" and await self.catch_up():
+                        continue
+                    if refused == "removed" or keys.me_removed():
+                        raise EpochRefused("this node was removed from the volume")
+                    raise EpochRefused(
+                        f"the peer refuses key epoch {epoch.number} and knows no later one "
+                        "sealed to this node"
+                    )
                 if resp.status == 401 and extra:
                     self.offset_ms = int(extra) - wall_ms()
                     log.info(
@@ -194,6 +217,21 @@ class PeerClient:
                 self.sync.metrics.wire_bytes.labels("received").inc(len(data))
                 return data
         raise PeerError("clock skew could not be corrected")
+
+    async def catch_up(self) -> bool:
+        """Ask the peer for the key rotations it took and take those that
+        hold (`peer.epochs`); True if this node's current epoch changed."""
+        keys = self.sync.keys
+        before = keys.current.id
+        resp = wire.decode_log_response(await self.call("GET", "/epochs"))
+        taken = await asyncio.to_thread(epochs.take_entries, keys, resp.entries)
+        log.info(
+            "caught up on key epochs from %s: %d rotation(s) new; current epoch %d",
+            self.base,
+            taken,
+            keys.current.number,
+        )
+        return keys.current.id != before
 
     async def hello(self) -> wire.Hello:
         port = self.sync.port
@@ -461,10 +499,27 @@ class Sync:
             except ProtocolMismatch as exc:
                 self._link_failed(link, f"incompatible peer: {exc}", logging.WARNING)
                 backoff = BACKOFF_MAX_S * 6
+            except EpochRefused as exc:
+                self._link_failed(link, f"refused: {exc}", logging.WARNING)
+                backoff = BACKOFF_MAX_S
             except AuthFailed as exc:
-                hint = ": the peer does not share this volume's secret" if "401" in str(exc) else ""
-                self._link_failed(link, f"authentication failed ({exc}){hint}", logging.WARNING)
-                backoff = BACKOFF_MAX_S * 6
+                if "401" in str(exc) and self.keys.current is not self.keys.base:
+                    # Likely a member that was away and holds no later key
+                    # epoch yet: it catches up when it calls us (`peer.epochs`).
+                    self._link_failed(
+                        link,
+                        f"refused ({exc}): the peer may not hold key epoch "
+                        f"{self.keys.current.number} yet",
+                        logging.INFO,
+                    )
+                else:
+                    hint = (
+                        ": the peer does not share this volume's secret"
+                        if "401" in str(exc)
+                        else ""
+                    )
+                    self._link_failed(link, f"authentication failed ({exc}){hint}", logging.WARNING)
+                    backoff = BACKOFF_MAX_S * 6
             except (CorruptEntry, CorruptBlock, wire.BadMessage) as exc:
                 self._link_failed(link, f"peer sent bad data: {exc}", logging.WARNING)
             except (aiohttp.ClientError, TimeoutError, OSError, PeerError, NoSpace) as exc:
@@ -566,7 +621,13 @@ class Sync:
                     if progressed or (not resp.entries and resp.more and not stuck):
                         continue
                     return
-                ops = await asyncio.to_thread(self.journal.open_entries, entries)
+                try:
+                    ops = await asyncio.to_thread(self.journal.open_entries, entries)
+                except EntryOfUnknownEpoch:
+                    # A rotation this node has not taken yet (it was away):
+                    # the peer hands it over, then the entries open.
+                    await client.catch_up()
+                    ops = await asyncio.to_thread(self.journal.open_entries, entries)
                 await self._merge(link, entries, ops)
                 link.last_seen = time.time()
                 for node in {e.node for e in entries}:
