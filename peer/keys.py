@@ -120,6 +120,18 @@ class VolumeKeys:
         # This node's X25519 key pair, to open boxes (`peer.epochs.bind`).
         self.me: object = None
 
+    def __eq__(self, other: object) -> bool:
+        """The same volume's keys, with the same epochs held."""
+        if not isinstance(other, VolumeKeys):
+            return NotImplemented
+        return (
+            self.base == other.base
+            and self.tag == other.tag
+            and self._epochs.keys() == other._epochs.keys()
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable: epochs are taken as they come
+
     def __repr__(self) -> str:
         return f"VolumeKeys(tag={self.tag_hex}, epochs={len(self._epochs)})"
 

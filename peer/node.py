@@ -285,7 +285,12 @@ class Node:
 
     def allow_invitations(self, root: bytes) -> None:
         """Let `dfs-peer invite` hand `root` to machines that prove a one-time code."""
-        self.invitations = invitations.Invitations(root, self.identity.node_id, self.config.name)
+        self.invitations = invitations.Invitations(
+            root,
+            self.identity.node_id,
+            self.config.name,
+            epoch_secrets=lambda: epochs.secrets_to_hand_over(self.keys),
+        )
         self.sync.pairing = self.invitations
 
     def _gauges(self) -> metrics.Gauges:

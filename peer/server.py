@@ -108,7 +108,10 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         auth = parse_request(request.headers)
         epoch = keys.epoch(auth.epoch or keys.base.id)
         if epoch is None:
-            raise AuthFailed("unknown key epoch")
+            raise AuthFailed(
+                "a key epoch this node does not hold (if it was away during a "
+                "`dfs-peer remove`, it catches up by itself)"
+            )
         key = epoch.peers
         verify_request_head(key, request.method, request.path_qs, auth)
         request.app[GUARD_KEY].check(auth, wall_ms())

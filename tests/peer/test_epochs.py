@@ -22,12 +22,14 @@ from hypothesis import strategies as st
 
 from crdt.clock import Hlc
 from crdt.ops import Rotate, decode_op, encode_op
-from peer import epochs, removal
+from peer import epochs, removal, wire
 from peer.auth import HEADER_EPOCH_REFUSED, HEADER_MAC, sign_request, verify_response, wall_ms
 from peer.errors import CorruptBlock
-from peer.identity import NodeIdentity
+from peer.identity import NodeIdentity, load_or_create
+from peer.joining import pair_with
 from peer.keys import VolumeKeys
 from peer.node import Node
+from peer.pairing import Joiner
 from peer.sealing import (
     GENESIS,
     LogEntry,
@@ -328,6 +330,7 @@ async def test_remove_shuts_the_node_out_and_an_offline_member_catches_up(
     expect_logs("removed member", logger="peer.removal")
     expect_logs("refused", logger="peer.sync")
     expect_logs("this node was removed", logger="peer.epochs")
+    expect_logs("a key epoch this node does not hold", logger="peer.sync")
     a = make_node(tmp_path, "a", node_keys())
     b = make_node(tmp_path, "b", node_keys())
     c = make_node(tmp_path, "c", node_keys())
@@ -380,6 +383,23 @@ async def test_remove_shuts_the_node_out_and_an_offline_member_catches_up(
                         resp.headers.get(HEADER_MAC),
                         "removed",
                     )
+            # ...but the catch-up path answers, with the rotation C cannot open.
+            auth = sign_request(
+                c.keys.current.peers,
+                "GET",
+                "/epochs",
+                c.identity.node_id.hex(),
+                b"",
+                time_ms=wall_ms(),
+            )
+            async with session.get(
+                f"http://127.0.0.1:{sa.port}/epochs", headers=auth.headers()
+            ) as resp:
+                assert resp.status == 200
+                got = wire.decode_log_response(await resp.read())
+            assert len(got.entries) == 1
+            assert epochs.take_entries(c.keys, got.entries) == 0, "taken already, no box"
+            assert c.keys.current is c.keys.base
     b = make_node_again(tmp_path, "b")
     a = make_node_again(tmp_path, "a")
     async with running(a, b) as (sa, sb):
@@ -394,7 +414,6 @@ async def test_remove_shuts_the_node_out_and_an_offline_member_catches_up(
 
 
 def make_node_again(tmp: Path, name: str) -> Node:
-    from peer.identity import load_or_create
     from peer.node import NodeConfig
 
     data = tmp / f"{name}-data"
@@ -402,3 +421,44 @@ def make_node_again(tmp: Path, name: str) -> Node:
     node = Node(config, node_keys(), load_or_create(data))
     node.start()
     return node
+
+
+@pytest.mark.asyncio
+async def test_a_machine_paired_after_a_rotation_reads_all_history(
+    tmp_path: Path, expect_logs: Callable[..., None]
+) -> None:
+    expect_logs("removed member", logger="peer.removal")
+    expect_logs("a key epoch this node does not hold", logger="peer.sync")
+    a = make_node(tmp_path, "a", node_keys())
+    c = make_node(tmp_path, "c", node_keys())
+    async with running(a, c) as (sa, sc):
+        link(sa, sc)
+        write_file(a, b"before.txt", b"epoch 0")
+        await wait_until(lambda: len(a.replica.members()) == 2, "A to know C")
+    a = make_node_again(tmp_path, "a")
+    removal.remove(a, "c")
+    write_file(a, b"after.txt", b"epoch 1")
+    a.allow_invitations(ROOT)
+    assert a.invitations is not None
+    async with running(a) as (sa,):
+        invitation = a.invitations.open()
+        me = NodeIdentity.generate()
+        paired = await pair_with(invitation.code, "127.0.0.1", sa.port, Joiner("d", me.node_id))
+        assert paired.root == ROOT
+        assert len(paired.epochs) == 1
+        data = tmp_path / "d-data"
+        data.mkdir()
+        load_or_create(data, me)
+        epochs.store_granted(data, me, list(paired.epochs))
+        assert (data / epochs.GRANTED_FILE).stat().st_mode & 0o777 == 0o600
+        assert paired.epochs[0] not in (data / epochs.GRANTED_FILE).read_bytes()
+        d = make_node_again(tmp_path, "d")
+        async with running(d) as (sd,):
+            link(sd, sa)
+            await wait_until(lambda: read_file(d, b"after.txt") == b"epoch 1", "D to read")
+            assert read_file(d, b"before.txt") == b"epoch 0"
+            assert d.keys.current.id == a.keys.current.id
+    d = make_node_again(tmp_path, "d")  # again from its own log and granted file
+    assert read_file(d, b"after.txt") == b"epoch 1"
+    assert d.keys.current.number == 1
+    d.close()
