@@ -19,6 +19,7 @@ from aiohttp import web
 
 from crdt.clock import Hlc
 from crdt.ops import Forget, Op, Rotate
+from fuse.errors import NoSpace
 from peer import epochs, gc
 from peer.errors import DfsError
 from peer.keys import EpochKeys
@@ -121,7 +122,7 @@ def remove(node: Node, text: str) -> dict[str, Any]:
     rotation = _commit_rotation(node, prev, {target}, members, forget)
     seconds = time.monotonic() - t0
     current = node.keys.current
-    log.warning(
+    log.info(
         "removed member node=%s name=%s: key epoch %d (%s) sealed to %d member(s); "
         "its forget vote upto=%d",
         target.hex()[:8],
@@ -158,15 +159,40 @@ def merge_rotate(node: Node) -> bool:
     return True
 
 
+def vote_forget_removed(node: Node) -> list[bytes]:
+    """Vote to forget every node a rotation removed that this node has not
+    voted on yet: removal is final, so each member that takes it adds its
+    vote, and the removed node stops holding collection back once more than
+    half of the others did (`Replica.forgotten`). Returns the nodes voted on."""
+    keys = node.keys
+    me = node.identity.node_id
+    if node.config.read_only or keys.me_removed():
+        return []
+    forgotten = node.replica.forgotten()
+    votes = node.replica.forget_votes()
+    due = sorted(n for n in keys.removed if n not in forgotten and me not in votes.get(n, {}))
+    if not due:
+        return []
+    cuts = [(n, gc.forget_cut(node.stability, n)) for n in due]
+    node.journal.commit(lambda stamp: [Forget(stamp(), n, cut) for n, cut in cuts])
+    for n, cut in cuts:
+        log.info("voted to forget removed node=%s upto=%d", n.hex()[:8], cut)
+    return due
+
+
 async def watch_epochs(node: Node, every_s: float = WATCH_EPOCHS_S) -> None:
     """Make a merge rotation when one is due (`peer.epochs`): at once if this
     node is the smallest member the greatest epoch keeps, after the grace
-    time otherwise."""
+    time otherwise; and vote to forget the nodes rotations removed."""
     since: float | None = None
     while True:
         await asyncio.sleep(every_s)
         if node.config.read_only:
             continue
+        try:
+            vote_forget_removed(node)
+        except (DfsError, NoSpace) as exc:  # a full disk: tried again later
+            log.info("could not vote to forget a removed node: %s", exc)
         due = epochs.merge_rotation_due(node.keys, node.identity.node_id)
         if due is None:
             since = None
@@ -176,8 +202,8 @@ async def watch_epochs(node: Node, every_s: float = WATCH_EPOCHS_S) -> None:
         if now - since >= due:
             try:
                 merge_rotate(node)
-            except DfsError as exc:
-                log.warning("could not make the merge rotation: %s", exc.message())
+            except (DfsError, NoSpace) as exc:
+                log.warning("could not make the merge rotation: %s", exc)
             since = None
 
 

@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from crdt.clock import Hlc
-from crdt.ops import Rotate, decode_op, encode_op
-from peer import epochs, removal, wire
+from crdt.ops import Member, Rotate, decode_op, encode_op
+from peer import epochs, gc, removal, wire
 from peer.auth import HEADER_EPOCH_REFUSED, HEADER_MAC, sign_request, verify_response, wall_ms
 from peer.errors import CorruptBlock
 from peer.identity import NodeIdentity, load_or_create
@@ -327,7 +327,6 @@ def node_keys() -> VolumeKeys:
 async def test_remove_shuts_the_node_out_and_an_offline_member_catches_up(
     tmp_path: Path, expect_logs: Callable[..., None]
 ) -> None:
-    expect_logs("removed member", logger="peer.removal")
     expect_logs("refused", logger="peer.sync")
     expect_logs("this node was removed", logger="peer.epochs")
     expect_logs("a key epoch this node does not hold", logger="peer.sync")
@@ -411,6 +410,13 @@ async def test_remove_shuts_the_node_out_and_an_offline_member_catches_up(
         )
         assert b.keys.current.id == a.keys.current.id
         assert b.keys.current.number == 1
+        # A's vote alone forgets no one in a team of three; B adds its own
+        # once it took the rotation, and C stops holding collection back.
+        c_id = c.identity.node_id
+        assert c_id not in a.replica.forgotten()
+        assert removal.vote_forget_removed(b) == [c_id]
+        assert removal.vote_forget_removed(b) == [], "one vote each"
+        await wait_until(lambda: c_id in a.replica.forgotten(), "A to count B's vote", 30)
 
 
 def make_node_again(tmp: Path, name: str) -> Node:
@@ -427,7 +433,6 @@ def make_node_again(tmp: Path, name: str) -> Node:
 async def test_a_machine_paired_after_a_rotation_reads_all_history(
     tmp_path: Path, expect_logs: Callable[..., None]
 ) -> None:
-    expect_logs("removed member", logger="peer.removal")
     expect_logs("a key epoch this node does not hold", logger="peer.sync")
     a = make_node(tmp_path, "a", node_keys())
     c = make_node(tmp_path, "c", node_keys())
@@ -462,3 +467,33 @@ async def test_a_machine_paired_after_a_rotation_reads_all_history(
     assert read_file(d, b"after.txt") == b"epoch 1"
     assert d.keys.current.number == 1
     d.close()
+
+
+def test_remove_names_a_member_or_says_in_one_line_why_not(tmp_path: Path) -> None:
+    a = make_node(tmp_path, "a", node_keys())
+    try:
+        # Two members whose ids start alike, and one called "laptop".
+        others: list[NodeIdentity] = []
+        while len({i.node_id.hex()[0] for i in others}) == len(others):
+            others.append(NodeIdentity.generate())
+        first = others[-1].node_id.hex()[0]
+        alike = [i for i in others if i.node_id.hex()[0] == first]
+        for n, identity in enumerate(others):
+            stamp = Hlc(1000 + n, 0, identity.node_id)
+            a.replica.apply([Member(stamp, "laptop" if identity is alike[0] else f"m{n}")])
+        with pytest.raises(removal.CannotRemoveSelf, match="this node itself") as own:
+            removal.resolve(a, "a")
+        with pytest.raises(gc.NoSuchMember, match="no member of this volume is called"):
+            removal.resolve(a, "nobody")
+        with pytest.raises(gc.AmbiguousMember, match="could be any of") as amb:
+            removal.resolve(a, first)
+        for exc in (own.value, amb.value):
+            assert "\n" not in exc.message()
+        assert removal.resolve(a, "laptop") == alike[0].node_id
+        assert removal.resolve(a, alike[1].node_id.hex()[:10]) == alike[1].node_id
+        done = removal.remove(a, "laptop")
+        assert done["name"] == "laptop"
+        with pytest.raises(removal.AlreadyRemoved, match="already removed"):
+            removal.resolve(a, "laptop")
+    finally:
+        a.close()
