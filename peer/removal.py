@@ -173,7 +173,13 @@ def vote_forget_removed(node: Node) -> list[bytes]:
     due = sorted(n for n in keys.removed if n not in forgotten and me not in votes.get(n, {}))
     if not due:
         return []
-    cuts = [(n, gc.forget_cut(node.stability, n)) for n in due]
+    # The cut the remover voted (what it knew of the node when it removed
+    # it), not what this node knows now: entries the removed node wrote
+    # later, under keys it kept, must not come to count through this vote.
+    cuts: list[tuple[bytes, int]] = []
+    for n in due:
+        voted = votes.get(n, {})
+        cuts.append((n, max(voted.values()) if voted else gc.forget_cut(node.stability, n)))
     node.journal.commit(lambda stamp: [Forget(stamp(), n, cut) for n, cut in cuts])
     for n, cut in cuts:
         log.info("voted to forget removed node=%s upto=%d", n.hex()[:8], cut)
