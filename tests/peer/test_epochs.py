@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from crdt.clock import Hlc
-from crdt.ops import Member, Rotate, decode_op, encode_op
+from crdt.ops import MalformedOp, Member, Rotate, decode_op, encode_op
 from peer import epochs, gc, removal, wire
 from peer.auth import HEADER_EPOCH_REFUSED, HEADER_MAC, sign_request, verify_response, wall_ms
 from peer.errors import CorruptBlock
@@ -497,3 +497,20 @@ def test_remove_names_a_member_or_says_in_one_line_why_not(tmp_path: Path) -> No
             removal.resolve(a, "laptop")
     finally:
         a.close()
+
+
+def test_a_rotate_op_round_trips_and_malformed_ones_are_refused() -> None:
+    a, b = Replica(), Replica()
+    op = epochs.make_rotation(a.keys.current, a.node, {bytes(32)}, {b.node}, a.stamp())
+    assert decode_op(encode_op(op)) == op
+    bad = [
+        dataclasses.replace(op, members=tuple(reversed(op.members))),  # not sorted
+        dataclasses.replace(op, boxes=op.boxes[:1]),  # one box short
+        dataclasses.replace(op, removed=(a.node,)),  # removes a member it keeps
+        dataclasses.replace(op, epoch=b"short"),
+        dataclasses.replace(op, number=0),
+        dataclasses.replace(op, boxes=(b"x" * 79, op.boxes[1])),
+    ]
+    for op_bad in bad:
+        with pytest.raises(MalformedOp):
+            decode_op(encode_op(op_bad))
