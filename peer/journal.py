@@ -272,7 +272,16 @@ class Journal:
                 except EntryOfUnknownEpoch:
                     left.append(entry)
             if len(left) == len(waiting):
-                self._open(left[0], signed_already=True)  # raises: no key for it
+                # Held but unreadable here (no rotation in the log gives their
+                # key): left out of the replica, kept in the store.
+                log.warning(
+                    "%d stored operation(s) are under a key epoch this node does not "
+                    "hold; left out (first: %s/%d)",
+                    len(left),
+                    left[0].node.hex()[:8],
+                    left[0].seq,
+                )
+                return
             waiting = left
 
     def _open(self, entry: LogEntry, signed_already: bool = False) -> Op:

@@ -514,3 +514,22 @@ def test_a_rotate_op_round_trips_and_malformed_ones_are_refused() -> None:
     for op_bad in bad:
         with pytest.raises(MalformedOp):
             decode_op(encode_op(op_bad))
+
+
+def test_stored_entries_of_an_epoch_not_held_are_left_out_not_fatal(
+    tmp_path: Path, expect_logs: Callable[..., None]
+) -> None:
+    expect_logs("under a key epoch this node does not hold", logger="peer.journal")
+    a = make_node(tmp_path, "a", node_keys())
+    other, third = Replica(), Replica()
+    rot = other.rotate(set(), {third.node})  # not sealed to A
+    later = other.append(encode_op(Member(other.stamp(), "other")))
+    with a.store.transaction():
+        a.store.append_log([rot, later])
+    a.close()
+    a = make_node_again(tmp_path, "a")  # replays: the rotation opens, the entry after it not
+    try:
+        assert a.keys.current is a.keys.base
+        assert other.node not in a.replica.members()
+    finally:
+        a.close()
