@@ -20,9 +20,10 @@ from aiohttp import web
 from crdt.clock import Hlc
 from crdt.ops import Forget, Op, Rotate
 from fuse.errors import NoSpace
-from peer import epochs, gc
+from peer import epochs
 from peer.errors import DfsError
 from peer.keys import EpochKeys
+from peer.storage import gc
 
 if TYPE_CHECKING:
     from peer.node import Node
@@ -215,7 +216,7 @@ async def watch_epochs(node: Node, every_s: float = WATCH_EPOCHS_S) -> None:
 
 async def control_remove(request: web.Request) -> web.Response:
     """POST /remove {node}: shut a member out for good."""
-    from peer.node import NODE_KEY
+    from peer.control import NODE_KEY
 
     node = request.app[NODE_KEY]
     try:

@@ -22,14 +22,15 @@ from hypothesis import strategies as st
 
 from crdt.clock import Hlc
 from crdt.ops import MalformedOp, Member, Rotate, decode_op, encode_op
-from peer import epochs, gc, removal, wire
-from peer.auth import HEADER_EPOCH_REFUSED, HEADER_MAC, sign_request, verify_response, wall_ms
+from peer import epochs, removal
 from peer.errors import CorruptBlock
 from peer.identity import NodeIdentity, load_or_create
-from peer.joining import pair_with
 from peer.keys import VolumeKeys
+from peer.net import wire
+from peer.net.auth import HEADER_EPOCH_REFUSED, HEADER_MAC, sign_request, verify_response, wall_ms
+from peer.net.joining import pair_with
+from peer.net.pairing import Joiner
 from peer.node import Node
-from peer.pairing import Joiner
 from peer.sealing import (
     GENESIS,
     LogEntry,
@@ -42,6 +43,7 @@ from peer.sealing import (
     unseal,
 )
 from peer.secret import new_secret
+from peer.storage import gc
 from tests.peer.test_sync import link, make_node, read_file, running, wait_until, write_file
 
 ROOT = new_secret()

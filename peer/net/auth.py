@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import nacl.encoding
 import nacl.hash
 
-# 2: chained log entries, signed heads and fork proofs (`peer.chain`), checkpoint format 2.
+# 2: chained log entries, signed heads and fork proofs (`peer.storage.chain`), checkpoint format 2.
 # 3: key epochs (`peer.epochs`): `X-Dfs-Epoch`, `/epochs`, `Rotate` ops, entries and
 #    blocks of later epochs (sealed formats 3 and 4).
 PROTOCOL = 3
