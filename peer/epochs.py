@@ -254,6 +254,17 @@ def take_entries(keys: VolumeKeys, entries: list[LogEntry]) -> int:
     return taken
 
 
+def describe(keys: VolumeKeys, names: dict[bytes, str]) -> dict[str, object]:
+    """What `status` shows of the keys: the current epoch, who was removed."""
+    return {
+        "epoch": keys.current.number,
+        "epoch_id": keys.current.id.hex(),
+        "epochs_held": len(keys.epochs()),
+        "removed": [{"id": n.hex(), "name": names.get(n, "?")} for n in sorted(keys.removed)],
+        "removed_here": keys.me_removed(),
+    }
+
+
 def rotation_entries(keys: VolumeKeys) -> list[LogEntry]:
     """The entries of every rotation taken, oldest epoch first (`/epochs`)."""
     rotations = [r for r in keys.rotations.values() if isinstance(r, Rotation)]

@@ -143,6 +143,8 @@ class NodeStatus:
     catching_up: dict[str, Any] | None = None
     # Conflict copies shown now, with the versions they came from.
     conflicts: list[dict[str, Any]] = field(default_factory=list)
+    # The key epoch this node writes under and the removed nodes (`peer.epochs`).
+    keys: dict[str, Any] = field(default_factory=dict)
 
 
 def give_back_memory() -> None:
@@ -425,6 +427,7 @@ class Node:
             uptime_s=round(time.monotonic() - self.started, 3),
             listen=net.listen,
             version_vector=net.version_vector,
+            keys=epochs.describe(self.keys, self.replica.members()),
             peers=net.peers,
             # The counters; the rest of the snapshot has fields of its own above.
             sync={

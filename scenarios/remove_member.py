@@ -213,6 +213,8 @@ def run(c: Cluster) -> None:
             took = time.monotonic() - t0
             c.report.figure("offline_member_caught_up_s", round(took, 2))
             assert _logged(b, "caught up on key epochs"), "B did not catch up by /epochs"
+            assert b.status()["keys"]["epoch"] == 1, b.status()["keys"]
+            assert nc.status()["keys"]["removed_here"], nc.status()["keys"]
             assert set(new) <= set(tree)
             assert "while-away.txt" in tree
             step.text = (

@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import aiohttp
@@ -22,7 +24,7 @@ from hypothesis import strategies as st
 
 from crdt.clock import Hlc
 from crdt.ops import MalformedOp, Member, Rotate, decode_op, encode_op
-from peer import epochs, removal
+from peer import epochs, removal, statustext
 from peer.errors import CorruptBlock
 from peer.identity import NodeIdentity, load_or_create
 from peer.keys import VolumeKeys
@@ -356,9 +358,16 @@ async def test_remove_shuts_the_node_out_and_an_offline_member_catches_up(
         done = removal.remove(a, "c")
         assert done["epoch"] == 1
         assert done["members"] == 2
+        shown = asdict(a.statistics())
+        assert shown["keys"]["epoch"] == 1
+        assert shown["keys"]["removed"] == [{"id": c.identity.node_id.hex(), "name": "c"}]
+        assert "epoch 1 (" in statustext.render(shown, time.time())
+        assert "removed: c (" in statustext.render(shown, time.time())
         payload = os.urandom(70_000)
         write_file(a, b"after.bin", payload)
         await wait_until(lambda: c.keys.me_removed(), "C to learn it was removed", limit_s=20)
+        told = statustext.render(asdict(c.statistics()), time.time())
+        assert "this node was removed from the volume" in told
         assert read_file(c, b"after.bin") is None
         # C's requests are refused everywhere but /epochs.
         async with aiohttp.ClientSession() as session:
