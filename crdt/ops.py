@@ -87,6 +87,28 @@ class Forget:
 
 
 @dataclass(frozen=True, slots=True)
+class Rotate:
+    """A new key epoch (`peer.epochs`): epoch `epoch` (a 16-byte name),
+    number `number`, follows epoch `prev` and shuts out the nodes `removed`.
+    Its secret is sealed to each node of `members` (sorted) in `boxes` (one
+    each, in the same order). The merged tree ignores it; the peer layer
+    reads it to know the volume's keys."""
+
+    hlc: Hlc
+    epoch: bytes
+    number: int
+    prev: bytes
+    removed: tuple[bytes, ...]
+    members: tuple[bytes, ...]
+    boxes: tuple[bytes, ...]
+
+
+EPOCH_ID_BYTES = 16
+BOX_BYTES = 80  # a libsodium sealed box of a 32-byte secret
+MAX_EPOCH_MEMBERS = 1024
+
+
+@dataclass(frozen=True, slots=True)
 class Create:
     """A new entry `entry` of `kind` named `name` in directory `parent`.
 
@@ -149,9 +171,17 @@ class Write:
     blocks: tuple[tuple[int, bytes | None], ...]
 
 
-Op = Member | Create | Move | SetAttr | Write | Forget
+Op = Member | Create | Move | SetAttr | Write | Forget | Rotate
 
-_TAGS: dict[type[Any], int] = {Member: 0, Create: 1, Move: 2, SetAttr: 3, Write: 4, Forget: 5}
+_TAGS: dict[type[Any], int] = {
+    Member: 0,
+    Create: 1,
+    Move: 2,
+    SetAttr: 3,
+    Write: 4,
+    Forget: 5,
+    Rotate: 6,
+}
 
 
 def _hlc_out(h: Hlc, own: bytes | None = None) -> list[Any]:
@@ -177,6 +207,8 @@ def encode_op(op: Op, *, compact: bool = False) -> bytes:
         body = [op.entry, op.key, op.value]
     elif isinstance(op, Forget):
         body = [op.node, op.upto]
+    elif isinstance(op, Rotate):
+        body = [op.epoch, op.number, op.prev, list(op.removed), list(op.members), list(op.boxes)]
     else:
         body = [
             op.entry,
@@ -250,6 +282,35 @@ def _hlcs(v: Any, own: bytes | None) -> tuple[Hlc, ...]:
     if type(v) is not list or len(v) > 1024:
         raise MalformedOp("bad version list")
     return tuple(_hlc_in(x, own) for x in v)
+
+
+def _node_list(v: Any) -> tuple[bytes, ...]:
+    if type(v) is not list or len(v) > MAX_EPOCH_MEMBERS:
+        raise MalformedOp("bad node list")
+    nodes = tuple(_bytes(n, NODE_ID_BYTES) for n in v)
+    if list(nodes) != sorted(set(nodes)):
+        raise MalformedOp("node list not sorted and unique")
+    return nodes
+
+
+def _rotate(
+    hlc: Hlc, epoch: Any, number: Any, prev: Any, removed: Any, members: Any, boxes: Any
+) -> Rotate:
+    members_t = _node_list(members)
+    removed_t = _node_list(removed)
+    if not members_t or set(members_t) & set(removed_t):
+        raise MalformedOp("bad member list")
+    if type(boxes) is not list or len(boxes) != len(members_t):
+        raise MalformedOp("one box per member")
+    return Rotate(
+        hlc,
+        _bytes(epoch, EPOCH_ID_BYTES),
+        _int(number, lo=1),
+        _bytes(prev, EPOCH_ID_BYTES),
+        removed_t,
+        members_t,
+        tuple(_bytes(b, BOX_BYTES) for b in boxes),
+    )
 
 
 def decode_op(data: bytes, *, node: bytes | None = None, check_canonical: bool = True) -> Op:
@@ -344,6 +405,8 @@ def decode_op(data: bytes, *, node: bytes | None = None, check_canonical: bool =
             )
         elif tag == 5 and len(body) == 2:
             op = Forget(hlc, _bytes(body[0], NODE_ID_BYTES), _int(body[1]))
+        elif tag == 6 and len(body) == 6:
+            op = _rotate(hlc, *body)
         else:
             raise MalformedOp(f"unknown operation {tag!r}")
     except (TypeError, ValueError) as exc:
