@@ -31,7 +31,19 @@ from crdt.clock import Hlc
 from crdt.content import Contents, Version
 from crdt.copies import Copies, _Copy
 from crdt.listing import Listings, _Listing
-from crdt.ops import ROOT, TRASH, XATTR_PREFIX, Create, Forget, Kind, Member, Move, Op, SetAttr
+from crdt.ops import (
+    ROOT,
+    TRASH,
+    XATTR_PREFIX,
+    Create,
+    Forget,
+    Kind,
+    Member,
+    Move,
+    Op,
+    Rotate,
+    SetAttr,
+)
 from crdt.revival import Revival
 from crdt.tree import Place, Tree, TreeMove
 
@@ -171,6 +183,8 @@ class Replica(Listings, Copies, Revival):
                 self._forgotten = None  # who may vote changed
                 renamed = True
                 continue
+            if isinstance(op, Rotate):
+                continue  # keys, not files: read by the peer layer (`peer.epochs`)
             if isinstance(op, Forget):
                 votes = self._forget_votes.setdefault(op.node, {})
                 voter = op.hlc.node

@@ -49,6 +49,7 @@ dfs-peer: a peer-to-peer, end-to-end encrypted, replicated file system.
   dfs-peer restore ~/shared/notes.txt --at -2h        bring back its content of 2 h ago
   dfs-peer gc                                         collect unused blocks now
   dfs-peer forget NODE                                a member is gone for good
+  dfs-peer remove NODE                                shut a lost or stolen machine out
 """
 
 TIME_HELP = (
@@ -221,6 +222,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     f.add_argument("node", metavar="NODE")
     _asks_node(f)
+
+    r = sub.add_parser(
+        "remove",
+        help="shut a machine out for good (forget it and rotate the keys)",
+        description="Shut member NODE (its name or the start of its id) out for good, "
+        "as for a lost or stolen laptop: this node votes to forget it (as `forget` "
+        "does) and, in the same step, makes new volume keys sealed to every other "
+        "member. From then on every member writes, encrypts and authenticates "
+        "under the new keys as soon as it hears of them (a member that is away "
+        "catches up when it returns): NODE can no longer connect to any member, "
+        "and what is written from now on is unreadable to it, even from captured "
+        "traffic. What NODE already held (everything up to now) stays readable to "
+        "it: removal protects the future, not the past.",
+    )
+    r.add_argument("node", metavar="NODE", help="a member's name, or the start of its id")
+    _asks_node(r)
 
     o = sub.add_parser(
         "open",
@@ -628,6 +645,16 @@ def _forget(args: argparse.Namespace) -> int:
     return 0
 
 
+def _remove(args: argparse.Namespace) -> int:
+    answer = _ask(_node_data_dir(args), "POST", "/remove", body={"node": args.node})
+    print(
+        f"dfs-peer: removed {answer['name']} ({answer['id'][:8]}): new keys (epoch "
+        f"{answer['epoch']}) sealed to {answer['members']} member(s); it can no longer "
+        "connect, and cannot read what is written from now on"
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     profile = os.environ.get("DFS_PEER_PROFILE")
     if profile:
@@ -663,6 +690,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
             return _gc(args)
         if args.command == "forget":
             return _forget(args)
+        if args.command == "remove":
+            return _remove(args)
         if args.command == "invite":
             return _invite(args)
         if args.command == "open":

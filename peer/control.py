@@ -19,7 +19,7 @@ from aiohttp import web
 
 from crdt.merge import Replica
 from fuse.errors import NoSpace
-from peer import running
+from peer import removal, running
 from peer.errors import DfsError, StoreFull
 from peer.net import invitations
 from peer.net.auth import PROTOCOL
@@ -221,6 +221,7 @@ def make_control_app(node: Node) -> web.Application:
     app.router.add_post("/restore", _restore)
     app.router.add_post("/gc", _gc)
     app.router.add_post("/forget", _forget)
+    app.router.add_post("/remove", removal.control_remove)
     app.router.add_post("/invite", _invite)
     return app
 

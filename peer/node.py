@@ -28,7 +28,7 @@ import cbor2
 
 from crdt.merge import Changes, Replica
 from fuse.errors import NoSpace
-from peer import metrics, running, service, statuspage
+from peer import epochs, metrics, removal, running, service, statuspage
 from peer.control import _advertised, control_server
 from peer.errors import (
     DataDirLocked,
@@ -143,6 +143,8 @@ class NodeStatus:
     catching_up: dict[str, Any] | None = None
     # Conflict copies shown now, with the versions they came from.
     conflicts: list[dict[str, Any]] = field(default_factory=list)
+    # The key epoch this node writes under and the removed nodes (`peer.epochs`).
+    keys: dict[str, Any] = field(default_factory=dict)
 
 
 def give_back_memory() -> None:
@@ -234,6 +236,7 @@ class Node:
             self.space.start()  # before the store opens: it may need the reserve's room
             self.store = Store.open(config.data_dir / DB_NAME)
         self.replica = Replica()
+        epochs.bind(keys, identity, config.data_dir)
         self.journal = Journal(self.store, keys, identity, self.replica)
         self.journal.space = self.space
         self.blocks = Blocks(self.store, keys)
@@ -270,7 +273,12 @@ class Node:
 
     def allow_invitations(self, root: bytes) -> None:
         """Let `dfs-peer invite` hand `root` to machines that prove a one-time code."""
-        self.invitations = invitations.Invitations(root, self.identity.node_id, self.config.name)
+        self.invitations = invitations.Invitations(
+            root,
+            self.identity.node_id,
+            self.config.name,
+            epoch_secrets=lambda: epochs.secrets_to_hand_over(self.keys),
+        )
         self.sync.pairing = self.invitations
 
     def _gauges(self) -> metrics.Gauges:
@@ -434,6 +442,7 @@ class Node:
             uptime_s=round(time.monotonic() - self.started, 3),
             listen=net.listen,
             version_vector=net.version_vector,
+            keys=epochs.describe(self.keys, self.replica.members()),
             peers=net.peers,
             # The counters; the rest of the snapshot has fields of its own above.
             sync={
@@ -535,6 +544,7 @@ async def run(
                 collecting = tasks.create_task(node.collector.run_periodically())
                 invalidating = tasks.create_task(node.invalidate_local())
                 forgetting = tasks.create_task(node.enforce_forgets())
+                watching = tasks.create_task(removal.watch_epochs(node))
                 try:
                     await serve_mount(
                         node,
@@ -552,6 +562,7 @@ async def run(
                     collecting.cancel()
                     invalidating.cancel()
                     forgetting.cancel()
+                    watching.cancel()
         finally:
             node.close()
     if node.lost[0]:

@@ -26,6 +26,16 @@ Blocks are sealed in version 2, which hides their exact size: `0x02 || nonce
 zeros up to the class; `padded_size`), with `0x02 || id` as associated data
 (so the version byte cannot be switched). The id stays the keyed hash of the
 plaintext without padding. Version 1 blocks (written before) still open.
+
+Key epochs (`peer.epochs`): data of epoch 0 (the root's keys) keeps the
+formats above. After a rotation, data is sealed under the current epoch's
+keys and names it: a log entry as version 3, `0x03 || epoch id (16 bytes) ||
+nonce || ciphertext and tag`, a block as version 4, `0x04 || epoch id ||
+nonce || ciphertext and tag` of the padded plaintext; the version byte and
+the epoch id are in the associated data, so neither can be switched, and the
+entry's signature covers them (it covers the sealed bytes' hash). A block's
+id is keyed with its epoch's block-id key. A reader opens each under the
+keys of the epoch it names, or refuses it (`UnknownEpoch`) if it holds none.
 """
 
 from __future__ import annotations
@@ -43,10 +53,12 @@ import nacl.utils
 from crdt.ops import BLOCK_SIZE
 from peer.errors import CorruptBlock, CorruptEntry
 from peer.identity import NodeIdentity
-from peer.keys import VolumeKeys
+from peer.keys import EPOCH_ID_BYTES, EpochKeys, VolumeKeys
 
 SEAL_VERSION = 1
 PADDED_VERSION = 2
+EPOCH_ENTRY_VERSION = 3
+EPOCH_BLOCK_VERSION = 4
 # The smallest size class of a padded block; classes double from here up to
 # BLOCK_SIZE, so a block's sealed size tells its length only within a factor of 2.
 PAD_MIN = 256
@@ -71,6 +83,46 @@ _CHECK_PLAINTEXT = b"dfs-peer:v1:the secret opens this volume"
 
 class SealError(Exception):
     """Sealed bytes that do not open: wrong key, wrong identity, or tampered."""
+
+
+class UnknownEpoch(SealError):
+    """Sealed under a key epoch this node does not hold (yet, or ever)."""
+
+    def __init__(self, eid: bytes) -> None:
+        super().__init__(f"sealed under key epoch {eid.hex()[:8]}, which this node does not hold")
+        self.eid = eid
+
+
+def _seal_epoch(epoch: EpochKeys, key: bytes, version: int, plaintext: bytes, aad: bytes) -> bytes:
+    head = bytes([version]) + epoch.id
+    return head + seal(key, plaintext, head + aad)[1:]
+
+
+def _epoch_of(keys: VolumeKeys, sealed: bytes) -> EpochKeys:
+    eid = sealed[1 : 1 + EPOCH_ID_BYTES]
+    epoch = keys.epoch(eid)
+    if epoch is None:
+        raise UnknownEpoch(eid)
+    return epoch
+
+
+def _unseal_epoch(
+    keys: VolumeKeys, sealed: bytes, aad: bytes, pick: str
+) -> tuple[EpochKeys, bytes]:
+    """(epoch, plaintext) of data sealed by `_seal_epoch`; `pick` names the key."""
+    if len(sealed) < OVERHEAD + EPOCH_ID_BYTES:
+        raise SealError(f"sealed data too short ({len(sealed)} bytes)")
+    epoch = _epoch_of(keys, sealed)
+    head = sealed[: 1 + EPOCH_ID_BYTES]
+    body = sealed[:1] + sealed[1 + EPOCH_ID_BYTES :]
+    return epoch, unseal(getattr(epoch, pick), body, head + aad, sealed[0])
+
+
+def sealed_epoch(keys: VolumeKeys, sealed: bytes) -> bytes:
+    """The id of the epoch sealed bytes name (epoch 0's for the older formats)."""
+    if sealed[:1] in (bytes([EPOCH_ENTRY_VERSION]), bytes([EPOCH_BLOCK_VERSION])):
+        return sealed[1 : 1 + EPOCH_ID_BYTES]
+    return keys.base.id
 
 
 def seal(key: bytes, plaintext: bytes, aad: bytes, version: int = SEAL_VERSION) -> bytes:
@@ -102,8 +154,9 @@ def unseal(key: bytes, sealed: bytes, aad: bytes, version: int = SEAL_VERSION) -
 # Blocks
 
 
-def block_id(keys: VolumeKeys, plaintext: bytes) -> bytes:
-    """The content id of a block: keyed BLAKE2b-256, opaque without the secret."""
+def block_id(keys: VolumeKeys | EpochKeys, plaintext: bytes) -> bytes:
+    """The content id of a block: keyed BLAKE2b-256, opaque without the secret
+    (under the current epoch's key, or `keys`' if an epoch is given)."""
     return nacl.hash.blake2b(
         plaintext,
         digest_size=BLOCK_ID_BYTES,
@@ -124,30 +177,38 @@ def padded_size(length: int) -> int:
 
 
 def seal_block(keys: VolumeKeys, plaintext: bytes) -> tuple[bytes, bytes]:
-    """(id, sealed) for a block's plaintext, padded to its size class."""
-    bid = block_id(keys, plaintext)
+    """(id, sealed) for a block's plaintext, padded to its size class, under
+    the current epoch."""
+    epoch = keys.current
+    bid = block_id(epoch, plaintext)
     pad = padded_size(len(plaintext)) - len(plaintext) - 1
     padded = plaintext + b"\x80" + bytes(pad)
-    return bid, seal(keys.blocks, padded, bytes([PADDED_VERSION]) + bid, PADDED_VERSION)
+    if epoch is keys.base:
+        return bid, seal(epoch.blocks, padded, bytes([PADDED_VERSION]) + bid, PADDED_VERSION)
+    return bid, _seal_epoch(epoch, epoch.blocks, EPOCH_BLOCK_VERSION, padded, bid)
 
 
 def open_block(keys: VolumeKeys, bid: bytes, sealed: bytes) -> bytes:
     """The plaintext of block `bid`; `CorruptBlock` unless it is exactly that block."""
+    epoch = keys.base
     try:
-        if sealed[:1] == bytes([PADDED_VERSION]):
-            padded = unseal(keys.blocks, sealed, bytes([PADDED_VERSION]) + bid, PADDED_VERSION)
+        if sealed[:1] in (bytes([PADDED_VERSION]), bytes([EPOCH_BLOCK_VERSION])):
+            if sealed[:1] == bytes([PADDED_VERSION]):
+                padded = unseal(epoch.blocks, sealed, bytes([PADDED_VERSION]) + bid, PADDED_VERSION)
+            else:
+                epoch, padded = _unseal_epoch(keys, sealed, bid, "blocks")
             body = padded.rstrip(b"\0")
             if not body.endswith(b"\x80"):
                 raise SealError("bad padding")
             plaintext = body[:-1]
         else:
-            plaintext = unseal(keys.blocks, sealed, bid)
+            plaintext = unseal(epoch.blocks, sealed, bid)
     except SealError as exc:
         raise CorruptBlock(f"block {bid.hex()}: {exc}") from exc
     # The MAC proves a secret holder sealed it for this id; the hash proves the
     # content is really the one the id names (a buggy or hostile peer with the
     # secret could otherwise seal anything under any id).
-    if block_id(keys, plaintext) != bid:
+    if block_id(epoch, plaintext) != bid:
         raise CorruptBlock(f"block {bid.hex()}: content does not match its id")
     return plaintext
 
@@ -237,7 +298,11 @@ def seal_entry(
     if len(prev) != HASH_BYTES:
         raise ValueError(f"prev is {len(prev)} bytes, not {HASH_BYTES}")
     node = identity.node_id
-    sealed = seal(keys.log, op_bytes, _entry_aad(node, seq))
+    epoch = keys.current
+    if epoch is keys.base:
+        sealed = seal(epoch.log, op_bytes, _entry_aad(node, seq))
+    else:
+        sealed = _seal_epoch(epoch, epoch.log, EPOCH_ENTRY_VERSION, op_bytes, _entry_aad(node, seq))
     digest = _chain_hash(node, seq, prev, _digest(sealed))
     return LogEntry(node, seq, sealed, identity.sign(_CHAIN_SIG_CONTEXT + digest), prev)
 
@@ -248,7 +313,7 @@ def sign_legacy_entry(
     """A format-1 (unchained) entry, as nodes wrote them before: for tests of
     stores and peers that still hold such entries."""
     node = identity.node_id
-    sealed = seal(keys.log, op_bytes, _entry_aad(node, seq))
+    sealed = seal(keys.base.log, op_bytes, _entry_aad(node, seq))
     return LogEntry(node, seq, sealed, identity.sign(_signed_bytes(node, seq, sealed)))
 
 
@@ -281,6 +346,15 @@ def verify_head(head: Head) -> None:
         raise CorruptEntry(f"entry {where}: {exc}") from exc
 
 
+class EntryOfUnknownEpoch(CorruptEntry):
+    """An entry sealed under a key epoch this node does not hold: not (yet)
+    readable here, rather than damaged (`peer.epochs`)."""
+
+    def __init__(self, message: str, eid: bytes) -> None:
+        super().__init__(message)
+        self.eid = eid
+
+
 def open_entry(keys: VolumeKeys, entry: LogEntry, *, check_signature: bool = True) -> bytes:
     """The operation bytes of a verified entry; `CorruptEntry` on any failure.
 
@@ -289,10 +363,15 @@ def open_entry(keys: VolumeKeys, entry: LogEntry, *, check_signature: bool = Tru
     entered this node's store; the AEAD tag is always checked."""
     if check_signature:
         verify_entry(entry)
+    aad = _entry_aad(entry.node, entry.seq)
+    where = f"{entry.node.hex()[:8]}/{entry.seq}"
     try:
-        return unseal(keys.log, entry.sealed, _entry_aad(entry.node, entry.seq))
+        if entry.sealed[:1] == bytes([EPOCH_ENTRY_VERSION]):
+            return _unseal_epoch(keys, entry.sealed, aad, "log")[1]
+        return unseal(keys.base.log, entry.sealed, aad)
+    except UnknownEpoch as exc:
+        raise EntryOfUnknownEpoch(f"entry {where}: {exc}", exc.eid) from exc
     except SealError as exc:
-        where = f"{entry.node.hex()[:8]}/{entry.seq}"
         raise CorruptEntry(f"entry {where}: {exc}") from exc
 
 
@@ -301,12 +380,12 @@ def open_entry(keys: VolumeKeys, entry: LogEntry, *, check_signature: bool = Tru
 
 def make_check(keys: VolumeKeys) -> bytes:
     """A sealed known text, stored with a volume so a wrong secret shows at start."""
-    return seal(keys.log, _CHECK_PLAINTEXT, _CHECK_AAD)
+    return seal(keys.base.log, _CHECK_PLAINTEXT, _CHECK_AAD)
 
 
 def check_opens(keys: VolumeKeys, sealed: bytes) -> bool:
     """Whether `keys` open a volume's check, i.e. they come from its secret."""
     try:
-        return unseal(keys.log, sealed, _CHECK_AAD) == _CHECK_PLAINTEXT
+        return unseal(keys.base.log, sealed, _CHECK_AAD) == _CHECK_PLAINTEXT
     except SealError:
         return False

@@ -79,6 +79,12 @@ def render(status: Mapping[str, Any], now: float) -> str:
     )
     rows.append(("sync", _sync_line(status)))
     rows.append(("collection", _gc_line(status.get("gc") or {}, now)))
+    keys = status.get("keys") or {}
+    if keys.get("removed_here"):
+        rows.append(("keys", "this node was removed from the volume: members refuse it"))
+    elif keys.get("epoch"):
+        removed = ", ".join(f"{r['name']} ({r['id'][:8]})" for r in keys.get("removed", []))
+        rows.append(("keys", f"epoch {keys['epoch']} ({keys['epoch_id'][:8]}); removed: {removed}"))
     conflicts = status.get("conflicts") or []
     if conflicts:
         shown = ", ".join(c["path"] for c in conflicts[:3])

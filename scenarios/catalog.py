@@ -23,6 +23,7 @@ from scenarios import (
     outsider,
     pairing,
     partition_heal,
+    remove_member,
     restart,
     two_nodes,
 )
@@ -71,6 +72,7 @@ SCENARIOS: dict[str, Scenario] = {
             gc_safety,
             forget_member,
             pairing,
+            remove_member,
         ],
     )
 }

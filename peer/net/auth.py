@@ -14,6 +14,11 @@ them nothing and accepts nothing from them.
 The MAC is keyed BLAKE2b (PyNaCl's `generichash` with a key), which is a MAC
 by design; compared in constant time with `hmac.compare_digest`.
 
+Keys change when a machine is removed (`peer.epochs`): a request names the
+key epoch it is MAC'd under in `X-Dfs-Epoch` (covered by the MAC), and its
+response is MAC'd under the same epoch. A request without the header is
+under epoch 0 (the root's keys).
+
 Clocks of machines differ. A request outside the window gets an authenticated
 401 carrying the server's time; the client keeps a per-peer offset and retries,
 so skewed clocks cost one round trip, not the connection.
@@ -31,7 +36,10 @@ import nacl.encoding
 import nacl.hash
 
 # 2: chained log entries, signed heads and fork proofs (`peer.storage.chain`), checkpoint format 2.
-PROTOCOL = 2
+# 3: log entries hold ops of format 2 (`crdt.ops.COMPACT_VERSION`), which nodes
+#    speaking 2 would refuse as malformed; key epochs (`peer.epochs`): `X-Dfs-Epoch`,
+#    `/epochs`, `Rotate` ops, entries and blocks of later epochs (sealed formats 3 and 4).
+PROTOCOL = 3
 
 HEADER_NODE = "X-Dfs-Node"
 HEADER_TIME = "X-Dfs-Time"
@@ -40,6 +48,11 @@ HEADER_PROTOCOL = "X-Dfs-Protocol"
 HEADER_MAC = "X-Dfs-Mac"
 HEADER_BODY = "X-Dfs-Body"
 HEADER_SERVER_TIME = "X-Dfs-Server-Time"
+HEADER_EPOCH = "X-Dfs-Epoch"
+# On an authenticated 401: the request's epoch is not taken here any more
+# (it was sealed to a removed node): ask `/epochs` and move on.
+HEADER_EPOCH_REFUSED = "X-Dfs-Epoch-Refused"
+EPOCH_BYTES = 16
 
 WINDOW_MS = 120_000
 NONCE_BYTES = 16
@@ -80,9 +93,10 @@ class RequestAuth:
     protocol: int
     mac: bytes
     body_hash: bytes = b""  # the BLAKE2b-256 of the body the MAC covers
+    epoch: bytes = b""  # the key epoch's id (`peer.epochs`); empty: epoch 0
 
     def headers(self) -> dict[str, str]:
-        return {
+        out = {
             HEADER_NODE: self.node,
             HEADER_TIME: str(self.time_ms),
             HEADER_NONCE: self.nonce.hex(),
@@ -90,12 +104,24 @@ class RequestAuth:
             HEADER_MAC: self.mac.hex(),
             HEADER_BODY: self.body_hash.hex(),
         }
+        if self.epoch:
+            out[HEADER_EPOCH] = self.epoch.hex()
+        return out
 
 
 def _request_message(
-    method: str, path: str, node: str, time_ms: int, nonce: bytes, protocol: int, body_hash: bytes
+    method: str,
+    path: str,
+    node: str,
+    time_ms: int,
+    nonce: bytes,
+    protocol: int,
+    body_hash: bytes,
+    epoch: bytes = b"",
 ) -> bytes:
     fields = [method.upper(), path, node, str(time_ms), nonce.hex(), str(protocol)]
+    if epoch:
+        fields.append(epoch.hex())
     return _REQUEST + "\x00".join(fields).encode() + b"\x00" + body_hash
 
 
@@ -112,12 +138,14 @@ def sign_request(
     *,
     time_ms: int,
     protocol: int = PROTOCOL,
+    epoch: bytes = b"",
 ) -> RequestAuth:
-    """Headers for a request of `method` on `path` (with its query) carrying `body`."""
+    """Headers for a request of `method` on `path` (with its query) carrying
+    `body`, MAC'd under `key`, the peer key of epoch `epoch` (empty: epoch 0)."""
     nonce = os.urandom(NONCE_BYTES)
     body_hash = _digest(body)
-    mac = _mac(key, _request_message(method, path, node, time_ms, nonce, protocol, body_hash))
-    return RequestAuth(node, time_ms, nonce, protocol, mac, body_hash)
+    message = _request_message(method, path, node, time_ms, nonce, protocol, body_hash, epoch)
+    return RequestAuth(node, time_ms, nonce, protocol, _mac(key, message), body_hash, epoch)
 
 
 def parse_request(headers: dict[str, str] | object) -> RequestAuth:
@@ -132,6 +160,7 @@ def parse_request(headers: dict[str, str] | object) -> RequestAuth:
         protocol = int(str(get(HEADER_PROTOCOL)))
         mac = bytes.fromhex(str(get(HEADER_MAC)))
         body_hash = bytes.fromhex(str(get(HEADER_BODY)))
+        epoch = bytes.fromhex(str(get(HEADER_EPOCH) or ""))
     except (TypeError, ValueError):
         raise AuthFailed("missing or malformed authentication headers") from None
     if (
@@ -139,13 +168,14 @@ def parse_request(headers: dict[str, str] | object) -> RequestAuth:
         or len(mac) != MAC_BYTES
         or len(body_hash) != 32
         or len(node) != 64
+        or len(epoch) not in (0, EPOCH_BYTES)
     ):
         raise AuthFailed("malformed authentication headers")
     try:
         bytes.fromhex(node)
     except ValueError:
         raise AuthFailed("malformed node id") from None
-    return RequestAuth(node, time_ms, nonce, protocol, mac, body_hash)
+    return RequestAuth(node, time_ms, nonce, protocol, mac, body_hash, epoch)
 
 
 class ReplayGuard:
@@ -193,7 +223,7 @@ def verify_request_head(key: bytes, method: str, path: str, auth: RequestAuth) -
     """`AuthFailed` unless `auth` is a valid MAC under `key` for this request
     with the body `auth` declares; checked before the body is read."""
     message = _request_message(
-        method, path, auth.node, auth.time_ms, auth.nonce, auth.protocol, auth.body_hash
+        method, path, auth.node, auth.time_ms, auth.nonce, auth.protocol, auth.body_hash, auth.epoch
     )
     if not hmac.compare_digest(_mac(key, message), auth.mac):
         raise AuthFailed("bad request MAC")

@@ -3,14 +3,23 @@ a clock offset learnt from a stale reply."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import aiohttp
 
+from peer import epochs
 from peer.net import wire
-from peer.net.auth import HEADER_MAC, HEADER_SERVER_TIME, sign_request, verify_response, wall_ms
+from peer.net.auth import (
+    HEADER_EPOCH_REFUSED,
+    HEADER_MAC,
+    HEADER_SERVER_TIME,
+    sign_request,
+    verify_response,
+    wall_ms,
+)
 
 if TYPE_CHECKING:
     from peer.net.sync import Sync
@@ -26,6 +35,11 @@ CONNECT_TIMEOUT_S = 3.0
 
 class PeerError(Exception):
     """A peer answered, but not with what the protocol promises."""
+
+
+class EpochRefused(PeerError):
+    """The peer no longer takes requests under this node's key epoch, and
+    `/epochs` brought no later one this node holds: it was removed."""
 
 
 class ProtocolMismatch(PeerError):
@@ -51,9 +65,16 @@ class PeerClient:
     ) -> bytes:
         keys = self.sync.keys
         node = self.sync.identity.node_id.hex()
-        for _ in range(2):
+        for _ in range(3):
+            epoch = keys.current
             auth = sign_request(
-                keys.peers, method, path, node, body, time_ms=wall_ms() + self.offset_ms
+                epoch.peers,
+                method,
+                path,
+                node,
+                body,
+                time_ms=wall_ms() + self.offset_ms,
+                epoch=b"" if epoch is keys.base else epoch.id,
             )
             client_timeout = aiohttp.ClientTimeout(total=limit_s, sock_connect=CONNECT_TIMEOUT_S)
             self.sync.metrics.wire_bytes.labels("sent").inc(len(body))
@@ -70,10 +91,20 @@ class PeerClient:
                         raise PeerError("response too large")
                     parts.append(part)
                 data = b"".join(parts)
-                extra = resp.headers.get(HEADER_SERVER_TIME, "")
+                refused = resp.headers.get(HEADER_EPOCH_REFUSED, "")
+                extra = refused or resp.headers.get(HEADER_SERVER_TIME, "")
                 verify_response(
-                    keys.peers, auth.nonce, resp.status, data, resp.headers.get(HEADER_MAC), extra
+                    epoch.peers, auth.nonce, resp.status, data, resp.headers.get(HEADER_MAC), extra
                 )
+                if resp.status == 401 and refused:
+                    if path != "/epochs" and await self.catch_up():
+                        continue
+                    if refused == "removed" or keys.me_removed():
+                        raise EpochRefused("this node was removed from the volume")
+                    raise EpochRefused(
+                        f"the peer refuses key epoch {epoch.number} and knows no later one "
+                        "sealed to this node"
+                    )
                 if resp.status == 401 and extra:
                     self.offset_ms = int(extra) - wall_ms()
                     log.info(
@@ -91,6 +122,21 @@ class PeerClient:
                 self.sync.metrics.wire_bytes.labels("received").inc(len(data))
                 return data
         raise PeerError("clock skew could not be corrected")
+
+    async def catch_up(self) -> bool:
+        """Ask the peer for the key rotations it took and take those that
+        hold (`peer.epochs`); True if this node's current epoch changed."""
+        keys = self.sync.keys
+        before = keys.current.id
+        resp = wire.decode_log_response(await self.call("GET", "/epochs"))
+        taken = await asyncio.to_thread(epochs.take_entries, keys, resp.entries)
+        log.info(
+            "caught up on key epochs from %s: %d rotation(s) new; current epoch %d",
+            self.base,
+            taken,
+            keys.current.number,
+        )
+        return keys.current.id != before
 
     async def hello(self) -> wire.Hello:
         port = self.sync.port

@@ -25,6 +25,7 @@ Invariant: an invitation's state only moves forward, open -> paired | expired
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import secrets
@@ -106,8 +107,12 @@ class Invitations:
         node_id: bytes,
         name: str,
         clock: Callable[[], float] = time.monotonic,
+        epoch_secrets: Callable[[], list[bytes]] = list,
     ) -> None:
         self._welcome = pairing.Welcome(root, name, node_id)
+        # The secrets of the volume's later key epochs, as they are when a
+        # machine pairs (`peer.epochs`).
+        self._epoch_secrets = epoch_secrets
         self._clock = clock
         self._open: dict[int, Invitation] = {}
         self._recent: OrderedDict[int, tuple[str, float]] = OrderedDict()
@@ -263,7 +268,8 @@ class Invitations:
             short,
             remote,
         )
-        return web.Response(body=side.finish_answer(self._welcome), content_type=CBOR)
+        welcome = dataclasses.replace(self._welcome, epochs=tuple(self._epoch_secrets()))
+        return web.Response(body=side.finish_answer(welcome), content_type=CBOR)
 
     # --- bookkeeping --------------------------------------------------------
 

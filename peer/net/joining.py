@@ -23,7 +23,7 @@ from pathlib import Path
 
 import aiohttp
 
-from peer import node
+from peer import epochs, node
 from peer.errors import DfsError
 from peer.identity import NodeIdentity, load_or_create
 from peer.keys import VolumeKeys
@@ -65,6 +65,7 @@ class Paired:
     inviter_node: bytes
     host: str
     port: int
+    epochs: tuple[bytes, ...] = field(default=(), repr=False)
 
 
 def _where(host: str, port: int) -> str:
@@ -91,7 +92,7 @@ async def pair_with(code: pairing.Code, host: str, port: int, me: pairing.Joiner
         raise pairing.InviterNotProven(address=address) from None
     except pairing.BadMessage as exc:
         raise pairing.PairingFailed(address=address, detail=f"a malformed answer ({exc})") from None
-    return Paired(welcome.root, welcome.name, welcome.node, host, port)
+    return Paired(welcome.root, welcome.name, welcome.node, host, port, welcome.epochs)
 
 
 _REFUSED: dict[str, type[DfsError]] = {
@@ -119,12 +120,12 @@ async def _post(session: aiohttp.ClientSession, address: str, path: str, body: b
         async with session.post(
             url, data=body, headers={"Content-Type": "application/cbor"}
         ) as resp:
-            answer = await _read_at_most(resp.content, pairing.MAX_BODY + 1)
+            answer = await _read_at_most(resp.content, pairing.MAX_ANSWER + 1)
             status = resp.status
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         detail = str(exc) or type(exc).__name__
         raise pairing.PairingFailed(address=address, detail=f"cannot reach it ({detail})") from None
-    if status == 200 and len(answer) <= pairing.MAX_BODY:
+    if status == 200 and len(answer) <= pairing.MAX_ANSWER:
         return answer
     reason = pairing.decode_refusal(answer)
     if status in (401, 404):
@@ -252,6 +253,8 @@ async def join_by_code(
     if kept.node_id != identity.node_id:
         log.info("the data dir already had a node key; keeping it node=%s", kept.short)
     path = store_secret(target, paired.root)
+    # Later key epochs' secrets, sealed to this node's own key (`peer.epochs`).
+    epochs.store_granted(target, kept, list(paired.epochs))
     say(
         f"paired with `{paired.inviter_name}` (node {paired.inviter_node.hex()[:8]}) at "
         f"{_where(paired.host, paired.port)}; the volume secret is kept in {path} (mode 0600)"

@@ -66,6 +66,10 @@ NODE_BYTES = 32
 ROOT_BYTES = 32
 # Bodies of both requests and answers stay under this: refused unread above it.
 MAX_BODY = 1024
+# But the inviter's last answer also carries every key epoch's secret
+# (`peer.epochs`), 35 bytes each: up to MAX_EPOCHS of them.
+MAX_EPOCHS = 1024
+MAX_ANSWER = MAX_BODY + 36 * MAX_EPOCHS
 
 # Codes: `<number>-<word>-<word>`. New numbers are two digits at most (short
 # to read out); any number up to MAX_NUMBER is read.
@@ -273,11 +277,15 @@ class Joiner:
 
 @dataclass(frozen=True, slots=True)
 class Welcome:
-    """What the inviter hands over: the volume root, and who it is."""
+    """What the inviter hands over: the volume root, who it is, and the
+    secret of every later key epoch (`peer.epochs`), so the new machine reads
+    all history. `epochs` travels only when there are any, so an older
+    joiner still pairs with a volume whose keys never rotated."""
 
     root: bytes = field(repr=False)
     name: str
     node: bytes
+    epochs: tuple[bytes, ...] = field(default=(), repr=False)
 
 
 def _name(obj: Any) -> str:
@@ -325,14 +333,23 @@ class JoinerSide:
     def welcome(self, finished: bytes) -> Welcome:
         """The root, once the inviter's confirmation holds; `BadConfirmation` if not."""
         assert self._keys is not None, "finish_message first"
-        m = _map(_load(finished), {"v", "confirm", "sealed"})
+        m = _map(_load(finished, MAX_ANSWER), {"v", "confirm", "sealed"})
         _check(self._keys.inviter_confirmation(), _bytes(m["confirm"], CONFIRM_BYTES))
-        payload = _open(self._keys.seal_inviter, _bytes(m["sealed"], limit=MAX_SEALED))
-        payload = _map(payload, {"root", "name", "node"})
+        payload = _open(self._keys.seal_inviter, _bytes(m["sealed"], limit=MAX_ANSWER))
+        if isinstance(payload, dict) and "epochs" in payload:
+            payload = _map(payload, {"root", "name", "node", "epochs"})
+            raw = payload["epochs"]
+            if not isinstance(raw, list) or not 0 < len(raw) <= MAX_EPOCHS:
+                raise BadMessage("bad epoch list")
+            secrets = tuple(_bytes(e, ROOT_BYTES) for e in raw)
+        else:
+            payload = _map(payload, {"root", "name", "node"})
+            secrets = ()
         return Welcome(
             _bytes(payload["root"], ROOT_BYTES),
             _name(payload["name"]),
             _bytes(payload["node"], NODE_BYTES),
+            secrets,
         )
 
 
@@ -393,10 +410,10 @@ class InviterSide:
 
     def finish_answer(self, welcome: Welcome) -> bytes:
         """Our confirmation and the sealed root: only after `joiner` succeeded."""
-        sealed = _seal(
-            self._keys.seal_inviter,
-            {"root": welcome.root, "name": welcome.name, "node": welcome.node},
-        )
+        payload: dict[str, Any] = {"root": welcome.root, "name": welcome.name, "node": welcome.node}
+        if welcome.epochs:
+            payload["epochs"] = list(welcome.epochs)
+        sealed = _seal(self._keys.seal_inviter, payload)
         return encode(
             {"v": VERSION, "confirm": self._keys.inviter_confirmation(), "sealed": sealed}
         )
@@ -423,8 +440,8 @@ def decode_refusal(body: bytes) -> str:
     return reason if isinstance(reason, str) and len(reason) <= 32 else ""
 
 
-def _load(body: bytes) -> Any:
-    if len(body) > MAX_BODY:
+def _load(body: bytes, limit: int = MAX_BODY) -> Any:
+    if len(body) > limit:
         raise BadMessage("message too large")
     try:
         return cbor2.loads(body)

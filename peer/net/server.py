@@ -4,7 +4,11 @@ Invariant: no handler runs for a request that does not authenticate (see
 `peer.net.auth`): a party without the secret gets a bare 401 for every path,
 learns nothing (not even which paths exist) and changes nothing; the one
 exception is `/pair/*` while `dfs-peer invite` has an invitation open, which
-proves a one-time code instead (`peer.net.invitations`). Every
+proves a one-time code instead (`peer.net.invitations`). A request is MAC'd
+under the key epoch it names (`peer.epochs`); one under an epoch a removed
+node holds gets an authenticated 401 saying so, on every path but
+`/epochs`, which hands out the rotations so a member that was away can
+catch up (a removed node learns from it only who the members are). Every
 response to an authenticated request carries a MAC bound to that request.
 Serving is read-only: peers pull from us; nothing a peer sends is written to
 the store by this server. Our own log entries are made durable (`Store.sync`)
@@ -23,8 +27,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import hdrs, web
 
+from peer import epochs
 from peer.net import gate, wire
 from peer.net.auth import (
+    HEADER_EPOCH_REFUSED,
     HEADER_MAC,
     HEADER_SERVER_TIME,
     PROTOCOL,
@@ -80,7 +86,7 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         # an invitation is open: it proves a one-time code instead (peer/net/invitations.py).
         return await pairing.handle(request)
     sync = request.app[SYNC_KEY]
-    key = sync.keys.peers
+    keys = sync.keys
     length = request.content_length
     if hdrs.TRANSFER_ENCODING in request.headers or (request.body_exists and length is None):
         return _refuse(request, "body without a declared length")
@@ -88,6 +94,13 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         return _refuse(request, "body too large")
     try:
         auth = parse_request(request.headers)
+        epoch = keys.epoch(auth.epoch or keys.base.id)
+        if epoch is None:
+            raise AuthFailed(
+                "a key epoch this node does not hold (if it was away during a "
+                "`dfs-peer remove`, it catches up by itself)"
+            )
+        key = epoch.peers
         verify_request_head(key, request.method, request.path_qs, auth)
         request.app[GUARD_KEY].check(auth, wall_ms())
     except StaleRequest as stale:
@@ -114,6 +127,18 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         return _refuse(request, "body too large")
 
     peer = auth.node[:8]
+    if not keys.acceptable(epoch) and request.path != "/epochs":
+        # A removed node holds this epoch's key, so anyone could have made
+        # this MAC: nothing but the catch-up path answers it.
+        log.info(
+            "refused peer %s: its request is under key epoch %d, which a removed node holds",
+            peer,
+            epoch.number,
+        )
+        extra = "removed" if bytes.fromhex(auth.node) in keys.removed else "stale"
+        resp = web.Response(status=401, headers={HEADER_EPOCH_REFUSED: extra})
+        resp.headers[HEADER_MAC] = sign_response(key, auth.nonce, 401, b"", extra)
+        return resp
     if auth.protocol != PROTOCOL:
         log.warning(
             "peer %s speaks protocol %d, this node %d: upgrade the older one",
@@ -187,6 +212,14 @@ async def blocks(request: web.Request) -> web.Response:
     return _cbor(wire.encode_blocks_response(wire.BlocksResponse(found)))
 
 
+async def epoch_rotations(request: web.Request) -> web.Response:
+    """Every key rotation this node took, as the log entries that carry them
+    (sealed under the epochs they follow, signed): the catch-up path."""
+    sync = request.app[SYNC_KEY]
+    entries = epochs.rotation_entries(sync.keys)
+    return _cbor(wire.encode_log_response(wire.LogResponse(entries, False)))
+
+
 async def watch(request: web.Request) -> web.Response:
     """Long poll: answers when this node's log differs from `since`, or after `wait` s."""
     sync = request.app[SYNC_KEY]
@@ -216,6 +249,7 @@ def make_peer_app(sync: Serving) -> web.Application:
     app.router.add_post("/log", log_suffix)
     app.router.add_post("/blocks", blocks)
     app.router.add_get("/watch", watch)
+    app.router.add_get("/epochs", epoch_rotations)
     return app
 
 

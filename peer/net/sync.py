@@ -42,12 +42,18 @@ from peer.keys import VolumeKeys
 from peer.metrics import Metrics
 from peer.net import wire
 from peer.net.auth import AuthFailed, wall_ms
-from peer.net.client import PeerClient, PeerError, ProtocolMismatch, SelfConnection
+from peer.net.client import (
+    EpochRefused,
+    PeerClient,
+    PeerError,
+    ProtocolMismatch,
+    SelfConnection,
+)
 from peer.net.fetching import FETCH_CONCURRENCY, Fetching
 from peer.net.gate import CLIENT_KEEPALIVE_S, Summary
 from peer.net.server import MAX_WATCH_S, serving
 from peer.net.serving import Pairing, Serving
-from peer.sealing import Head, LogEntry
+from peer.sealing import EntryOfUnknownEpoch, Head, LogEntry
 from peer.storage import chain
 from peer.storage.blocks import Blocks
 from peer.storage.checkpoint import ForgedCheckpoint, covered, open_checkpoint
@@ -357,10 +363,27 @@ class Sync(Fetching, Serving):
             except ProtocolMismatch as exc:
                 self._link_failed(link, f"incompatible peer: {exc}", logging.WARNING)
                 backoff = BACKOFF_MAX_S * 6
+            except EpochRefused as exc:
+                self._link_failed(link, f"refused: {exc}", logging.WARNING)
+                backoff = BACKOFF_MAX_S
             except AuthFailed as exc:
-                hint = ": the peer does not share this volume's secret" if "401" in str(exc) else ""
-                self._link_failed(link, f"authentication failed ({exc}){hint}", logging.WARNING)
-                backoff = BACKOFF_MAX_S * 6
+                if "401" in str(exc) and self.keys.current is not self.keys.base:
+                    # Likely a member that was away and holds no later key
+                    # epoch yet: it catches up when it calls us (`peer.epochs`).
+                    self._link_failed(
+                        link,
+                        f"refused ({exc}): the peer may not hold key epoch "
+                        f"{self.keys.current.number} yet",
+                        logging.INFO,
+                    )
+                else:
+                    hint = (
+                        ": the peer does not share this volume's secret"
+                        if "401" in str(exc)
+                        else ""
+                    )
+                    self._link_failed(link, f"authentication failed ({exc}){hint}", logging.WARNING)
+                    backoff = BACKOFF_MAX_S * 6
             except (CorruptEntry, CorruptBlock, wire.BadMessage) as exc:
                 self._link_failed(link, f"peer sent bad data: {exc}", logging.WARNING)
             except (aiohttp.ClientError, TimeoutError, OSError, PeerError, NoSpace) as exc:
@@ -462,7 +485,13 @@ class Sync(Fetching, Serving):
                     if progressed or (not resp.entries and resp.more and not stuck):
                         continue
                     return
-                ops = await asyncio.to_thread(self.journal.open_entries, entries)
+                try:
+                    ops = await asyncio.to_thread(self.journal.open_entries, entries)
+                except EntryOfUnknownEpoch:
+                    # A rotation this node has not taken yet (it was away):
+                    # the peer hands it over, then the entries open.
+                    await client.catch_up()
+                    ops = await asyncio.to_thread(self.journal.open_entries, entries)
                 await self._merge(link, entries, ops)
                 link.last_seen = time.time()
                 for node in {e.node for e in entries}:

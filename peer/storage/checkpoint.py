@@ -41,7 +41,8 @@ import cbor2
 import nacl.exceptions
 import nacl.signing
 
-from crdt.ops import MalformedOp, Op, decode_op
+from crdt.ops import MalformedOp, Op, Rotate, decode_op
+from peer import epochs
 from peer.errors import CorruptEntry
 from peer.identity import NodeIdentity
 from peer.keys import VolumeKeys
@@ -61,6 +62,7 @@ from peer.sealing import (
     entry_hash,
     head_of,
     open_entry,
+    sealed_epoch,
     unseal,
     verify_entry,
 )
@@ -272,19 +274,54 @@ def _parse_logs(raw: Any) -> dict[bytes, list[LogEntry]]:
     return logs
 
 
+def _take_rotations(keys: VolumeKeys, logs: dict[bytes, list[LogEntry]]) -> None:
+    """Take the key rotations among `logs` first if some entry names an
+    epoch not held yet (each node's ops must come out in seq order)."""
+
+    def unknown() -> int:
+        return sum(
+            1
+            for entries in logs.values()
+            for e in entries
+            if keys.epoch(sealed_epoch(keys, e.sealed)) is None
+        )
+
+    missing = unknown()
+    while missing:
+        for entries in logs.values():
+            for e in entries:
+                if keys.epoch(sealed_epoch(keys, e.sealed)) is None:
+                    continue
+                try:
+                    op = decode_op(open_entry(keys, e, check_signature=False), node=e.node)
+                except (MalformedOp, CorruptEntry):
+                    continue  # refused below, with its reason
+                if isinstance(op, Rotate) and op.hlc.node == e.node:
+                    epochs.learn(keys, e, op)
+        now = unknown()
+        if now == missing:
+            return
+        missing = now
+
+
 def _open_ops(
     keys: VolumeKeys, logs: dict[bytes, list[LogEntry]], stored_here: bool
 ) -> Iterator[Op]:
+    _take_rotations(keys, logs)
     for entries in logs.values():
         for e in entries:
             try:
                 op = decode_op(
-                    open_entry(keys, e, check_signature=False), check_canonical=not stored_here
+                    open_entry(keys, e, check_signature=False),
+                    node=e.node,
+                    check_canonical=not stored_here,
                 )
             except (MalformedOp, CorruptEntry) as exc:
                 raise _fail(f"entry {e.node.hex()[:8]}/{e.seq}: {exc}") from exc
             if op.hlc.node != e.node:
                 raise _fail(f"entry {e.node.hex()[:8]}/{e.seq} claims another node")
+            if isinstance(op, Rotate):
+                epochs.learn(keys, e, op)
             yield op
 
 
@@ -296,7 +333,7 @@ def _open_v1_body(
     except nacl.exceptions.CryptoError as exc:  # BadSignatureError is one
         raise _fail(f"bad signature ({exc})") from exc
     try:
-        plain = unseal(keys.log, sealed, _AAD + node)
+        plain = unseal(keys.base.log, sealed, _AAD + node)
     except SealError as exc:
         raise _fail(str(exc)) from exc
     body = _cbor(plain)

@@ -284,7 +284,10 @@ class Stability:
                 return self.journal.folded_stamp(node)
             return None
         try:
-            op = decode_op(open_entry(self.journal.keys, entries[0], check_signature=False))
+            op = decode_op(
+                open_entry(self.journal.keys, entries[0], check_signature=False),
+                node=entries[0].node,
+            )
         except (MalformedOp, CorruptEntry) as exc:
             log.error("cannot read log entry %s/%d: %s", node.hex()[:8], seq, exc)
             return None

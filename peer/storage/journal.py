@@ -21,12 +21,22 @@ from dataclasses import dataclass, field
 
 from crdt.clock import MAX_AHEAD_MS, MAX_FORWARD_MS, Clock, Hlc, refusal
 from crdt.merge import Changes, Replica
-from crdt.ops import Forget, MalformedOp, Member, Op, decode_op, encode_op
+from crdt.ops import Forget, MalformedOp, Member, Op, Rotate, decode_op, encode_op
 from fuse.errors import NoSpace
+from peer import epochs
 from peer.errors import CorruptEntry
 from peer.identity import NodeIdentity
 from peer.keys import VolumeKeys
-from peer.sealing import GENESIS, Head, LogEntry, entry_hash, head_of, open_entry, seal_entry
+from peer.sealing import (
+    GENESIS,
+    EntryOfUnknownEpoch,
+    Head,
+    LogEntry,
+    entry_hash,
+    head_of,
+    open_entry,
+    seal_entry,
+)
 from peer.storage import chain
 from peer.storage.checkpoint import (
     FORMAT_VERSION,
@@ -281,8 +291,38 @@ class Journal:
                     tops[op.hlc.node] = op.hlc
                 yield op
             self._tops, self._folded_ops = tops, folded
-        for entry in self.store.iter_log():
-            yield self._open(entry, signed_already=True)
+        yield from self._open_stored(self.store.iter_log())
+
+    def _open_stored(self, entries: Iterable[LogEntry]) -> Iterator[Op]:
+        """The ops of stored `entries`, each opened once the key epoch it is
+        under is known."""
+        # An entry of a key epoch not taken yet waits for the rotation that
+        # makes it (in a later entry of another node, say): `peer.epochs`.
+        waiting: list[LogEntry] = []
+        for entry in entries:
+            try:
+                yield self._open(entry, signed_already=True)
+            except EntryOfUnknownEpoch:
+                waiting.append(entry)
+        while waiting:
+            left = []
+            for entry in waiting:
+                try:
+                    yield self._open(entry, signed_already=True)
+                except EntryOfUnknownEpoch:
+                    left.append(entry)
+            if len(left) == len(waiting):
+                # Held but unreadable here (no rotation in the log gives their
+                # key): left out of the replica, kept in the store.
+                log.warning(
+                    "%d stored operation(s) are under a key epoch this node does not "
+                    "hold; left out (first: %s/%d)",
+                    len(left),
+                    left[0].node.hex()[:8],
+                    left[0].seq,
+                )
+                return
+            waiting = left
 
     def _open(self, entry: LogEntry, signed_already: bool = False) -> Op:
         # Entries in our store had their signature and canonical encoding
@@ -292,12 +332,15 @@ class Journal:
         try:
             op = decode_op(
                 open_entry(self.keys, entry, check_signature=not signed_already),
+                node=entry.node,
                 check_canonical=not signed_already,
             )
         except MalformedOp as exc:
             raise CorruptEntry(f"entry {entry.node[:4].hex()}/{entry.seq}: {exc}") from exc
         if op.hlc.node != entry.node:
             raise CorruptEntry(f"entry {entry.node[:4].hex()}/{entry.seq} claims another node")
+        if isinstance(op, Rotate):
+            epochs.learn(self.keys, entry, op)
         return op
 
     def ensure_member(self, name: str) -> None:
@@ -352,7 +395,9 @@ class Journal:
         seq = self._next_seq
         prev = self._own_prev
         for op in ops:
-            entries.append(seal_entry(self.keys, self.identity, seq, encode_op(op), prev))
+            entries.append(
+                seal_entry(self.keys, self.identity, seq, encode_op(op, compact=True), prev)
+            )
             prev = entry_hash(entries[-1])
             seq += 1
         blocks = list(blocks)
@@ -369,6 +414,9 @@ class Journal:
         self._next_seq = seq
         self._own_prev = prev
         self.vv[self.identity.node_id] = seq - 1
+        for entry, op in zip(entries, ops, strict=True):
+            if isinstance(op, Rotate):
+                epochs.learn(self.keys, entry, op)
         self._raise_tops(ops)
         changes = self._apply(ops)
         self._notify(changes)
@@ -378,8 +426,22 @@ class Journal:
     def open_entries(self, entries: Sequence[LogEntry]) -> list[Op]:
         """Verify and decode entries from a peer; `CorruptEntry` if any is bad.
 
-        Pure CPU (signatures, decryption): safe to run in a worker thread."""
-        return [self._open(e) for e in entries]
+        Pure CPU (signatures, decryption): safe to run in a worker thread.
+        Entries of a key epoch made by a rotation among them are opened once
+        it is taken; `EntryOfUnknownEpoch` if some stay unreadable."""
+        ops: list[Op | None] = [None] * len(entries)
+        waiting = list(range(len(entries)))
+        while waiting:
+            left = []
+            for i in waiting:
+                try:
+                    ops[i] = self._open(entries[i])
+                except EntryOfUnknownEpoch:
+                    left.append(i)
+            if len(left) == len(waiting):
+                self._open(entries[left[0]])  # raises: no key for it
+            waiting = left
+        return [op for op in ops if op is not None]
 
     def merge_remote(
         self,
@@ -973,11 +1035,16 @@ class Journal:
                 if len(batch) >= REPLAY_CHUNK:
                     replica.apply(batch)
                     batch = []
-            for entry in self.store.iter_log():
-                if entry.seq <= covers.get(entry.node, 0):
-                    continue  # (folded meanwhile: then the covers differ, and this is read again)
-                batch.append(self._open(entry, signed_already=True))
-                seen[entry.node] = max(seen.get(entry.node, 0), entry.seq)
+
+            def read() -> Iterator[LogEntry]:
+                for entry in self.store.iter_log():
+                    if entry.seq <= covers.get(entry.node, 0):
+                        continue  # (folded meanwhile: the covers differ, so it is read again)
+                    seen[entry.node] = max(seen.get(entry.node, 0), entry.seq)
+                    yield entry
+
+            for op in self._open_stored(read()):  # as replay opens them
+                batch.append(op)
                 if len(batch) >= REPLAY_CHUNK:
                     replica.apply(batch)
                     batch = []
@@ -996,7 +1063,7 @@ class Journal:
                 return True
             for start in range(0, len(late), MERGE_PIECE_OPS):
                 piece = late[start : start + MERGE_PIECE_OPS]
-                rebuilt.replica.apply([self._open(e, signed_already=True) for e in piece])
+                rebuilt.replica.apply(list(self._open_stored(piece)))
                 for e in piece:
                     rebuilt.seen[e.node] = max(rebuilt.seen.get(e.node, 0), e.seq)
                 await asyncio.sleep(0)

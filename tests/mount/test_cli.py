@@ -45,6 +45,18 @@ def test_help_explains_commands() -> None:
     assert "--data-dir" in join.stdout
 
 
+def test_remove_help_says_what_the_machine_keeps_and_loses(tmp_path: Path) -> None:
+    out = _run("remove", "--help")
+    assert out.returncode == 0
+    text = " ".join(out.stdout.split())
+    for words in ("name or the start of its id", "new volume keys", "stays readable"):
+        assert words in text, text
+    assert "remove NODE" in _run("--help").stdout
+    alone = _run("remove", "laptop", "--data-dir", str(tmp_path))
+    assert alone.returncode != 0
+    assert len(alone.stderr.strip().splitlines()) == 1, alone.stderr
+
+
 def test_wrong_secret_is_refused_and_changes_nothing(node: NodeProcess, tmp_path: Path) -> None:
     (node.mountpoint / "f").write_text("x")
     node.stop()
