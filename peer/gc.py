@@ -153,6 +153,25 @@ class Collection:
     store_bytes_reclaimed: int
 
 
+def _not_run(store_bytes: int) -> Collection:
+    return Collection(
+        at=time.time(),
+        seconds=0.0,
+        ran=False,
+        blocks_freed=0,
+        bytes_freed=0,
+        blocks_kept=0,
+        versions_kept=0,
+        versions_unstable=0,
+        versions_in_retention=0,
+        versions_thinned=0,
+        log_entries_folded=0,
+        store_bytes_before=store_bytes,
+        store_bytes_after=store_bytes,
+        store_bytes_reclaimed=0,
+    )
+
+
 class Stability:
     """Every member's version vector as this node knows it, and what is stable."""
 
@@ -645,6 +664,7 @@ class Collector:
         into the checkpoint, vacuum) in a worker thread: they touch only the
         store, while the loop goes on answering FUSE."""
         async with self._collecting:
+            await self.journal.wait_merged()
             sweep = self._sweep(force)
             if isinstance(sweep, Collection):
                 return sweep
@@ -657,6 +677,10 @@ class Collector:
         """Decide what is live and delete the other blocks (one synchronous step);
         the last collection if nothing changed since (`force=False`)."""
         t0 = time.monotonic()
+        if self.journal.merging:
+            # A merge in pieces has stored blocks its unmerged ops reference:
+            # deciding now would delete them (`collect_async` waits instead).
+            return self.last if self.last is not None else _not_run(self.store.stats().db_bytes)
         now = self._now()
         stable = self.stability.stable_vv()
         pins = self._pins()

@@ -7,6 +7,7 @@ as `dfs-peer gc` runs them.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import sqlite3
@@ -344,3 +345,46 @@ async def test_entries_merged_before_the_forget_arrived_are_dropped(
     finally:
         a.close()
         c.close()
+
+
+@pytest.mark.asyncio
+async def test_a_collection_while_a_checkpoint_merges_keeps_the_blocks_it_brought(
+    tmp_path: Path, keys: VolumeKeys
+) -> None:
+    # A fresh node stores a checkpoint's blocks, then merges its operations a
+    # piece at a time (the loop runs in between); a collection in between saw
+    # the blocks of the pieces not merged yet as referenced by nothing and
+    # deleted them: the node said it was up to date while it lacked them.
+    from tests.peer.test_sync import running
+
+    full = make_node(tmp_path, "full", keys)
+    contents = {f"f{i:04d}".encode(): os.urandom(1000) for i in range(600)}
+    for name, data in contents.items():
+        write_file(full, name, data)
+    full.collector.collect()  # alone: folds all of it into a checkpoint
+    assert full.store.get_checkpoint() is not None
+    fresh = make_node(tmp_path, "fresh", keys)
+    total = full.replica.counts()[0]
+    collected_while_merging = 0
+
+    async def collect_between_pieces() -> None:
+        nonlocal collected_while_merging
+        while True:
+            await asyncio.sleep(0)
+            if 0 < fresh.replica.counts()[0] < total:
+                fresh.collector.collect()
+                collected_while_merging += 1
+
+    async with running(full, fresh) as (a, b):
+        collector = asyncio.create_task(collect_between_pieces())
+        try:
+            link(a, b)
+            await wait_until(
+                lambda: fresh.replica.counts()[0] >= total, "the fresh node to merge", 60
+            )
+        finally:
+            collector.cancel()
+        wanted = set().union(*(current_blocks(full, name) for name in contents))
+        held = fresh.store.has_blocks(wanted)
+    assert collected_while_merging, "no collection ran while the checkpoint merged"
+    assert held == wanted, f"the fresh node lost {len(wanted - held)} of {len(wanted)} blocks"
