@@ -619,6 +619,25 @@ class Journal:
         while self.merging:
             await self._merged.wait()
 
+    @contextlib.contextmanager
+    def merging_in_pieces(self) -> Iterator[None]:
+        """Hold collection off (`wait_merged`) while blocks stored for ops are
+        ahead of the replica that will reference them."""
+        self.merging += 1
+        self._merged.clear()
+        try:
+            yield
+        finally:
+            self.merging -= 1
+            if not self.merging:
+                self._merged.set()
+
+    def store_blocks(self, blocks: Iterable[tuple[bytes, bytes]]) -> None:
+        """Store verified blocks from peers ahead of the ops that reference them
+        (in `merging_in_pieces`), so they need not wait in memory."""
+        with self._writing():
+            self.store.put_blocks(blocks)
+
     async def apply_in_pieces(self, ops: Sequence[Op]) -> Changes:
         """Merge stored `ops` into the replica `MERGE_PIECE_OPS` at a time,
         letting the loop answer FUSE between pieces; then tell who listens."""
@@ -628,21 +647,17 @@ class Journal:
         # pass over it took ~0.2 s of the loop for 20,000 files, at random points).
         gc_was_enabled = gc.isenabled()
         gc.disable()
-        self.merging += 1
-        self._merged.clear()
         try:
-            for start in range(0, len(ops), MERGE_PIECE_OPS):
-                piece = ops[start : start + MERGE_PIECE_OPS]
-                changes = self.replica.apply(piece)
-                if any(isinstance(op, Forget) for op in piece):
-                    changes = self.enforce_forgets() or changes
-                dirs |= changes.dirs
-                entries |= changes.entries
-                await asyncio.sleep(0)
+            with self.merging_in_pieces():
+                for start in range(0, len(ops), MERGE_PIECE_OPS):
+                    piece = ops[start : start + MERGE_PIECE_OPS]
+                    changes = self.replica.apply(piece)
+                    if any(isinstance(op, Forget) for op in piece):
+                        changes = self.enforce_forgets() or changes
+                    dirs |= changes.dirs
+                    entries |= changes.entries
+                    await asyncio.sleep(0)
         finally:
-            self.merging -= 1
-            if not self.merging:
-                self._merged.set()
             if gc_was_enabled:
                 gc.enable()
             _settle()

@@ -594,19 +594,23 @@ class Sync:
             return covered(self.journal.vv, covers)  # what it folds arrived meanwhile
         ops = cp.ops
         required, optional = self._needed(ops)
-        fetched, lost = await self._fetch(list(required), prefer=link, optional=list(optional))
-        # Merging the two checkpoints and sealing the result reads only the
-        # store: a worker thread, so the loop goes on answering FUSE.
-        prepared = await asyncio.to_thread(
-            self.journal.prepare_adoption, cp, dict(self.journal.vv), link.address
-        )
-        if prepared is None or not self.journal.install_adoption(
-            cp, prepared, fetched, wanted=lost
-        ):
-            return covered(self.journal.vv, covers)  # covered meanwhile
-        self._now_wanted(lost, link)
-        # The replica takes the ops a piece at a time: the loop goes on answering FUSE.
-        changes = await self.journal.apply_in_pieces(ops)
+        # A checkpoint's blocks can be the whole volume: they go to the store as
+        # they arrive, not into memory, and collection waits until the ops
+        # that reference them are merged.
+        with self.journal.merging_in_pieces():
+            fetched, lost = await self._fetch(
+                list(required), prefer=link, optional=list(optional), store=True
+            )
+            # Merging the two checkpoints and sealing the result reads only the
+            # store: a worker thread, so the loop goes on answering FUSE.
+            prepared = await asyncio.to_thread(
+                self.journal.prepare_adoption, cp, dict(self.journal.vv), link.address
+            )
+            if prepared is None or not self.journal.install_adoption(cp, prepared, wanted=lost):
+                return covered(self.journal.vv, covers)  # covered meanwhile
+            self._now_wanted(lost, link)
+            # The replica takes the ops a piece at a time: the loop goes on answering FUSE.
+            changes = await self.journal.apply_in_pieces(ops)
         self.metrics.ops_received.labels(link.label).inc(len(ops))  # old: no merge delay
         self.ops_in += len(ops)
         self.blocks_in += len(fetched)
@@ -729,9 +733,16 @@ class Sync:
         return got
 
     async def _fetch(
-        self, ids: Sequence[bytes], prefer: Link | None, optional: Sequence[bytes] = ()
+        self,
+        ids: Sequence[bytes],
+        prefer: Link | None,
+        optional: Sequence[bytes] = (),
+        *,
+        store: bool = False,
     ) -> tuple[list[tuple[bytes, bytes]], list[bytes]]:
-        """As `fetch`, but the blocks of `ids` no peer had are returned, not raised."""
+        """As `fetch`, but the blocks of `ids` no peer had are returned, not raised.
+        With `store`, each reply's blocks are stored as they arrive (the caller
+        holds collection off) and the pairs returned carry no bytes."""
         required = list(ids)
         asked = set(required)
         ids = required + [b for b in optional if b not in asked]
@@ -764,6 +775,9 @@ class Sync:
                         log.warning("bad blocks reply: from=%s reason=%s", link.address, exc)
                         continue
                     verified = await asyncio.to_thread(self._verify, pairs, set(want), link)
+                    if store:
+                        self.journal.store_blocks(verified.items())
+                        verified = dict.fromkeys(verified, b"")
                     got.update(verified)
                     self.metrics.blocks_received.labels(link.label).inc(len(verified))
                     self._missing_blocks = max(0, self._missing_blocks - len(verified))
