@@ -758,8 +758,12 @@ class Collector:
 
     async def run_periodically(self) -> None:
         """Collect every `COLLECT_EVERY_S`, or sooner after many new operations;
-        cheap when nothing changed (see `collect(force=False)`)."""
+        cheap when nothing changed (see `collect(force=False)`). Not in the
+        middle of a burst of local writes: one that many new operations call
+        for waits until a check finds none of this node's own since the last."""
         last_run = time.monotonic()
+        own = self.journal.identity.node_id
+        own_seq = self.journal.vv.get(own, 0)
         while True:
             try:
                 async with asyncio.timeout(CHECK_EVERY_S):
@@ -768,12 +772,13 @@ class Collector:
                 pass
             self._wake.clear()
             self.stability.persist()
-            own = self.journal.identity.node_id
+            writing = self.journal.vv.get(own, 0) != own_seq
+            own_seq = self.journal.vv.get(own, 0)
             if not self._warned_forgotten and own in self.journal.replica.forgotten():
                 self._warned_forgotten = True
                 log.warning(FORGOTTEN_WARNING)
             grown = sum(self.journal.vv.values()) - self._ops_at_last
-            if time.monotonic() - last_run < COLLECT_EVERY_S and grown < BIG_MERGE_OPS:
+            if time.monotonic() - last_run < COLLECT_EVERY_S and (grown < BIG_MERGE_OPS or writing):
                 continue
             last_run = time.monotonic()
             await self.collect_async(force=False)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from crdt.ops import ROOT, Forget
-from peer import wire
+from peer import gc, wire
 from peer.gc import AmbiguousMember, CannotForgetSelf, NoSuchMember
 from peer.identity import load_or_create
 from peer.keys import VolumeKeys
@@ -388,3 +388,28 @@ async def test_a_collection_while_a_checkpoint_merges_keeps_the_blocks_it_brough
         held = fresh.store.has_blocks(wanted)
     assert collected_while_merging, "no collection ran while the checkpoint merged"
     assert held == wanted, f"the fresh node lost {len(wanted - held)} of {len(wanted)} blocks"
+
+
+@pytest.mark.asyncio
+async def test_periodic_collection_waits_for_a_burst_of_local_writes_to_end(
+    tmp_path: Path, keys: VolumeKeys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A collection walks the whole volume: run every BIG_MERGE_OPS new ops, it
+    # took 9-13% of the node's time while a program created files.
+    monkeypatch.setattr(gc, "CHECK_EVERY_S", 0.25)
+    monkeypatch.setattr(gc, "BIG_MERGE_OPS", 20)
+    node = make_node(tmp_path, "a", keys)
+    periodic = asyncio.create_task(node.collector.run_periodically())
+    try:
+        burst_end = asyncio.get_running_loop().time() + 2.0
+        i = 0
+        while asyncio.get_running_loop().time() < burst_end:
+            write_file(node, f"f{i:05d}".encode(), b"x")
+            i += 1
+            await asyncio.sleep(0.005)
+        assert i > 100
+        assert node.collector.runs == 0, f"{node.collector.runs} collections during the burst"
+        await wait_until(lambda: node.collector.runs > 0, "a collection once the burst ended", 5)
+    finally:
+        periodic.cancel()
+        node.close()
