@@ -69,7 +69,7 @@ class Forget:
     the greatest `upto` of the votes that count are refused by every node: a
     forgotten node that comes back must join again under a new id (a fresh
     data dir), because what it writes may build on history the others have
-    already collected. See `peer.gc`.
+    already collected. See `peer.storage.gc`.
     """
 
     hlc: Hlc

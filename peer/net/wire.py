@@ -33,7 +33,7 @@ MAX_RESPONSE_BYTES = 48 * 1024 * 1024
 LOG_BATCH_BYTES = 4 * 1024 * 1024
 BLOCKS_PER_REQUEST = 64
 MAX_SEALED_BYTES = 1024 * 1024
-MAX_CHECKPOINT_BYTES = 32 * 1024 * 1024  # a sealed checkpoint (`peer.checkpoint`)
+MAX_CHECKPOINT_BYTES = 32 * 1024 * 1024  # a sealed checkpoint (`peer.storage.checkpoint`)
 MAX_NAME = 256
 MAX_VV_NODES = 100_000
 # Signed heads a hello or watch answer carries (one per node), and fork proofs.
@@ -64,7 +64,7 @@ class Hello:
     name: str
     vv: VersionVector
     known: Gossip = field(default_factory=dict)
-    # The sender's newest signed head of each node it holds (`peer.chain`),
+    # The sender's newest signed head of each node it holds (`peer.storage.chain`),
     # and the fork proofs it keeps.
     heads: list[Head] = field(default_factory=list)
     forks: list[Proof] = field(default_factory=list)
@@ -91,7 +91,7 @@ class LogRequest:
 class LogResponse:
     entries: list[LogEntry]
     more: bool
-    # The sender's sealed checkpoint (`peer.checkpoint`), sent first when the
+    # The sender's sealed checkpoint (`peer.storage.checkpoint`), sent first when the
     # caller's vector does not cover it; `entries` then follow its `covers`.
     checkpoint: bytes | None = None
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import nacl.encoding
 import nacl.hash
 
-# 2: chained log entries, signed heads and fork proofs (`peer.chain`), checkpoint format 2.
+# 2: chained log entries, signed heads and fork proofs (`peer.storage.chain`), checkpoint format 2.
 PROTOCOL = 2
 
 HEADER_NODE = "X-Dfs-Node"
