@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.single_node import rss_mib
+from benchmarks.single_node import precompile, rss_mib
 from scenarios.cluster import Cluster
 from scenarios.harness import free_port, wait_for
 from scenarios.report import Report
@@ -344,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     corpus = QUICK if args.quick else FULL
     reps = args.reps or (1 if args.quick else 3)
     binary = ensure_syncthing()
+    precompile()
     version = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout.split()[
         1
     ]
