@@ -261,10 +261,7 @@ class Node:
         # Names the kernel holds that a local commit changed behind its back
         # (a sibling's `~hex` suffix): invalidated by `invalidate_local`, never
         # inside the request handler that committed (that can deadlock).
-        # (inodes, names) the kernel must forget after local commits.
-        self._stale_names: asyncio.Queue[tuple[list[int], list[tuple[int, bytes]]]] = (
-            asyncio.Queue()
-        )
+        self._stale_names: asyncio.Queue[list[tuple[int, bytes]]] = asyncio.Queue()
         self.journal.listeners.append(self._local_changed)
         # Open pairing invitations (`dfs-peer invite`); None without the root.
         self.invitations: invitations.Invitations | None = None
@@ -308,14 +305,14 @@ class Node:
             return
         names = self.volume.local_changed(changes)
         if names:
-            self._stale_names.put_nowait(([], names))
+            self._stale_names.put_nowait(names)
 
     async def invalidate_local(self) -> None:
         """Make the kernel forget the names local commits changed, as they come."""
         while True:
-            inodes, names = await self._stale_names.get()
+            names = await self._stale_names.get()
             if self.operations is not None:
-                await self.operations.invalidate(inodes, names)
+                await self.operations.invalidate((), names)
 
     def remembered_peers(self) -> list[tuple[str, int]]:
         raw = self.store.get_meta(REMEMBERED_PEERS)
@@ -360,13 +357,7 @@ class Node:
         node = gc.resolve_member(self.stability, text)
         cut = gc.forget_cut(self.stability, node)
         name = self.replica.members().get(node, "?")
-        changes = self.journal.commit(lambda stamp: [gc.Forget(stamp(), node, cut)])
-        if self.operations is not None:
-            # Enforced, a forget drops operations merged here: the files they
-            # wrote change under the kernel's caches, as after a remote change.
-            inodes, names = self.volume.remote_changed(changes)
-            if inodes or names:
-                self._stale_names.put_nowait((list(inodes), list(names)))
+        self.journal.commit(lambda stamp: [gc.Forget(stamp(), node, cut)])
         done = node in self.replica.forgotten()
         votes, needed = gc.forget_tally(self.replica, node)
         log.info(
