@@ -595,9 +595,7 @@ async def serve_mount(
     from fuse.adapter import FuseOperations
     from fuse.mount import MountFailed, serve, terminate
 
-    # keep_cache: every remote change invalidates what it changed (`invalidate`),
-    # so a file opened again reads from the page cache, not through FUSE.
-    node.operations = FuseOperations(node.volume, keep_cache=True)
+    node.operations = FuseOperations(node.volume)
     node.operations.on_request = node.metrics.fuse_request
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
