@@ -51,6 +51,9 @@ node: setup
 	@echo
 	$(BIN)/dfs-peer join --secret-file $(DEMO)/secret --data-dir $(DEMO)/data $(DEMO)/mnt
 
+# Beside gocryptfs (single node) and Syncthing (sync, memory), then the network
+# figures; `make bench QUICK=1` runs smaller sizes once, for iteration.
 bench: setup
-	$(BIN)/python -m benchmarks.single_node
-	$(BIN)/python -m benchmarks.network
+	$(BIN)/python -m benchmarks.single_node $(if $(QUICK),--quick)
+	$(BIN)/python -m benchmarks.sync $(if $(QUICK),--quick)
+	$(if $(QUICK),,$(BIN)/python -m benchmarks.network)

@@ -1,141 +1,424 @@
-"""Single-node benchmark: the mount beside a tmpfs directory, in one run.
+"""Single-node benchmark: work inside the mount, beside gocryptfs, in one run.
 
-Prints sequential write and read MB/s of a 256 MiB file (the read after a
-remount, so it is not served by the kernel's page cache) and the time to create
-and then stat 5,000 small files, on the dfs-peer mount and on tmpfs, with the
-ratios. With --profile, the node runs under cProfile and the top functions are
-printed, to show where the time goes.
+Seven workloads run through a dfs-peer mount and through a gocryptfs mount (an
+encrypted FUSE file system people use for the same job on one machine), in
+alternating order over `--reps` repetitions, and each row is printed with the
+range over the repetitions and the ratio of the medians:
 
-    python -m benchmarks.single_node [--size-mib 256] [--files 5000] [--profile]
+- sequential write of a 256 MiB file, fsync'd at the end (`dd conv=fsync`);
+- sequential read of it after a remount (the benchmark never writes
+  /proc/sys/vm/drop_caches: the machines are shared; a remount drops the
+  mount's cache);
+- create 2,000 x 4 KiB files, then `sync`;
+- `find` + stat of those 2,000 files after a remount;
+- 4 KiB random writes into a 64 MiB file, fsync every 100;
+- `tar x` of a ~700-file, ~16 MB source-like tree, then `sync`;
+- `git init && git add -A && git commit` of that tree.
+
+Targets (issue 11): rates at >= 0.5x gocryptfs, times at <= 2x. With
+`--profile` the node runs under cProfile and the top functions are printed;
+`--quick` runs one repetition of smaller sizes, for iteration.
+
+    python -m benchmarks.single_node [--quick] [--reps 3] [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
+import compileall
+import io
 import os
 import pstats
+import random
 import shutil
+import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from scenarios.harness import NodeProcess, new_secret
 
 CHUNK = 1 << 20
+SMALL = 4096
+RANDOM_FILE_MIB = 64
+FSYNC_EVERY = 100
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "bench",
+    "GIT_AUTHOR_EMAIL": "bench@example.invalid",
+    "GIT_COMMITTER_NAME": "bench",
+    "GIT_COMMITTER_EMAIL": "bench@example.invalid",
+    "GIT_CONFIG_NOSYSTEM": "1",
+}
 
 
-def drop_caches() -> None:
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-    except OSError:
-        pass
+@dataclass(frozen=True, slots=True)
+class Sizes:
+    seq_mib: int
+    files: int
+    random_writes: int
+    tree_files: int
+    tree_mb: float
 
 
-def seq_write(path: Path, size_mib: int) -> float:
-    # Distinct random data, made before the clock starts: repeating one chunk
-    # would measure deduplication (equal blocks have equal ids), not writing.
-    data = memoryview(os.urandom(size_mib * CHUNK))
+FULL = Sizes(seq_mib=256, files=2000, random_writes=2000, tree_files=729, tree_mb=15.8)
+QUICK = Sizes(seq_mib=64, files=500, random_writes=500, tree_files=200, tree_mb=4.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    key: str
+    label: str
+    unit: str
+    higher_is_better: bool  # a rate; else a time in seconds
+
+
+ROWS = [
+    Row("write", "sequential write {seq} MiB, conv=fsync", "MB/s", True),
+    Row("read", "sequential read {seq} MiB after a remount", "MB/s", True),
+    Row("create", "create {files:,} x 4 KiB files, then sync", "files/s", True),
+    Row("stat", "find + stat {files:,} files after a remount", "files/s", True),
+    Row("random", "4 KiB random writes, fsync every 100", "writes/s", True),
+    Row("tar", "tar x of {tree_files} files ({tree_mb} MB), then sync", "s", False),
+    Row("git", "git init && git add -A && git commit of that tree", "s", False),
+]
+
+
+class Target:
+    """A mounted file system the workloads run in, and how to remount it."""
+
+    name = ""
+    root: Path
+
+    def remount(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class DfsPeer(Target):
+    name = "dfs-peer"
+
+    def __init__(self, work: Path) -> None:
+        secret = work / "secret"
+        secret.write_text(new_secret())
+        self.node = NodeProcess(
+            secret,
+            work / "data",
+            work / "mnt",
+            name="bench",
+            extra=["--no-mdns", "--listen", "127.0.0.1:0"],
+        )
+        self.node.start()
+        self.root = self.node.mountpoint
+
+    def remount(self) -> None:
+        self.node.stop()
+        self.node.start()
+
+    def rss_mib(self) -> float:
+        proc = self.node.proc
+        return rss_mib(proc.pid) if proc is not None else 0.0
+
+    def close(self) -> None:
+        self.node.stop()
+
+
+class Gocryptfs(Target):
+    name = "gocryptfs"
+
+    def __init__(self, work: Path) -> None:
+        if shutil.which("gocryptfs") is None:
+            raise SystemExit(
+                "benchmarks.single_node: gocryptfs is not installed (apt-get install gocryptfs)"
+            )
+        self.cipher, self.root, self.pw = work / "gc.cipher", work / "gc.plain", work / "gc.pw"
+        self.cipher.mkdir()
+        self.root.mkdir()
+        self.pw.write_text("benchmark passphrase\n")
+        subprocess.run(
+            [
+                "gocryptfs",
+                "-init",
+                "-q",
+                "-passfile",
+                str(self.pw),
+                "-scryptn",
+                "10",
+                str(self.cipher),
+            ],
+            check=True,
+        )
+        self._mount()
+
+    def _mount(self) -> None:
+        subprocess.run(
+            [
+                "gocryptfs",
+                "-q",
+                "-nosyslog",
+                "-passfile",
+                str(self.pw),
+                str(self.cipher),
+                str(self.root),
+            ],
+            check=True,
+        )
+
+    def remount(self) -> None:
+        subprocess.run(["fusermount3", "-u", str(self.root)], check=True)
+        self._mount()
+
+    def close(self) -> None:
+        subprocess.run(["fusermount3", "-u", "-z", str(self.root)], check=False)
+
+
+def precompile() -> None:
+    """Byte-compile dfs-peer's own modules, as an installed package has them.
+
+    A checkout run with PYTHONDONTWRITEBYTECODE (as on the test machines)
+    would otherwise compile every module again at each node start (~0.7 s of
+    CPU), which the sync benchmark would count as catching up."""
+    root = Path(__file__).resolve().parents[1]
+    for package in ("crdt", "discovery", "fuse", "peer"):
+        compileall.compile_dir(root / package, quiet=1)
+
+
+def rss_mib(pid: int, field: str = "VmRSS") -> float:
+    """A process's resident memory (or `VmHWM`, its peak) in MiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def make_tree_tarball(path: Path, files: int, total_mb: float) -> None:
+    """A source-like tree: text files of skewed sizes in nested directories.
+
+    Words from a small vocabulary, so git's zlib and delta work look like a
+    real tree's; seeded, so every run extracts the same bytes.
+    """
+    rng = random.Random(729)
+    words = [
+        "".join(rng.choice("abcdefghijklmnopqrstuvwxyz_") for _ in range(rng.randint(2, 12)))
+        for _ in range(4000)
+    ]
+    sizes = [rng.lognormvariate(0, 1.2) for _ in range(files)]
+    scale = total_mb * 1e6 / sum(sizes)
+    dirs = [f"src/pkg{i // 8}/mod{i % 8}" for i in range(files // 20 + 1)]
+    with tarfile.open(path, "w") as tar:
+        for i, s in enumerate(sizes):
+            n = max(16, int(s * scale))
+            text = io.StringIO()
+            while text.tell() < n:
+                line = " ".join(rng.choices(words, k=rng.randint(1, 12)))
+                text.write("    " * rng.randint(0, 3) + line + "\n")
+            data = text.getvalue()[:n].encode()
+            info = tarfile.TarInfo(f"tree/{rng.choice(dirs)}/file{i:04d}.py")
+            info.size = len(data)
+            info.mtime = 1_700_000_000
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(data))
+
+
+def timed(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def seq_write(path: Path, data: memoryview) -> None:
     with open(path, "wb") as f:
-        for i in range(size_mib):
-            f.write(data[i * CHUNK : (i + 1) * CHUNK])
+        for i in range(0, len(data), CHUNK):
+            f.write(data[i : i + CHUNK])
         f.flush()
         os.fsync(f.fileno())
-    return size_mib / (time.perf_counter() - t0)
 
 
-def seq_read(path: Path, size_mib: int) -> float:
-    t0 = time.perf_counter()
+def seq_read(path: Path) -> None:
     with open(path, "rb", buffering=0) as f:
         while f.read(CHUNK):
             pass
-    return size_mib / (time.perf_counter() - t0)
 
 
-def small_files(root: Path, n: int) -> tuple[float, float]:
-    d = root / "small"
+def create_files(d: Path, n: int) -> None:
     d.mkdir()
-    payload = b"x" * 100
-    t0 = time.perf_counter()
+    payload = os.urandom(SMALL)
     for i in range(n):
         with open(d / f"f{i:05d}", "wb") as f:
-            f.write(payload)
-    created = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for i in range(n):
-        os.stat(d / f"f{i:05d}")
-    stated = time.perf_counter() - t0
-    return created, stated
+            f.write(payload[i % 64 :] + payload[: i % 64])  # distinct content per file
+    os.sync()
+
+
+def find_stat(d: Path, expected: int) -> None:
+    seen = 0
+    for top, _dirs, names in os.walk(d):
+        for name in names:
+            os.lstat(os.path.join(top, name))
+            seen += 1
+    if seen != expected:
+        raise RuntimeError(f"find saw {seen} files in {d}, not {expected}")
+
+
+def random_writes(path: Path, n: int, file_mib: int) -> float:
+    """Seconds for `n` 4 KiB writes at random aligned offsets, fsync every 100
+    (the file is written and synced first, outside the clock)."""
+    size = file_mib * CHUNK
+    with open(path, "wb") as f:
+        for _ in range(file_mib):
+            f.write(os.urandom(CHUNK))
+        os.fsync(f.fileno())
+    rng = random.Random(4096)
+    offsets = [rng.randrange(size // SMALL) * SMALL for _ in range(n)]
+    blocks = [os.urandom(SMALL) for _ in range(16)]
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        t0 = time.perf_counter()
+        for i, off in enumerate(offsets, 1):
+            os.pwrite(fd, blocks[i % 16], off)
+            if i % FSYNC_EVERY == 0:
+                os.fsync(fd)
+        os.fsync(fd)
+        return time.perf_counter() - t0
+    finally:
+        os.close(fd)
+
+
+def untar(tarball: Path, d: Path) -> None:
+    d.mkdir()
+    subprocess.run(["tar", "xf", str(tarball), "-C", str(d)], check=True)
+    os.sync()
+
+
+def git_commit(tree: Path) -> None:
+    env = {**os.environ, **GIT_ENV}
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-q", "-m", "tree"]):
+        subprocess.run(cmd, cwd=tree, env=env, check=True)
 
 
 def run_suite(
-    root: Path, size_mib: int, files: int, remount: Callable[[], None]
+    t: Target, rep: int, sizes: Sizes, data: memoryview, tarball: Path
 ) -> dict[str, float]:
-    big = root / "big.bin"
-    w = seq_write(big, size_mib)
-    remount()
-    drop_caches()
-    r = seq_read(big, size_mib)
-    created, stated = small_files(root, files)
-    return {"write MB/s": w, "read MB/s": r, "create s": created, "stat s": stated}
+    base = t.root / f"rep{rep}"
+    base.mkdir()
+    r: dict[str, float] = {}
+    mib = len(data) / CHUNK
+    big = base / "big.bin"
+    r["write"] = mib * CHUNK / 1e6 / timed(lambda: seq_write(big, data))
+    t.remount()
+    r["read"] = mib * CHUNK / 1e6 / timed(lambda: seq_read(big))
+    big.unlink()
+    small = base / "small"
+    r["create"] = sizes.files / timed(lambda: create_files(small, sizes.files))
+    t.remount()
+    r["stat"] = sizes.files / timed(lambda: find_stat(small, sizes.files))
+    r["random"] = sizes.random_writes / random_writes(
+        base / "random.bin", sizes.random_writes, RANDOM_FILE_MIB
+    )
+    (base / "random.bin").unlink()
+    tree = base / "x"
+    r["tar"] = timed(lambda: untar(tarball, tree))
+    r["git"] = timed(lambda: git_commit(tree / "tree"))
+    return r
 
 
-def main() -> int:
+def fmt(v: float) -> str:
+    if v >= 100:
+        return f"{v:,.0f}"
+    if v >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def span(values: list[float]) -> str:
+    lo, hi = min(values), max(values)
+    return fmt(lo) if fmt(lo) == fmt(hi) else f"{fmt(lo)}-{fmt(hi)}"
+
+
+def print_table(
+    results: dict[str, list[dict[str, float]]], sizes: Sizes, reps: int, load: str
+) -> None:
+    names = {
+        "seq": sizes.seq_mib,
+        "files": sizes.files,
+        "tree_files": sizes.tree_files,
+        "tree_mb": sizes.tree_mb,
+    }
+    print(f"\nsingle node, dfs-peer beside gocryptfs: {reps} alternating repetitions ({load})")
+    print("| workload (through the mount) | dfs-peer | gocryptfs | dfs-peer / gocryptfs | target |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for row in ROWS:
+        ours = [r[row.key] for r in results["dfs-peer"]]
+        theirs = [r[row.key] for r in results["gocryptfs"]]
+        ratio = statistics.median(ours) / statistics.median(theirs)
+        if row.higher_is_better:
+            verdict = "ok" if ratio >= 0.5 else "misses"
+            rtext, target = f"{ratio:.2f}x", f"≥ 0.5x ({verdict})"
+        else:
+            verdict = "ok" if ratio <= 2 else "misses"
+            rtext, target = f"{ratio:.1f}x the time", f"≤ 2x ({verdict})"
+        print(
+            f"| {row.label.format(**names)} | {span(ours)} {row.unit} | "
+            f"{span(theirs)} {row.unit} | {rtext} | {target} |"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--size-mib", type=int, default=256)
-    ap.add_argument("--files", type=int, default=5000)
+    ap.add_argument("--quick", action="store_true", help="one repetition of smaller sizes")
+    ap.add_argument("--reps", type=int, default=None, help="repetitions (default 3, quick 1)")
     ap.add_argument("--profile", action="store_true", help="profile the node with cProfile")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    reps = args.reps or (1 if args.quick else 3)
+    precompile()
 
-    work = Path(tempfile.mkdtemp(prefix="dfs-bench-"))
-    tmpfs = work / "tmpfs"
-    tmpfs.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2g", "tmpfs", str(tmpfs)], check=True)
-    secret = work / "secret"
-    secret.write_text(new_secret())
+    work = Path(tempfile.mkdtemp(prefix="dfs-bench-", dir="/var/tmp"))
     prof = work / "node.prof"
     if args.profile:
         os.environ["DFS_PEER_PROFILE"] = str(prof)
-    node = NodeProcess(
-        secret,
-        work / "data",
-        work / "mnt",
-        name="bench",
-        extra=["--no-mdns", "--listen", "127.0.0.1:0"],
-    )
+    tarball = work / "tree.tar"
+    make_tree_tarball(tarball, sizes.tree_files, sizes.tree_mb)
+    # Distinct random data, made before the clock starts: repeating one chunk
+    # would measure deduplication (equal blocks have equal ids), not writing.
+    data = memoryview(os.urandom(sizes.seq_mib * CHUNK))
+    (work / "dfs").mkdir()
+    (work / "gc").mkdir()
+    targets: list[Target] = []
+    results: dict[str, list[dict[str, float]]] = {"dfs-peer": [], "gocryptfs": []}
+    rss: list[float] = []
+    load0 = os.getloadavg()[0]
     try:
-        node.start()
-
-        def remount() -> None:
-            node.stop()
-            node.start()
-
-        results = {
-            "dfs-peer": run_suite(node.mountpoint, args.size_mib, args.files, remount),
-            "tmpfs": run_suite(tmpfs, args.size_mib, args.files, lambda: None),
-        }
-        node.stop()
+        dfs = DfsPeer(work / "dfs")
+        targets.append(dfs)
+        targets.append(Gocryptfs(work / "gc"))
+        for rep in range(reps):
+            order = targets if rep % 2 == 0 else targets[::-1]
+            for t in order:
+                print(f"rep {rep + 1}/{reps}: {t.name} ...", file=sys.stderr, flush=True)
+                results[t.name].append(run_suite(t, rep, sizes, data, tarball))
+                if t is dfs:
+                    rss.append(dfs.rss_mib())
     finally:
-        node.stop()
-        subprocess.run(["umount", str(tmpfs)], check=False)
-    store = sum(p.stat().st_size for p in (work / "data").rglob("*") if p.is_file())
-    print(f"\nsingle node, {args.size_mib} MiB file, {args.files} small files")
-    print(f"{'':14}{'dfs-peer':>12}{'tmpfs':>12}{'ratio':>10}")
-    for key in results["dfs-peer"]:
-        a, b = results["dfs-peer"][key], results["tmpfs"][key]
-        ratio = a / b if b else float("inf")
-        print(f"{key:14}{a:12.2f}{b:12.2f}{ratio:10.2f}")
-    print(f"store size after the run: {store / 2**20:.1f} MiB")
+        for t in targets:
+            t.close()
+    load = f"load average {load0:.2f} at the start, {os.getloadavg()[0]:.2f} at the end"
+    print_table(results, sizes, reps, load)
+    print(f"\nnode resident memory after each repetition: {', '.join(f'{m:.0f}' for m in rss)} MiB")
+    store = sum(p.stat().st_size for p in (work / "dfs" / "data").rglob("*") if p.is_file())
+    print(f"node store after the run: {store / 2**20:.1f} MiB")
     profiles = sorted(str(p) for p in work.glob("node.prof.*"))
     if args.profile and profiles:
         print("\nwhere the node's time went (cProfile over every node run, by own time):")
-        pstats.Stats(*profiles, stream=sys.stdout).sort_stats("tottime").print_stats(25)
+        pstats.Stats(*profiles, stream=sys.stdout).sort_stats("tottime").print_stats(30)
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -26,6 +26,7 @@ from peer.storage.store import Store
 
 if TYPE_CHECKING:
     from peer.net.sync import Link
+    from peer.storage.journal import Journal
 
 # Logs under the name its messages had before it left sync.py.
 log = logging.getLogger("peer.sync")
@@ -59,6 +60,7 @@ class Fetching:
         _want_next: dict[bytes, tuple[float, float]]
         _want_wake: asyncio.Event
         blocks_in: int
+        journal: Journal
         keys: VolumeKeys
         links: dict[tuple[str, int], Link]
         metrics: Metrics
@@ -86,9 +88,16 @@ class Fetching:
         return got
 
     async def _fetch(
-        self, ids: Sequence[bytes], prefer: Link | None, optional: Sequence[bytes] = ()
+        self,
+        ids: Sequence[bytes],
+        prefer: Link | None,
+        optional: Sequence[bytes] = (),
+        *,
+        store: bool = False,
     ) -> tuple[list[tuple[bytes, bytes]], list[bytes]]:
-        """As `fetch`, but the blocks of `ids` no peer had are returned, not raised."""
+        """As `fetch`, but the blocks of `ids` no peer had are returned, not raised.
+        With `store`, each reply's blocks are stored as they arrive (the caller
+        holds collection off) and the pairs returned carry no bytes."""
         required = list(ids)
         asked = set(required)
         ids = required + [b for b in optional if b not in asked]
@@ -121,6 +130,9 @@ class Fetching:
                         log.warning("bad blocks reply: from=%s reason=%s", link.address, exc)
                         continue
                     verified = await asyncio.to_thread(self._verify, pairs, set(want), link)
+                    if store:
+                        self.journal.store_blocks(verified.items())
+                        verified = dict.fromkeys(verified, b"")
                     got.update(verified)
                     self.metrics.blocks_received.labels(link.label).inc(len(verified))
                     self._missing_blocks = max(0, self._missing_blocks - len(verified))

@@ -519,19 +519,23 @@ class Sync(Fetching, Serving):
             return covered(self.journal.vv, covers)  # what it folds arrived meanwhile
         ops = cp.ops
         required, optional = self._needed(ops)
-        fetched, lost = await self._fetch(list(required), prefer=link, optional=list(optional))
-        # Merging the two checkpoints and sealing the result reads only the
-        # store: a worker thread, so the loop goes on answering FUSE.
-        prepared = await asyncio.to_thread(
-            self.journal.prepare_adoption, cp, dict(self.journal.vv), link.address
-        )
-        if prepared is None or not self.journal.install_adoption(
-            cp, prepared, fetched, wanted=lost
-        ):
-            return covered(self.journal.vv, covers)  # covered meanwhile
-        self._now_wanted(lost, link)
-        # The replica takes the ops a piece at a time: the loop goes on answering FUSE.
-        changes = await self.journal.apply_in_pieces(ops)
+        # A checkpoint's blocks can be the whole volume: they go to the store as
+        # they arrive, not into memory, and collection waits until the ops
+        # that reference them are merged.
+        with self.journal.merging_in_pieces():
+            fetched, lost = await self._fetch(
+                list(required), prefer=link, optional=list(optional), store=True
+            )
+            # Merging the two checkpoints and sealing the result reads only the
+            # store: a worker thread, so the loop goes on answering FUSE.
+            prepared = await asyncio.to_thread(
+                self.journal.prepare_adoption, cp, dict(self.journal.vv), link.address
+            )
+            if prepared is None or not self.journal.install_adoption(cp, prepared, wanted=lost):
+                return covered(self.journal.vv, covers)  # covered meanwhile
+            self._now_wanted(lost, link)
+            # The replica takes the ops a piece at a time: the loop goes on answering FUSE.
+            changes = await self.journal.apply_in_pieces(ops)
         self.metrics.ops_received.labels(link.label).inc(len(ops))  # old: no merge delay
         self.ops_in += len(ops)
         self.blocks_in += len(fetched)
@@ -590,7 +594,14 @@ class Sync(Fetching, Serving):
         return required - held, optional - held
 
     async def _merge(self, link: Link, entries: list[LogEntry], ops: list[Op]) -> None:
-        """Fetch the blocks `entries` need and merge them, a bounded piece at a time."""
+        """Fetch the blocks `entries` need and merge them, a bounded piece at a time.
+
+        The blocks go to the store as they arrive, not into memory; collection
+        waits until the ops that reference them are merged."""
+        with self.journal.merging_in_pieces():
+            await self._merge_pieces(link, entries, ops)
+
+    async def _merge_pieces(self, link: Link, entries: list[LogEntry], ops: list[Op]) -> None:
         required, optional = self._needed(ops)
         start = 0
         while start < len(entries):
@@ -614,14 +625,14 @@ class Sync(Fetching, Serving):
             self._missing_bytes = BLOCK_SIZE * len(want)
             try:
                 fetched, lost = await self._fetch(
-                    list(must), prefer=link, optional=list(want - must)
+                    list(must), prefer=link, optional=list(want - must), store=True
                 )
             finally:
                 self._missing_blocks = self._missing_bytes = 0
             # Degrade, never halt: operations whose blocks no peer has merge
             # anyway; the blocks are wanted, and only reads of them fail.
             changes = self.journal.merge_remote(
-                entries[start:end], ops[start:end], fetched, wanted=lost, source=link.address
+                entries[start:end], ops[start:end], wanted=lost, source=link.address
             )
             self._now_wanted(lost, link)
             self.metrics.merged(link.label, [op.hlc for op in ops[start:end]], wall_ms())

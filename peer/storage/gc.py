@@ -177,6 +177,25 @@ class Collection:
     store_bytes_reclaimed: int
 
 
+def _not_run(store_bytes: int) -> Collection:
+    return Collection(
+        at=time.time(),
+        seconds=0.0,
+        ran=False,
+        blocks_freed=0,
+        bytes_freed=0,
+        blocks_kept=0,
+        versions_kept=0,
+        versions_unstable=0,
+        versions_in_retention=0,
+        versions_thinned=0,
+        log_entries_folded=0,
+        store_bytes_before=store_bytes,
+        store_bytes_after=store_bytes,
+        store_bytes_reclaimed=0,
+    )
+
+
 class Stability:
     """Every member's version vector as this node knows it, and what is stable."""
 
@@ -672,6 +691,7 @@ class Collector:
         into the checkpoint, vacuum) in a worker thread: they touch only the
         store, while the loop goes on answering FUSE."""
         async with self._collecting:
+            await self.journal.wait_merged()
             sweep = self._sweep(force)
             if isinstance(sweep, Collection):
                 return sweep
@@ -684,6 +704,10 @@ class Collector:
         """Decide what is live and delete the other blocks (one synchronous step);
         the last collection if nothing changed since (`force=False`)."""
         t0 = time.monotonic()
+        if self.journal.merging:
+            # A merge in pieces has stored blocks its unmerged ops reference:
+            # deciding now would delete them (`collect_async` waits instead).
+            return self.last if self.last is not None else _not_run(self.store.stats().db_bytes)
         now = self._now()
         stable = self.stability.stable_vv()
         pins = self._pins()
@@ -761,8 +785,12 @@ class Collector:
 
     async def run_periodically(self) -> None:
         """Collect every `COLLECT_EVERY_S`, or sooner after many new operations;
-        cheap when nothing changed (see `collect(force=False)`)."""
+        cheap when nothing changed (see `collect(force=False)`). Not in the
+        middle of a burst of local writes: one that many new operations call
+        for waits until a check finds none of this node's own since the last."""
         last_run = time.monotonic()
+        own = self.journal.identity.node_id
+        own_seq = self.journal.vv.get(own, 0)
         while True:
             try:
                 async with asyncio.timeout(CHECK_EVERY_S):
@@ -771,12 +799,13 @@ class Collector:
                 pass
             self._wake.clear()
             self.stability.persist()
-            own = self.journal.identity.node_id
+            writing = self.journal.vv.get(own, 0) != own_seq
+            own_seq = self.journal.vv.get(own, 0)
             if not self._warned_forgotten and own in self.journal.replica.forgotten():
                 self._warned_forgotten = True
                 log.warning(FORGOTTEN_WARNING)
             grown = sum(self.journal.vv.values()) - self._ops_at_last
-            if time.monotonic() - last_run < COLLECT_EVERY_S and grown < BIG_MERGE_OPS:
+            if time.monotonic() - last_run < COLLECT_EVERY_S and (grown < BIG_MERGE_OPS or writing):
                 continue
             last_run = time.monotonic()
             await self.collect_async(force=False)

@@ -224,6 +224,11 @@ class Journal:
         # a `Forget` that arrives then sets `forgets_due` instead of rebuilding.
         self.defer_forgets = False
         self.forgets_due = asyncio.Event()
+        # Merges in pieces under way (`apply_in_pieces`): their blocks are stored
+        # but not yet referenced by the replica, so collection must wait.
+        self.merging = 0
+        self._merged = asyncio.Event()
+        self._merged.set()
 
     @property
     def checkpoint(self) -> Checkpoint | None:
@@ -722,6 +727,30 @@ class Journal:
         self._raise_stamps(prepared.seen.values())
         return True
 
+    async def wait_merged(self) -> None:
+        """Until no merge in pieces is under way."""
+        while self.merging:
+            await self._merged.wait()
+
+    @contextlib.contextmanager
+    def merging_in_pieces(self) -> Iterator[None]:
+        """Hold collection off (`wait_merged`) while blocks stored for ops are
+        ahead of the replica that will reference them."""
+        self.merging += 1
+        self._merged.clear()
+        try:
+            yield
+        finally:
+            self.merging -= 1
+            if not self.merging:
+                self._merged.set()
+
+    def store_blocks(self, blocks: Iterable[tuple[bytes, bytes]]) -> None:
+        """Store verified blocks from peers ahead of the ops that reference them
+        (in `merging_in_pieces`), so they need not wait in memory."""
+        with self._writing():
+            self.store.put_blocks(blocks)
+
     async def apply_in_pieces(self, ops: Sequence[Op]) -> Changes:
         """Merge stored `ops` into the replica `MERGE_PIECE_OPS` at a time,
         letting the loop answer FUSE between pieces; then tell who listens."""
@@ -729,7 +758,7 @@ class Journal:
         entries: set[bytes] = set()
         # As in replay: no cyclic collection while the replica grows (a full
         # pass over it took ~0.2 s of the loop for 20,000 files, at random points).
-        with _collector_paused():
+        with _collector_paused(), self.merging_in_pieces():
             for start in range(0, len(ops), MERGE_PIECE_OPS):
                 piece = ops[start : start + MERGE_PIECE_OPS]
                 changes = self.replica.apply(piece)

@@ -7,6 +7,7 @@ as `dfs-peer gc` runs them.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import sqlite3
@@ -22,6 +23,7 @@ from peer.keys import VolumeKeys
 from peer.net import wire
 from peer.net.sync import Sync
 from peer.node import Node, NodeConfig
+from peer.storage import gc
 from peer.storage.gc import AmbiguousMember, CannotForgetSelf, NoSuchMember
 from peer.storage.store import SCHEMA_VERSION, Store
 from tests.peer.test_sync import CALLER, link, read_file, wait_until, write_file
@@ -344,3 +346,71 @@ async def test_entries_merged_before_the_forget_arrived_are_dropped(
     finally:
         a.close()
         c.close()
+
+
+@pytest.mark.asyncio
+async def test_a_collection_while_a_checkpoint_merges_keeps_the_blocks_it_brought(
+    tmp_path: Path, keys: VolumeKeys
+) -> None:
+    # A fresh node stores a checkpoint's blocks, then merges its operations a
+    # piece at a time (the loop runs in between); a collection in between saw
+    # the blocks of the pieces not merged yet as referenced by nothing and
+    # deleted them: the node said it was up to date while it lacked them.
+    from tests.peer.test_sync import running
+
+    full = make_node(tmp_path, "full", keys)
+    contents = {f"f{i:04d}".encode(): os.urandom(1000) for i in range(600)}
+    for name, data in contents.items():
+        write_file(full, name, data)
+    full.collector.collect()  # alone: folds all of it into a checkpoint
+    assert full.store.get_checkpoint() is not None
+    fresh = make_node(tmp_path, "fresh", keys)
+    total = full.replica.counts()[0]
+    collected_while_merging = 0
+
+    async def collect_between_pieces() -> None:
+        nonlocal collected_while_merging
+        while True:
+            await asyncio.sleep(0)
+            if 0 < fresh.replica.counts()[0] < total:
+                fresh.collector.collect()
+                collected_while_merging += 1
+
+    async with running(full, fresh) as (a, b):
+        collector = asyncio.create_task(collect_between_pieces())
+        try:
+            link(a, b)
+            await wait_until(
+                lambda: fresh.replica.counts()[0] >= total, "the fresh node to merge", 60
+            )
+        finally:
+            collector.cancel()
+        wanted = set().union(*(current_blocks(full, name) for name in contents))
+        held = fresh.store.has_blocks(wanted)
+    assert collected_while_merging, "no collection ran while the checkpoint merged"
+    assert held == wanted, f"the fresh node lost {len(wanted - held)} of {len(wanted)} blocks"
+
+
+@pytest.mark.asyncio
+async def test_periodic_collection_waits_for_a_burst_of_local_writes_to_end(
+    tmp_path: Path, keys: VolumeKeys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A collection walks the whole volume: run every BIG_MERGE_OPS new ops, it
+    # took 9-13% of the node's time while a program created files.
+    monkeypatch.setattr(gc, "CHECK_EVERY_S", 0.25)
+    monkeypatch.setattr(gc, "BIG_MERGE_OPS", 20)
+    node = make_node(tmp_path, "a", keys)
+    periodic = asyncio.create_task(node.collector.run_periodically())
+    try:
+        burst_end = asyncio.get_running_loop().time() + 2.0
+        i = 0
+        while asyncio.get_running_loop().time() < burst_end:
+            write_file(node, f"f{i:05d}".encode(), b"x")
+            i += 1
+            await asyncio.sleep(0.005)
+        assert i > 100
+        assert node.collector.runs == 0, f"{node.collector.runs} collections during the burst"
+        await wait_until(lambda: node.collector.runs > 0, "a collection once the burst ended", 5)
+    finally:
+        periodic.cancel()
+        node.close()
