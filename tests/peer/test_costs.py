@@ -234,6 +234,7 @@ async def test_enforcing_a_forget_rebuilds_the_replica_off_the_loop(
         c.close()
 
 
+@pytest.mark.asyncio
 @pytest.mark.parametrize("folded", [True, False], ids=["checkpoint", "log"])
 async def test_a_fresh_node_catching_up_never_holds_all_the_blocks_in_memory(
     tmp_path: Path, keys: VolumeKeys, monkeypatch: pytest.MonkeyPatch, folded: bool
