@@ -245,11 +245,12 @@ async def serving(
     restore = gate.quiet_accept_errors(loop, sync.strangers)
     try:
         the_gate.make_inner = runner.server
+        backlog = gate.accept_batch(the_gate.max_connections)
         if sock is not None:
-            server = await loop.create_server(the_gate.protocol, sock=sock, backlog=128)
+            server = await loop.create_server(the_gate.protocol, sock=sock, backlog=backlog)
         else:
             server = await loop.create_server(
-                the_gate.protocol, host, port, reuse_address=True, backlog=128
+                the_gate.protocol, host, port, reuse_address=True, backlog=backlog
             )
         try:
             sock = server.sockets[0]
