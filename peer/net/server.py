@@ -252,6 +252,11 @@ async def serving(
             server = await loop.create_server(
                 the_gate.protocol, host, port, reuse_address=True, backlog=backlog
             )
+        # asyncio takes `backlog` connections a wake-up; the kernel's queue
+        # stays long, so connections wait there, not half-open, in a flood.
+        for listening in server.sockets:
+            with socket.fromfd(listening.fileno(), listening.family, listening.type) as raw:
+                raw.listen(gate.LISTEN_QUEUE)
         try:
             sock = server.sockets[0]
             bound = sock.getsockname()[1] if sock.family != socket.AF_UNIX else port
