@@ -66,24 +66,6 @@ def connection_cap(limit: int = MAX_CONNECTIONS) -> int:
     return max(8, min(limit, soft // 2))
 
 
-# The kernel's queue of connections the node has not accepted yet.
-LISTEN_QUEUE = 128
-
-
-def accept_batch(cap: int) -> int:
-    """How many connections asyncio may accept at once (its `backlog`) for a
-    peer port holding at most `cap` connections.
-
-    asyncio accepts up to `backlog` sockets each time the port wakes, and
-    each reaches the gate only a loop turn or two later; while a flood
-    churns through, a few batches are in flight beside the `cap` admitted
-    ones. A batch of `cap // 8` keeps cap plus those batches well below
-    the descriptor limit `connection_cap` took half of (128 at once let a
-    flood use up all 128 descriptors of a node capped at 64 connections).
-    The kernel's queue stays `LISTEN_QUEUE` long (`serving` listens again)."""
-    return max(4, min(LISTEN_QUEUE, cap // 8))
-
-
 class Summary:
     """At most one log line per interval, counting what it did not print.
 

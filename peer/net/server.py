@@ -245,18 +245,12 @@ async def serving(
     restore = gate.quiet_accept_errors(loop, sync.strangers)
     try:
         the_gate.make_inner = runner.server
-        backlog = gate.accept_batch(the_gate.max_connections)
         if sock is not None:
-            server = await loop.create_server(the_gate.protocol, sock=sock, backlog=backlog)
+            server = await loop.create_server(the_gate.protocol, sock=sock, backlog=128)
         else:
             server = await loop.create_server(
-                the_gate.protocol, host, port, reuse_address=True, backlog=backlog
+                the_gate.protocol, host, port, reuse_address=True, backlog=128
             )
-        # asyncio takes `backlog` connections a wake-up; the kernel's queue
-        # stays long, so connections wait there, not half-open, in a flood.
-        for listening in server.sockets:
-            with socket.fromfd(listening.fileno(), listening.family, listening.type) as raw:
-                raw.listen(gate.LISTEN_QUEUE)
         try:
             sock = server.sockets[0]
             bound = sock.getsockname()[1] if sock.family != socket.AF_UNIX else port
