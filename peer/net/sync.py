@@ -189,6 +189,8 @@ class Sync(Fetching, Serving):
         self.ops_in = 0
         self.blocks_in = 0
         self.refused = 0
+        # The clock retention's choices read (the collector's: tests freeze both).
+        self.now_ms: Callable[[], int] = wall_ms
         self._missing_blocks = 0
         self._missing_bytes = 0
         self._session: aiohttp.ClientSession | None = None
@@ -583,7 +585,7 @@ class Sync(Fetching, Serving):
             # Only versions the collector here would keep (staggered versioning):
             # the rest it would delete at its next collection.
             thinning, keep_ms = self.retention
-            now = wall_ms()
+            now = self.now_ms()
             for entry in files:
                 for h in sorted(thinning.history_kept(after, entry, now, keep_ms)):
                     optional.update(after.block_map(h).values())

@@ -188,6 +188,12 @@ def make_node(tmp: Path, name: str, keys: VolumeKeys, clock: FakeClock | None = 
     node = Node(config, keys, load_or_create(data))
     if clock is not None:  # before the first stamp: an HLC never goes back
         node.journal._now = clock
+        # Retention too (what the collector keeps, what sync fetches): a
+        # version that ages into a coarser tier while the test runs (one
+        # crosses the hour every 86 s) must not change the answer between
+        # two of its questions.
+        node.collector._now = clock
+        node.sync.now_ms = clock
     node.start()
     return node
 
@@ -214,7 +220,10 @@ async def test_a_day_of_rewrites_keeps_only_the_thinned_versions_and_a_fresh_pee
         rewrite(a, b"f", latest)
         assert a.store.stats().blocks == 1001
 
-        d = make_node(tmp_path, "d", keys)
+        # From here on time stands still for A and D: every retention choice
+        # below (D's fetches, A's plan, its collection, the listing) is made
+        # at the same `now`, just after the last write.
+        d = make_node(tmp_path, "d", keys, clock)
         sd = await stack.enter_async_context(serving(d))
         link(sd, sa)
         # (Not read before: a head of a piece merged before the last is history
