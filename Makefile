@@ -11,9 +11,15 @@ PYTEST_ARGS ?=
 setup:
 	@bash .ci/setup
 
+# The tests run on several workers (pytest-xdist): most of them wait on real
+# processes, mounts and sockets, so two per core, at most 8, pay on a small
+# machine. --dist loadgroup keeps each xdist_group on one worker (see
+# tests/conftest.py). PYTEST_WORKERS=0 runs them in this one process.
+PYTEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); n=$$((2 * n)); echo $$((n > 8 ? 8 : n)))
+
 # pytest exits 5 when it collected nothing: a failure here, but worth saying so.
 test: setup
-	@$(BIN)/python -m pytest $(PYTEST_ARGS); status=$$?; \
+	@$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS); status=$$?; \
 	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; \
 	exit $$status
 
