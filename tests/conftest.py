@@ -76,7 +76,8 @@ SHARED_FIXTURE_MODULES = frozenset(
     }
 )
 LONGEST_FIRST = ("tests/thirdparty/test_pjdfstest.py", "tests/scenarios/test_demo.py")
-_SHARED_SCOPES = {"module", "package", "class"}
+_SHARED_SCOPES = {"module", "package"}
+_UNLISTED = pytest.StashKey[str]()
 
 
 def _module_of(nodeid: str) -> str:
@@ -84,19 +85,13 @@ def _module_of(nodeid: str) -> str:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    ungrouped = sorted(
-        {
-            _module_of(item.nodeid)
-            for item in items
-            if _uses_a_shared_fixture(item)
-            and _module_of(item.nodeid) not in SHARED_FIXTURE_MODULES
-        }
-    )
-    if ungrouped:
-        raise pytest.UsageError(
-            f"{', '.join(ungrouped)}: a module-scoped fixture; add the module to "
-            "SHARED_FIXTURE_MODULES in tests/conftest.py, so its tests share one worker"
-        )
+    for item in items:
+        module = _module_of(item.nodeid)
+        if (name := _shared_fixture(item)) and module not in SHARED_FIXTURE_MODULES:
+            item.stash[_UNLISTED] = (
+                f"{module} has a module-scoped fixture ({name}): add the module to "
+                "SHARED_FIXTURE_MODULES in tests/conftest.py, so that its tests share one worker"
+            )
 
     def first(item: pytest.Item) -> tuple[bool, bool]:
         slow = item.get_closest_marker("slow") is not None
@@ -105,11 +100,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=first)  # stable: otherwise in the order collected
 
 
-def _uses_a_shared_fixture(item: pytest.Item) -> bool:
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # Failed here, not at collection: xdist does not show a worker's usage error.
+    if problem := item.stash.get(_UNLISTED, None):
+        pytest.fail(problem, pytrace=False)
+
+
+def _shared_fixture(item: pytest.Item) -> str | None:
+    """A module- or package-scoped fixture the test uses, if any (pytest's own,
+    named with a leading underscore, are not worth sharing)."""
     info = getattr(item, "_fixtureinfo", None)
     if info is None:
-        return False
-    return any(defs[-1].scope in _SHARED_SCOPES for defs in info.name2fixturedefs.values())
+        return None
+    for name, defs in info.name2fixturedefs.items():
+        if not name.startswith("_") and defs[-1].scope in _SHARED_SCOPES:
+            return name
+    return None
 
 
 @pytest.hookimpl(tryfirst=True, optionalhook=True)

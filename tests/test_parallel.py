@@ -55,7 +55,7 @@ def test_a_module_scoped_fixture_is_built_once_across_workers(
     assert built.read_text().splitlines() == ["built"], "each worker built the fixture"
 
 
-def test_a_module_scoped_fixture_in_an_unlisted_module_fails_collection(
+def test_a_module_scoped_fixture_in_an_unlisted_module_fails_its_tests(
     inner: pytest.Pytester,
 ) -> None:
     inner.makepyfile(
@@ -68,11 +68,16 @@ def test_a_module_scoped_fixture_in_an_unlisted_module_fails_collection(
 
         def test_uses_it(shared):
             pass
+
+        def test_does_not():
+            pass
         """
     )
-    result = inner.runpytest_subprocess("-p", "no:cacheprovider")
-    assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*test_unlisted.py: a module-scoped fixture; add the module*"])
+    result = inner.runpytest_subprocess("-n", "2", "--dist", "loadgroup", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, errors=1)  # failed in its setup
+    result.stdout.fnmatch_lines(
+        ["*test_unlisted.py has a module-scoped fixture (shared): add the module to*"]
+    )
 
 
 def test_slow_tests_are_collected_first(inner: pytest.Pytester) -> None:
