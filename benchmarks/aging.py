@@ -37,11 +37,11 @@ from benchmarks.scale import gocryptfs
 from crdt.clock import Hlc
 from crdt.ops import ROOT, TRASH, Create, Move, Op, Write
 from fuse.protocol import Caller
+from peer.fs.volume import ROOT_INODE
 from peer.identity import load_or_create
 from peer.keys import VolumeKeys
 from peer.node import CHECK_NAME, Node, NodeConfig, write_check
 from peer.secret import parse_secret
-from peer.volume import ROOT_INODE
 from scenarios.harness import (
     NodeProcess,
     dfs_peer_command,

@@ -16,7 +16,7 @@ Only what last-writer-wins makes provably redundant is dropped (crdt.merge):
 
 Each node's newest op always stays, whatever overrides it: a node restores
 its clock from its own newest stamp, and checks that a peer's next entry
-stamps above that peer's newest (`peer.journal`).
+stamps above that peer's newest (`peer.storage.journal`).
 
 With `horizon_ms`, only an op stamped at or before that wall time counts as
 overriding, so a replay up to any time past the horizon (`--at`) still sees

@@ -23,28 +23,15 @@ answer every query identically (DESIGN §4):
 
 from __future__ import annotations
 
-import hashlib
-import time
-from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from crdt.clock import Hlc
 from crdt.content import Contents, Version
-from crdt.ops import (
-    ENTRY_ID_BYTES,
-    NAME_MAX,
-    ROOT,
-    TRASH,
-    XATTR_PREFIX,
-    Create,
-    Forget,
-    Kind,
-    Member,
-    Move,
-    Op,
-    SetAttr,
-)
+from crdt.copies import Copies, _Copy
+from crdt.listing import Listings, _Listing
+from crdt.ops import ROOT, TRASH, XATTR_PREFIX, Create, Forget, Kind, Member, Move, Op, SetAttr
+from crdt.revival import Revival
 from crdt.tree import Place, Tree, TreeMove
 
 MS = 1_000_000  # nanoseconds per millisecond
@@ -108,71 +95,7 @@ _CREATE_ATTRS = frozenset({"mode", "uid", "gid"})
 _NO_ATTRS: dict[str, tuple[Hlc, int | bytes | None]] = {}
 
 
-@dataclass(frozen=True, slots=True)
-class _Copy:
-    file: bytes
-    version: Hlc
-
-
-@dataclass(slots=True)
-class _Listing:
-    """One directory's entries, kept up to date child by child.
-
-    `groups` holds, per name, every entry placed under it as (placed stamp,
-    id), each once; rule 2 turns a group into shown names, so a change to one
-    child only renames within its group. A group is a tuple, not a set: almost
-    every group has one member, and a tuple of one is a fifth of a set's size.
-    """
-
-    groups: dict[bytes, tuple[tuple[Hlc, bytes], ...]] = field(default_factory=dict)
-    by_name: dict[bytes, bytes] = field(default_factory=dict)
-    names: dict[bytes, bytes] = field(default_factory=dict)  # child id -> shown name
-    raw: dict[bytes, bytes] = field(default_factory=dict)  # child id -> its name
-    # name -> the groups that gave up a suffixed name because a group of that
-    # name exists: renamed again when it goes, so names never depend on what
-    # was listed before (a fresh replica never saw it).
-    avoided: dict[bytes, set[bytes]] = field(default_factory=dict)
-    subdirs: int = 0
-
-
-def conflict_copy_id(file: bytes, version: Hlc) -> bytes:
-    """The deterministic id of the conflict copy of `file` showing `version`."""
-    h = hashlib.blake2b(digest_size=ENTRY_ID_BYTES, person=b"dfs-peer:copy")
-    h.update(file)
-    h.update(version.wall_ms.to_bytes(8, "big") + version.counter.to_bytes(4, "big"))
-    h.update(version.node)
-    return h.digest()
-
-
-def _split_ext(name: bytes) -> tuple[bytes, bytes]:
-    dot = name.rfind(b".")
-    if dot <= 0:
-        return name, b""
-    return name[:dot], name[dot:]
-
-
-def _fit(stem: bytes, marker: bytes, ext: bytes) -> bytes:
-    """`stem + marker + ext` in at most NAME_MAX bytes: the stem gives way
-    first, then the extension (long when a name's last dot comes early), never
-    the marker that makes the name unique."""
-    ext = ext[: max(0, NAME_MAX - 1 - len(marker))]
-    return stem[: max(1, NAME_MAX - len(marker) - len(ext))] + marker + ext
-
-
-def conflict_name(name: bytes, node_name: str, version: Hlc) -> bytes:
-    """`<stem>.conflict-<node name>-<UTC yyyymmdd-HHMMSS><ext>`."""
-    stem, ext = _split_ext(name)
-    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in node_name)[:32] or "node"
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(version.wall_ms // 1000))
-    return _fit(stem, f".conflict-{safe}-{stamp}".encode(), ext)
-
-
-def _suffixed(name: bytes, entry: bytes, length: int) -> bytes:
-    stem, ext = _split_ext(name)
-    return _fit(stem, b"~" + entry[:length].hex().encode(), ext)
-
-
-class Replica:
+class Replica(Listings, Copies, Revival):
     """The merged state of one replica; see the module docstring."""
 
     def __init__(self) -> None:
@@ -306,33 +229,6 @@ class Replica:
             attrs[key] = (hlc, value)
 
     # -- derived views -----------------------------------------------------------
-    def _is_detached(self, entry: bytes) -> bool:
-        """True for a created entry that the tree cuts off from ROOT without a
-        delete: one with no place at all (its `Create` and every move of it
-        were skipped as cycles: a move into it that sorts before its creation,
-        made by a node whose clock could not follow the creator's ahead of
-        MAX_FORWARD_MS, can put its own ancestors below it), or one placed in
-        a file or symlink (only a faulty peer makes such ops)."""
-        if entry in (ROOT, TRASH) or entry not in self._info:
-            return False
-        place = self.tree.places.get(entry)
-        if place is None:
-            return True
-        parent = self._info.get(place.parent)
-        return parent is not None and parent.kind != "dir"
-
-    def _update_detached(self, touched: set[bytes], created: set[bytes]) -> None:
-        """Keep `_detached` up to date: it changes only for an entry whose place
-        changed or that was created, or a child of one created (its kind)."""
-        todo = touched | created
-        for entry in created:
-            todo.update(self.tree.children.get(entry, ()))
-        for entry in todo:
-            if self._is_detached(entry):
-                self._detached.add(entry)
-            else:
-                self._detached.discard(entry)
-
     def _refresh(self, touched: set[bytes], entries: set[bytes], files: set[bytes]) -> Changes:
         self._names_changed.clear()
         dirs: set[bytes] = set(touched)
@@ -354,197 +250,6 @@ class Replica:
         self._names_changed.clear()
         return Changes(frozenset(dirs), frozenset(entries | changed), names)
 
-    def _refresh_copies(self, file: bytes) -> tuple[bytes, ...]:
-        """Recompute a file's conflict copies; return the old and new copy ids."""
-        old = self._copies_of.pop(file, ())
-        for cid in old:
-            self._copies.pop(cid, None)
-        live = self.contents.live_heads(file)
-        new: tuple[bytes, ...] = ()
-        if len(live) > 1:
-            new = tuple(conflict_copy_id(file, v) for v in live[1:])
-            for cid, v in zip(new, live[1:], strict=True):
-                self._copies[cid] = _Copy(file, v)
-            self._copies_of[file] = new
-        return old + new
-
-    # -- listings ----------------------------------------------------------------
-    def _wanted(self, child: bytes) -> tuple[bytes, bytes, Hlc] | None:
-        """Where `child` (an entry or a conflict copy) belongs: (dir, name, stamp)."""
-        copy = self._copies.get(child)
-        if copy is not None:
-            file_place = self._wanted(copy.file)
-            if file_place is None:
-                return None
-            v = copy.version
-            node_name = self._members.get(v.node, (v, v.node[:4].hex()))[1]
-            return file_place[0], conflict_name(file_place[1], node_name, v), v
-        if child not in self._info:
-            return None
-        place = self._eff_place(child)
-        if place is None or place.parent == TRASH:
-            return None
-        return place.parent, place.name, place.hlc
-
-    def _relist(self, children: set[bytes]) -> set[bytes]:
-        """Bring every listing up to date for `children` (and their conflict copies);
-        return the directories whose listing changed."""
-        todo = set(children)
-        for child in children:
-            todo.update(self._copies_of.get(child, ()))
-        dirty: set[tuple[bytes, bytes]] = set()
-        recheck: set[tuple[bytes, bytes]] = set()  # names may change, members did not
-        for child in todo:
-            if child in (ROOT, TRASH):
-                continue
-            want = self._wanted(child)
-            where = self._listed_in.get(child)
-            if where is not None:
-                listing = self._lists[where]
-                raw = listing.raw[child]
-                if want is not None and want[0] == where and want[1] == raw:
-                    group = listing.groups[raw]
-                    if (want[2], child) in group:
-                        if len(group) > 1:
-                            # who keeps the name may follow content (`_racing`)
-                            recheck.add((where, raw))
-                        continue
-                self._unlist(child, where, dirty)
-            if want is not None:
-                parent, name, hlc = want
-                listing = self._lists.setdefault(parent, _Listing())
-                # not in the group: `_unlist` took it out, or it was nowhere
-                listing.groups[name] = (*listing.groups.get(name, ()), (hlc, child))
-                listing.raw[child] = name
-                self._listed_in[child] = parent
-                if self.kind(child) == "dir":
-                    listing.subdirs += 1
-                dirty.add((parent, name))
-                owner = listing.by_name.get(name)
-                if owner is not None and listing.raw.get(owner) != name:
-                    dirty.add((parent, listing.raw[owner]))  # a suffix now taken
-        changed = {parent for parent, _ in dirty}
-        for parent, name in dirty:
-            self._rename_group(parent, name)
-        for parent, name in recheck - dirty:
-            if self._rename_group(parent, name):
-                changed.add(parent)
-        return changed
-
-    def _unlist(self, child: bytes, where: bytes, dirty: set[tuple[bytes, bytes]]) -> None:
-        listing = self._lists[where]
-        raw = listing.raw.pop(child)
-        group = tuple(m for m in listing.groups[raw] if m[1] != child)
-        if group:
-            listing.groups[raw] = group
-        else:
-            del listing.groups[raw]
-            for other in listing.avoided.pop(raw, ()):
-                dirty.add((where, other))
-        shown = listing.names.pop(child, None)
-        if shown is not None:
-            self._names_changed.add((where, shown))
-            if listing.by_name.get(shown) == child:
-                del listing.by_name[shown]
-        del self._listed_in[child]
-        if self.kind(child) == "dir":
-            listing.subdirs -= 1
-        dirty.add((where, raw))
-
-    def _rename_group(self, parent: bytes, name: bytes) -> bool:
-        """Rule 2 for one group: the newest keeps the name, the others get a
-        suffix; files that race (`_racing`) are named as rule 3 names content
-        heads. Returns whether any shown name changed."""
-        listing = self._lists.get(parent)
-        if listing is None:
-            return False
-        group = listing.groups.get(name, ())
-        before = {child: listing.names.get(child) for _, child in group}
-        for _, child in group:
-            shown = listing.names.pop(child, None)
-            if shown is not None and listing.by_name.get(shown) == child:
-                del listing.by_name[shown]
-        ordered = [child for _, child in sorted(group, reverse=True)]
-        racing = self._racing(group) if len(group) > 1 else set()
-        if racing:
-            self._raced.add((parent, name))
-            best = max(racing, key=lambda c: (self._content_stamp(c), c))
-            slot = next(i for i, c in enumerate(ordered) if c in racing)
-            ordered = [c for c in ordered if c not in racing]
-            ordered.insert(slot, best)
-        else:
-            self._raced.discard((parent, name))
-        used: set[bytes] = set()
-        shown_as: dict[bytes, bytes] = {}
-        for child in ordered:
-            shown = name
-            if shown in used:
-                shown = self._free_name(listing, name, name, child, used)
-            used.add(shown)
-            shown_as[child] = shown
-        for child in sorted(racing.difference(ordered)):
-            v = self._content_stamp(child)
-            node_name = self._members.get(v.node, (v, v.node[:4].hex()))[1]
-            shown = conflict_name(name, node_name, v)
-            if shown in listing.groups:
-                listing.avoided.setdefault(shown, set()).add(name)
-            if shown in used or shown in listing.groups:
-                shown = self._free_name(listing, name, shown, child, used)
-            used.add(shown)
-            shown_as[child] = shown
-        for child, shown in shown_as.items():
-            listing.by_name[shown] = child
-            listing.names[child] = shown
-            old = before.get(child)
-            if old != shown:
-                self._names_changed.add((parent, shown))
-                if old is not None:
-                    self._names_changed.add((parent, old))
-        return shown_as != before
-
-    @staticmethod
-    def _free_name(
-        listing: _Listing, group: bytes, name: bytes, child: bytes, used: set[bytes]
-    ) -> bytes:
-        """`name` with a suffix from `child`'s id that neither its group
-        (`group`, whose shown names are `used`) nor another group's name takes."""
-        shown = name
-        for length in (4, 8, ENTRY_ID_BYTES):
-            shown = _suffixed(name, child, length)
-            if shown in listing.groups:
-                listing.avoided.setdefault(shown, set()).add(group)
-            elif shown not in used:
-                break
-        return shown
-
-    def _racing(self, group: tuple[tuple[Hlc, bytes], ...]) -> set[bytes]:
-        """The files of a name group that race as two writes to one file do.
-
-        A file that rule 4 brings back (its delete did not see a write) to a
-        name that a file placed there after that delete now holds (a rename
-        over it, as an editor saves, or a new file made in its place) is not a
-        second file under a suffix: both are versions of what the name holds.
-        Then the newest content keeps the name and the other shows as a
-        conflict copy `<stem>.conflict-<node>-<time><ext>` named after its
-        content's writer and time, as rule 3 shows the heads of one file.
-        """
-        racing: set[bytes] = set()
-        for _, child in group:
-            if child not in self._revived or child in self._detached or not self._is_file(child):
-                continue
-            deleted = self.tree.places.get(child)
-            if deleted is None or deleted.parent != TRASH:
-                continue
-            later = [
-                c
-                for h, c in group
-                if h > deleted.hlc and c not in self._revived and self._is_file(c)
-            ]
-            if later:
-                racing.add(child)
-                racing.update(later)
-        return racing
-
     def _is_file(self, entry: bytes) -> bool:
         info = self._info.get(entry)
         return info is not None and info.kind == "file" and entry not in self._copies
@@ -553,130 +258,6 @@ class Replica:
         """The stamp of a file's shown content, or of its creation if it has none."""
         shown = self.contents.shown(entry)
         return shown if shown is not None else self._info[entry].hlc
-
-    def _update_seeds(self, changed: set[bytes]) -> bool:
-        """Bring `_seeds` up to date for `changed` entries (and the directories
-        that hold them: a child's creation makes its directory hold something
-        live); True if the set changed."""
-        todo = set(changed)
-        for entry in changed:
-            place = self.tree.places.get(entry)
-            if place is not None:
-                todo.add(place.parent)
-        before = len(self._seeds)
-        moved = False
-        for entry in todo:
-            if entry in (ROOT, TRASH):
-                continue
-            self.revival_checks += 1
-            place = self.tree.places.get(entry)
-            if place is not None and place.parent == TRASH and self._holds_live(entry):
-                if entry not in self._seeds:
-                    self._seeds.add(entry)
-                    moved = True
-            elif entry in self._seeds:
-                self._seeds.discard(entry)
-                moved = True
-        return moved or len(self._seeds) != before
-
-    def _holds_live(self, entry: bytes) -> bool:
-        """A deleted entry that rule 4 brings back: a file with a live head,
-        or a directory with a child."""
-        return bool(self.contents.live_heads(entry)) or self._has_live_child(entry)
-
-    def _in_trash(self, entry: bytes) -> bool:
-        """True if the tree (before revivals) puts `entry` under TRASH."""
-        place = self.tree.places.get(entry)
-        steps = 0
-        while place is not None and steps <= len(self.tree.places):
-            if place.parent == TRASH:
-                return True
-            place = self.tree.places.get(place.parent)
-            steps += 1
-        return False
-
-    def _trash_relevant(self, ids: set[bytes]) -> bool:
-        if self._revived or self._detached:
-            return True
-        return any(self._in_trash(i) for i in ids if i not in (ROOT, TRASH))
-
-    def _revive(self) -> None:
-        """Recompute which deleted entries come back (rule 4), deterministically.
-
-        Detached entries (`_is_detached`) come back first, whatever they hold:
-        no delete removed them, so what they hold must stay reachable.
-        """
-        self._revived = {}
-        self._revived_into = {}
-        queue = deque(sorted(self._detached))
-        queue += sorted(self._seeds)
-        seen: set[bytes] = set()
-        while queue:
-            entry = queue.popleft()
-            if entry in seen:
-                continue
-            seen.add(entry)
-            self.revival_checks += 1
-            old: Place | None
-            if entry in self._detached:
-                old = self._place_of_detached(entry)
-            else:
-                old = self._place_before_trash(entry)
-            if old is None:
-                place = self.tree.places[entry]
-                old = Place(ROOT, place.name, place.hlc)
-            if self._eff_is_ancestor(entry, old.parent):
-                old = Place(ROOT, old.name, old.hlc)
-            self._revived[entry] = old
-            self._revived_into.setdefault(old.parent, set()).add(entry)
-            # the directory it returns to must itself be live
-            holder = self._trash_holder(old.parent)
-            if holder is not None and holder not in self._revived:
-                queue.append(holder)
-
-    def _place_of_detached(self, entry: bytes) -> Place:
-        """Where a detached entry comes back: where its first `Create` put it
-        if that is a directory outside its own subtree and the trash, else ROOT."""
-        place = self.tree.places.get(entry)
-        if place is None:
-            info = self._info[entry]
-            logged = self.tree.logged(info.hlc)
-            name = logged.move.name if logged is not None else entry.hex().encode()
-            place = Place(logged.move.parent if logged is not None else ROOT, name, info.hlc)
-        parent = self._info.get(place.parent)
-        if place.parent == TRASH or (parent is not None and parent.kind != "dir"):
-            return Place(ROOT, place.name, place.hlc)
-        return place
-
-    def _place_before_trash(self, entry: bytes) -> Place | None:
-        """Where `entry` was before the moves that keep it in TRASH: a file
-        deleted, brought back by rule 4 (still in TRASH in the tree) and deleted
-        again returns to where it was shown, not to ROOT."""
-        logged = self.tree.current(entry)
-        old = logged.old if logged is not None else None
-        while old is not None and old.parent == TRASH:
-            logged = self.tree.logged(old.hlc)
-            old = logged.old if logged is not None else None
-        return old
-
-    def _has_live_child(self, entry: bytes) -> bool:
-        return any(c in self._info for c in self.tree.children.get(entry, ()))
-
-    def _trash_holder(self, entry: bytes) -> bytes | None:
-        """The direct child of TRASH that (effectively) holds `entry`, if any."""
-        cur = entry
-        steps = 0
-        while steps <= len(self.tree.places) + 1:
-            if cur in (ROOT, TRASH) or (cur in self._detached and cur not in self._revived):
-                return None  # a detached entry comes back anyway
-            place = self._eff_place(cur)
-            if place is None:
-                return None
-            if place.parent == TRASH:
-                return cur
-            cur = place.parent
-            steps += 1
-        return None
 
     def _eff_place(self, entry: bytes) -> Place | None:
         revived = self._revived.get(entry)
@@ -852,14 +433,6 @@ class Replica:
         heads = self.contents.heads(entry)
         shown = self.contents.shown(entry)
         return tuple(sorted(heads, key=lambda h: (h != shown, h)))
-
-    def conflict_source(self, entry: bytes) -> tuple[bytes, Hlc] | None:
-        copy = self._copies.get(entry)
-        return (copy.file, copy.version) if copy is not None else None
-
-    def conflict_copies(self) -> dict[bytes, tuple[bytes, Hlc]]:
-        """Every conflict copy shown now -> (its file, the version it shows)."""
-        return {copy: (c.file, c.version) for copy, c in self._copies.items()}
 
     def members(self) -> dict[bytes, str]:
         """Every node that announced itself, forgotten ones included (for names)."""

@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from peer.auth import PROTOCOL
 from peer.errors import (
     BadPeerAddress,
     DfsError,
@@ -30,6 +29,7 @@ from peer.errors import (
     SeveralNodesRunning,
 )
 from peer.keys import VolumeKeys
+from peer.net.auth import PROTOCOL
 from peer.secret import format_secret, new_secret, read_secret
 
 log = logging.getLogger("peer.cli")
@@ -258,7 +258,8 @@ def _init() -> int:
 
 
 def _join(args: argparse.Namespace) -> int:
-    from peer import history, node
+    from peer import node
+    from peer.storage import history
 
     listen = _address(args.listen, "--listen")
     keep_history_s = history.parse_duration(args.keep_history)
@@ -270,7 +271,7 @@ def _join(args: argparse.Namespace) -> int:
         at_ms = history.parse_time(args.at, time.time())
     peers = [_address(text, "--peer") for text in args.peer]
     if args.code is not None:
-        from peer import joining, pairing
+        from peer.net import joining, pairing
 
         if args.secret is not None or args.secret_file is not None or at_ms is not None:
             raise pairing.CodeWithSecret()
@@ -402,7 +403,8 @@ def _say(line: str) -> None:
 def _read_root(args: argparse.Namespace) -> bytes:
     """The volume root from --secret, --secret-file or DFS_PEER_SECRET, else
     the one pairing stored in the data dir (--data-dir, or the only one)."""
-    from peer import joining, node
+    from peer import node
+    from peer.net import joining
 
     try:
         return read_secret(args.secret, args.secret_file, os.environ, args.volume_name)
@@ -476,18 +478,18 @@ def _ask(
     timeout_s: float = 120,
 ) -> dict[str, Any]:
     """Call the running node's control API; `NodeNotRunning` if it is not there."""
-    from peer import node
+    from peer import control
 
     try:
         return asyncio.run(
-            node.ask_node(data_dir, method, path, params=params, body=body, timeout_s=timeout_s)
+            control.ask_node(data_dir, method, path, params=params, body=body, timeout_s=timeout_s)
         )
     except OSError:
         raise NodeNotRunning(data_dir=data_dir) from None
 
 
 def _history(args: argparse.Namespace) -> int:
-    from peer import history
+    from peer.storage import history
 
     params = {"path": args.path, "cwd": os.getcwd()}
     if args.at is not None:
@@ -513,7 +515,7 @@ def _history(args: argparse.Namespace) -> int:
 
 
 def _restore(args: argparse.Namespace) -> int:
-    from peer import history
+    from peer.storage import history
 
     at_ms = history.parse_time(args.at, time.time())
     body = {"path": args.path, "cwd": os.getcwd(), "at_ms": at_ms}
@@ -559,7 +561,8 @@ def _gc(args: argparse.Namespace) -> int:
 
 
 def _invite(args: argparse.Namespace) -> int:
-    from peer import history, invitations
+    from peer.net import invitations
+    from peer.storage import history
 
     ttl_s = history.parse_duration(args.ttl)
     if not 0 < ttl_s <= invitations.MAX_TTL_S:
@@ -569,7 +572,8 @@ def _invite(args: argparse.Namespace) -> int:
 
 async def _invite_and_wait(data_dir: Path, ttl_s: float) -> int:
     """Print the code, then what happens, until the new machine is paired."""
-    from peer import invitations, node
+    from peer import control
+    from peer.net import invitations
 
     final: dict[str, type[DfsError]] = {
         invitations.EXPIRED: invitations.InviteExpired,
@@ -577,7 +581,7 @@ async def _invite_and_wait(data_dir: Path, ttl_s: float) -> int:
         invitations.CANCELLED: invitations.InviteCancelled,
     }
     try:
-        async for event in node.stream_node(data_dir, "/invite", {"ttl_s": ttl_s}):
+        async for event in control.stream_node(data_dir, "/invite", {"ttl_s": ttl_s}):
             kind = event["event"]
             if kind == "open":
                 code = event["code"]

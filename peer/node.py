@@ -13,30 +13,25 @@ import contextlib
 import ctypes
 import errno
 import fcntl
-import ipaddress
-import json
 import logging
 import os
 import signal
 import socket
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import cbor2
-from aiohttp import web
 
 from crdt.merge import Changes, Replica
 from fuse.errors import NoSpace
-from peer import gate, gc, history, invitations, metrics, running, service, statuspage
-from peer.auth import PROTOCOL
-from peer.blocks import Blocks
+from peer import metrics, running, service, statuspage
+from peer.control import _advertised, control_server
 from peer.errors import (
     DataDirLocked,
-    DfsError,
     ListenFailed,
     LostOnExit,
     MountpointBusy,
@@ -46,18 +41,21 @@ from peer.errors import (
     MountRefused,
     NoFuseDevice,
     PortInUse,
-    StoreFull,
     WrongSecret,
 )
+from peer.fs.volume import Volume
 from peer.identity import NodeIdentity, load_or_create
-from peer.journal import Journal
 from peer.keys import VolumeKeys
+from peer.net import gate, invitations
+from peer.net.auth import PROTOCOL
+from peer.net.sync import PeerStatistics, Sync
 from peer.progress import CatchUp
 from peer.sealing import check_opens, make_check
-from peer.space import Space
-from peer.store import ReadOnlyStore, Store
-from peer.sync import PeerStatistics, Sync
-from peer.volume import Volume
+from peer.storage import gc, history
+from peer.storage.blocks import Blocks
+from peer.storage.journal import Journal
+from peer.storage.space import Space
+from peer.storage.store import ReadOnlyStore, Store
 
 if TYPE_CHECKING:
     from fuse.adapter import FuseOperations
@@ -67,7 +65,6 @@ log = logging.getLogger(__name__)
 DB_NAME = "volume.db"
 CHECK_NAME = "volume.check"
 LOCK_NAME = "lock"
-CONTROL_NAME = "control.sock"
 FUSE_DEVICE = Path("/dev/fuse")
 
 
@@ -138,7 +135,7 @@ class NodeStatus:
     entries_refused: dict[str, str]
     # Causal stability and collection: what is stable, who holds it back.
     gc: dict[str, Any]
-    # What members signed that contradicts itself (`peer.chain`), oldest first.
+    # What members signed that contradicts itself (`peer.storage.chain`), oldest first.
     lies: list[dict[str, Any]]
     # The local status page (without its token; `dfs-peer open` adds it), or "".
     page: str = ""
@@ -441,7 +438,7 @@ class Node:
         )
 
     def lies(self) -> list[dict[str, Any]]:
-        """The evidence this node keeps of members that lied (`peer.chain`)."""
+        """The evidence this node keeps of members that lied (`peer.storage.chain`)."""
         names = self.replica.members()
         return [
             {
@@ -455,217 +452,6 @@ class Node:
             }
             for ev in self.store.evidence(proofs=False)
         ]
-
-
-NODE_KEY: web.AppKey[Node] = web.AppKey("node", Node)
-
-
-async def _status(request: web.Request) -> web.Response:
-    node = request.app[NODE_KEY]
-    return web.json_response(asdict(node.statistics()))
-
-
-def _refused(exc: DfsError, status: int = 400) -> web.Response:
-    return web.json_response({"error": exc.message()}, status=status)
-
-
-def _asked_path(node: Node, body: Mapping[str, Any]) -> bytes:
-    """The volume path a client named (see `history.volume_path`)."""
-    return history.volume_path(
-        str(body.get("path", "")), str(body.get("cwd", "/")), str(node.config.mountpoint)
-    )
-
-
-async def _past(node: Node, at_ms: int) -> Replica:
-    # A full replay of the log: in a thread, so the mount keeps answering.
-    return await asyncio.to_thread(history.replica_at, node.store, node.keys, node.identity, at_ms)
-
-
-async def _history(request: web.Request) -> web.Response:
-    """GET /history?path=P&cwd=D[&at_ms=T]: the versions of a file."""
-    node = request.app[NODE_KEY]
-    query = request.query
-    try:
-        path = _asked_path(node, query)
-        at_ms = int(query["at_ms"]) if "at_ms" in query else None
-        past = await _past(node, at_ms) if at_ms is not None else None
-        versions = history.history(
-            node.replica, path, node.store.has_blocks, past, at_ms, node.collector.kept_versions
-        )
-    except DfsError as exc:
-        return _refused(exc, 404)
-    except ValueError:
-        return web.json_response({"error": "at_ms must be an integer"}, status=400)
-    return web.json_response(
-        {"path": history.show_path(path), "versions": [v.to_json() for v in versions]}
-    )
-
-
-async def _restore(request: web.Request) -> web.Response:
-    """POST /restore {path, cwd, at_ms}: bring back the content a file had then."""
-    node = request.app[NODE_KEY]
-    try:
-        body = await request.json()
-        at_ms = int(body["at_ms"])
-    except (ValueError, KeyError, TypeError):
-        return web.json_response({"error": "expected JSON {path, cwd, at_ms}"}, status=400)
-    try:
-        if node.config.read_only:
-            raise history.NodeReadOnly(data_dir=node.config.data_dir)
-        path = _asked_path(node, body)
-        past = await _past(node, at_ms)
-        node.volume.flush_all()  # the restore must see what was written here
-        plan = history.plan_restore(node.replica, past, path, at_ms, node.store.has_blocks)
-        changes = node.journal.commit(plan.make)
-    except DfsError as exc:
-        return _refused(exc, 409)
-    log.info(
-        "restored path=%s version=%s created=%s",
-        history.show_path(path),
-        plan.version.short() if plan.version else "-",
-        plan.created,
-    )
-    # The kernel caches of this node's own mount must drop the old content too.
-    await node._remote_changed(changes)
-    return web.json_response(plan.to_json())
-
-
-async def _gc(request: web.Request) -> web.Response:
-    """POST /gc: collect now; what was freed and what holds collection back."""
-    node = request.app[NODE_KEY]
-    node.volume.flush_all()  # buffered writes pin old versions; publish them first
-    try:
-        result = await node.collector.collect_async(force=True)
-    except (NoSpace, sqlite3.OperationalError) as exc:
-        return _refused(StoreFull(detail=str(exc)), 507)
-    node.space.room_again()
-    return web.json_response(
-        {
-            **asdict(result),
-            "held_back_by": [asdict(m) for m in node.stability.held_back_by()],
-            "keep_history_s": node.config.keep_history_s,
-        }
-    )
-
-
-async def _forget(request: web.Request) -> web.Response:
-    """POST /forget {node}: a member is gone for good."""
-    node = request.app[NODE_KEY]
-    try:
-        body = await request.json()
-        text = str(body["node"])
-    except (ValueError, KeyError, TypeError):
-        return web.json_response({"error": "expected JSON {node}"}, status=400)
-    try:
-        done = node.forget(text)
-    except DfsError as exc:
-        return _refused(exc, 409)
-    return web.json_response(done)
-
-
-async def _invite(request: web.Request) -> web.StreamResponse:
-    """POST /invite {ttl_s}: open an invitation and stream what happens to it
-    (one JSON object a line) until it is used, expires or burns; the caller
-    going away cancels it."""
-    node = request.app[NODE_KEY]
-    registry = node.invitations
-    if registry is None:
-        return _refused(invitations.NoInvitations(), 409)
-    try:
-        body = await request.json()
-        ttl_s = float(body.get("ttl_s", invitations.DEFAULT_TTL_S))
-    except (ValueError, TypeError, AttributeError):
-        return web.json_response({"error": "expected JSON {ttl_s}"}, status=400)
-    try:
-        invitation = registry.open(ttl_s)
-    except DfsError as exc:
-        return _refused(exc, 409)
-    resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-    try:
-        await resp.prepare(request)
-
-        async def line(obj: Mapping[str, object]) -> None:
-            await resp.write(json.dumps(obj).encode() + b"\n")
-
-        def alive() -> bool:
-            return request.transport is not None and not request.transport.is_closing()
-
-        async with _invitation_advert(node, invitation.number) as advertised:
-            await line(
-                {
-                    "event": "open",
-                    "code": str(invitation.code),
-                    "ttl_s": min(ttl_s, invitations.MAX_TTL_S),
-                    "listen": node.sync.listen,
-                    "mdns": advertised,
-                }
-            )
-            async for event in registry.events(invitation, alive):
-                await line(event.to_json())
-    except (ConnectionError, OSError):
-        log.info("the inviting command went away: invitation %d cancelled", invitation.number)
-    finally:
-        registry.close(invitation, invitations.CANCELLED)
-    return resp
-
-
-@contextlib.asynccontextmanager
-async def _invitation_advert(node: Node, number: int) -> AsyncIterator[bool]:
-    """Advertise invitation `number` by mDNS while the block runs (unless the
-    node runs without mDNS); yields whether it is advertised."""
-    if not node.config.mdns:
-        yield False
-        return
-    from discovery.invites import advertise_invitation
-
-    async with contextlib.AsyncExitStack() as stack:
-        try:
-            await stack.enter_async_context(
-                advertise_invitation(
-                    number, node.sync.port, PROTOCOL, _advertised(node.config.listen_host)
-                )
-            )
-        except (OSError, TimeoutError) as exc:
-            log.warning(
-                "cannot advertise the invitation on the LAN (%s): the new machine must "
-                "give this node's address with --peer",
-                exc,
-            )
-            yield False
-            return
-        yield True
-
-
-def make_control_app(node: Node) -> web.Application:
-    """The local control API (a unix socket in the data dir, mode 0600)."""
-    app = web.Application()
-    app[NODE_KEY] = node
-    app.router.add_get("/status", _status)
-    app.router.add_get("/history", _history)
-    app.router.add_post("/restore", _restore)
-    app.router.add_post("/gc", _gc)
-    app.router.add_post("/forget", _forget)
-    app.router.add_post("/invite", _invite)
-    return app
-
-
-@contextlib.asynccontextmanager
-async def control_server(node: Node) -> AsyncIterator[Path]:
-    path = node.config.data_dir / CONTROL_NAME
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()  # left by a node that died; the data dir lock says it is ours
-    runner = web.AppRunner(make_control_app(node), access_log=None)
-    await runner.setup()
-    site = web.UnixSite(runner, str(path))
-    await site.start()
-    os.chmod(path, 0o600)
-    try:
-        with running.registered(node.config.data_dir, node.config.mountpoint):
-            yield path
-    finally:
-        await runner.cleanup()
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
 
 
 async def run(
@@ -919,15 +705,6 @@ async def mdns(node: Node, sync: Sync) -> AsyncIterator[None]:
         await discovery.close()
 
 
-def _advertised(host: str) -> list[str] | None:
-    """The address to advertise: the one we listen on if it is one IP address;
-    None (every address of this host) for a wildcard or a host name."""
-    with contextlib.suppress(ValueError):
-        if not ipaddress.ip_address(host).is_unspecified:
-            return [host]
-    return None
-
-
 async def show_progress(node: Node, announce: bool) -> None:
     """While this node is behind its peers, print how far, once a second
     (only forward: see `peer.progress`)."""
@@ -958,64 +735,3 @@ async def show_progress(node: Node, announce: bool) -> None:
 
 def default_name() -> str:
     return socket.gethostname().split(".")[0] or "node"
-
-
-async def ask_node(
-    data_dir: Path,
-    method: str,
-    path: str,
-    *,
-    params: dict[str, str] | None = None,
-    body: dict[str, object] | None = None,
-    timeout_s: float = 120,
-) -> dict[str, Any]:
-    """Call the control API of the node running on `data_dir`; a refusal
-    becomes `NodeAnswered` with the node's message; OSError if none runs."""
-    import aiohttp
-
-    connector = aiohttp.UnixConnector(path=str(data_dir / CONTROL_NAME))
-    timeout = aiohttp.ClientTimeout(total=timeout_s)
-    async with (
-        aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
-        session.request(method, f"http://node{path}", params=params, json=body) as resp,
-    ):
-        text = await resp.text()
-        try:
-            data: dict[str, Any] = json.loads(text)
-        except ValueError:
-            data = {"error": text.strip() or f"HTTP {resp.status}"}
-        if resp.status >= 400:
-            raise history.NodeAnswered(message=str(data.get("error") or f"HTTP {resp.status}"))
-        return data
-
-
-async def query_status(data_dir: Path) -> dict[str, Any]:
-    """Ask the node running on `data_dir` for its status."""
-    return await ask_node(data_dir, "GET", "/status", timeout_s=10)
-
-
-async def stream_node(
-    data_dir: Path, path: str, body: dict[str, object]
-) -> AsyncIterator[dict[str, Any]]:
-    """POST to the control API of the node on `data_dir` and yield each JSON
-    line it streams back; a refusal becomes `NodeAnswered`; OSError if none runs."""
-    import aiohttp
-
-    connector = aiohttp.UnixConnector(path=str(data_dir / CONTROL_NAME))
-    # No total timeout: an invitation waits up to 10 minutes. The node writes
-    # within POLL_S of anything happening, and closes the stream at the end.
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
-    async with (
-        aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
-        session.post(f"http://node{path}", json=body) as resp,
-    ):
-        if resp.status >= 400:
-            text = await resp.text()
-            try:
-                message = str(json.loads(text).get("error") or f"HTTP {resp.status}")
-            except (ValueError, AttributeError):
-                message = text.strip() or f"HTTP {resp.status}"
-            raise history.NodeAnswered(message=message)
-        async for raw in resp.content:
-            if raw.strip():
-                yield json.loads(raw)

@@ -19,7 +19,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-CONTROL_NAME = "control.sock"  # peer.node.CONTROL_NAME, without importing the node
+CONTROL_NAME = "control.sock"  # peer.control.CONTROL_NAME, without importing the node
 
 
 def data_home() -> Path:

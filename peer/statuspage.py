@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from peer import history
 from peer.errors import DfsError, ListenFailed, PagePortInUse
+from peer.storage import history
 
 if TYPE_CHECKING:
     from peer.node import Node

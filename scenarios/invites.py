@@ -268,9 +268,9 @@ async def _relay(listen: str, target: str, capture: Path) -> None:
 
 
 async def _guess(target: str, number: int, count: int) -> dict[str, int]:
-    from peer import pairing
     from peer.identity import NodeIdentity
-    from peer.joining import _NotHere, pair_with
+    from peer.net import pairing
+    from peer.net.joining import _NotHere, pair_with
 
     host, port = _hostport(target)
     me = pairing.Joiner("guesser", NodeIdentity.generate().node_id)

@@ -6,7 +6,7 @@
   no code with `crdt.tree`, whose incremental undo/redo engine must equal it.
 - `SimNode` is a simulated node: its own `Clock` read from a fake, skewable
   wall clock, its own `Replica`, and methods that make operations the way
-  `peer/volume.py` does (only on entries the node can see, deletes that record
+  `peer/fs/volume.py` does (only on entries the node can see, deletes that record
   the heads they saw, writes based on the version shown). Tests drive several
   of them and move operations between them by hand.
 - `walk` lists what a replica shows, and `lineage` follows content versions

@@ -1,6 +1,6 @@
 """`crdt.compact`: a compacted prefix merges exactly as the ops it replaced.
 
-The property behind checkpoints (`peer.checkpoint`): for random histories made
+The property behind checkpoints (`peer.storage.checkpoint`): for random histories made
 by simulated nodes, a replica given the compaction of a per-node prefix plus
 every other op (in any order) shows what a replica given everything shows, and
 so does one given the compaction of everything it held at some point plus ops

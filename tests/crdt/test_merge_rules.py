@@ -8,7 +8,8 @@ show the same, expected tree.
 from __future__ import annotations
 
 from crdt.clock import MAX_FORWARD_MS
-from crdt.merge import Replica, conflict_copy_id
+from crdt.merge import Replica
+from crdt.names import conflict_copy_id
 from crdt.ops import BLOCK_SIZE, NAME_MAX, ROOT, TRASH, Forget, Member, Move, Write
 from tests.crdt.model import (
     EPOCH_MS,

@@ -15,6 +15,7 @@ from crdt.clock import Hlc
 from crdt.ops import (
     ATTR_KEYS,
     BLOCK_ID_BYTES,
+    COMPACT_VERSION,
     ENTRY_ID_BYTES,
     FORMAT_VERSION,
     KINDS,
@@ -339,3 +340,57 @@ def test_rdev_is_encoded_only_for_special_kinds() -> None:
     padded = [*fields(encode_op(Create(H, E, ROOT, b"a", "file", 0o644, 0, 0))), 0]
     with pytest.raises(MalformedOp):
         decode_op(reencoded(padded))  # an rdev of 0 on a file is not canonical
+
+
+# --- format 2: the op's node is its log entry's -------------------------------------------------
+
+
+@given(ops)
+def test_every_op_round_trips_in_format_2_given_its_node(op: Op) -> None:
+    data = encode_op(op, compact=True)
+    assert fields(data)[0] == COMPACT_VERSION
+    assert reencoded(fields(data)) == data
+    assert decode_op(data, node=op.hlc.node) == op
+    assert encode_op(decode_op(data, node=op.hlc.node), compact=True) == data
+    assert len(data) <= len(encode_op(op)) - NODE_ID_BYTES
+
+
+@pytest.mark.parametrize("op", SAMPLES, ids=lambda op: type(op).__name__)
+def test_format_2_decodes_only_with_a_node(op: Op) -> None:
+    data = encode_op(op, compact=True)
+    assert_malformed(data)
+    with pytest.raises(MalformedOp):
+        decode_op(data, node=b"short")
+    other = b"\x08" * NODE_ID_BYTES
+    assert decode_op(data, node=other).hlc.node == other  # the entry's node, whatever it is
+
+
+def test_format_2_writes_the_op_s_own_stamps_short_and_refuses_them_long() -> None:
+    own, other = H.node, b"\x09" * NODE_ID_BYTES
+    op = Write(H, E, (Hlc(5, 1, own), Hlc(6, 0, other)), 9, ())
+    items = fields(encode_op(op, compact=True))
+    assert items[2] == [H.wall_ms, H.counter]
+    assert items[4] == [[5, 1], [6, 0, other]]
+    assert len(encode_op(op, compact=True)) == len(encode_op(op)) - 2 * (NODE_ID_BYTES + 2)
+    long = [*items[:4], [[5, 1, own], [6, 0, other]], *items[5:]]
+    with pytest.raises(MalformedOp):
+        decode_op(reencoded(long), node=own)  # the same op, not canonical
+    with pytest.raises(MalformedOp):
+        decode_op(reencoded([*items[:2], [H.wall_ms, H.counter, own], *items[3:]]), node=own)
+    assert_malformed(reencoded([FORMAT_VERSION, *items[1:]]))  # format 1 needs the node
+
+
+@given(cbor_values | near_ops)
+def test_decode_of_any_cbor_value_with_a_node_only_raises_malformed(value: Any) -> None:
+    candidates = [value]
+    if isinstance(value, list) and len(value) >= 3:
+        stamp = value[2][:2] if isinstance(value[2], list) else value[2]
+        candidates.append([COMPACT_VERSION, value[1], stamp, *value[3:]])
+    for candidate in candidates:
+        data = cbor2.dumps(candidate, canonical=True)
+        try:
+            op = decode_op(data, node=H.node)
+        except MalformedOp:
+            continue
+        compact = type(candidate[0]) is int and candidate[0] == COMPACT_VERSION
+        assert encode_op(op, compact=compact) == data

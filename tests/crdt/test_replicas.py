@@ -332,7 +332,7 @@ class Replicas(RuleBasedStateMachine):
     @rule(i=replicas)
     def restart(self, i: int) -> None:
         """The node restarts: its replica is rebuilt from its log alone, which
-        it replays node by node (as `peer.store.Store.iter_log` reads it)."""
+        it replays node by node (as `peer.storage.store.Store.iter_log` reads it)."""
         node = self.nodes[i]
         fresh = Replica()
         fresh.apply(sorted(node.held.values(), key=lambda op: (op.hlc.node, op.hlc)))
@@ -634,7 +634,7 @@ def node_logs(draw: st.DrawFn) -> dict[bytes, list[Op]]:
 
 
 class Receiver:
-    """What `peer.journal.Journal.merge_remote` does with peers' entries,
+    """What `peer.storage.journal.Journal.merge_remote` does with peers' entries,
     minus storage: each node's entries in seq order, any number of times; an
     entry whose stamp is not above its node's previous one is refused, with
     the rest of that node's log (`crdt.clock.refusal`)."""

@@ -1,9 +1,9 @@
 """A member that lies: a peer server that answers what a test scripts.
 
 It holds the volume's secret and a node identity of its own, authenticates
-requests and signs responses with the project's own code (`peer.auth`,
-`peer.wire`), and signs whatever log entries and checkpoints a test makes it
-(`peer.sealing`, `peer.checkpoint`): the protocol a real node speaks, with
+requests and signs responses with the project's own code (`peer.net.auth`,
+`peer.net.wire`), and signs whatever log entries and checkpoints a test makes it
+(`peer.sealing`, `peer.storage.checkpoint`): the protocol a real node speaks, with
 content no honest node would send. It answers each asking node with the log
 the test gave for that node (`logs_for`), which is how it equivocates.
 """
@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from crdt.ops import Op, encode_op
-from peer import wire
-from peer.auth import (
+from peer.identity import NodeIdentity
+from peer.keys import VolumeKeys
+from peer.net import wire
+from peer.net.auth import (
     HEADER_MAC,
     PROTOCOL,
     AuthFailed,
@@ -27,8 +29,6 @@ from peer.auth import (
     sign_response,
     verify_request,
 )
-from peer.identity import NodeIdentity
-from peer.keys import VolumeKeys
 from peer.sealing import GENESIS, Head, LogEntry, entry_hash, head_of, seal_entry
 
 

@@ -1,4 +1,4 @@
-"""The hash chain of each node's log (`peer.sealing`, `peer.chain`) and the
+"""The hash chain of each node's log (`peer.sealing`, `peer.storage.chain`) and the
 upgrade of stores written before it."""
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import pytest
 
 from crdt.clock import Hlc
 from crdt.ops import ROOT, Create, Forget, Member
-from peer import chain, checkpoint
 from peer.identity import NodeIdentity, load_or_create
 from peer.keys import VolumeKeys
 from peer.node import DB_NAME
@@ -24,7 +23,8 @@ from peer.sealing import (
     sign_legacy_entry,
     verify_entry,
 )
-from peer.store import Store
+from peer.storage import chain, checkpoint
+from peer.storage.store import Store
 from tests.peer.hostile import chain_of
 from tests.peer.test_gc import make_node, serving
 from tests.peer.test_sync import link, read_file, wait_until, write_file

@@ -1,4 +1,4 @@
-"""Checkpoints (`peer.checkpoint`, `Journal.fold`): the stable log folded, with real nodes.
+"""Checkpoints (`peer.storage.checkpoint`, `Journal.fold`): the stable log folded, with real nodes.
 
 Nodes run in one process over real HTTP on loopback (as in test_gc.py). A
 collection folds the stable prefix of the log into a checkpoint; a node that
@@ -18,14 +18,15 @@ import pytest
 
 from crdt.clock import Hlc
 from crdt.ops import ROOT, Member, Move, Op, SetAttr, encode_op
-from peer import checkpoint, journal, sealing
+from peer import sealing
 from peer.errors import CorruptEntry
+from peer.fs.volume import ROOT_INODE
 from peer.identity import NodeIdentity, load_or_create
 from peer.keys import VolumeKeys
 from peer.node import Node
 from peer.sealing import GENESIS, LogEntry, entry_hash, seal_entry
 from peer.secret import new_secret
-from peer.volume import ROOT_INODE
+from peer.storage import checkpoint, journal
 from tests.peer.test_gc import make_node, serving
 from tests.peer.test_sync import CALLER, link, read_file, wait_until, write_file
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from crdt.clock import Clock
+from peer.fs.volume import ROOT_INODE
 from peer.identity import load_or_create
 from peer.keys import VolumeKeys
 from peer.node import Node, NodeConfig
-from peer.volume import ROOT_INODE
 from tests.peer.test_sync import (
     CALLER,
     link,

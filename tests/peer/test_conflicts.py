@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from crdt.clock import Hlc
-from crdt.merge import conflict_name
+from crdt.names import conflict_name
+from peer.fs.volume import ROOT_INODE
 from peer.keys import VolumeKeys
 from peer.node import Node
-from peer.volume import ROOT_INODE
 from tests.peer.test_clocks import WallClock, names, open_node
 from tests.peer.test_sync import CALLER, link, read_file, running, wait_until, write_file
 

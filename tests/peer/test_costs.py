@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from crdt.ops import ROOT, Create
-from peer.journal import MERGE_PIECE_OPS
+from peer.fs.volume import ROOT_INODE
 from peer.keys import VolumeKeys
 from peer.node import Node
-from peer.volume import ROOT_INODE
+from peer.storage.journal import MERGE_PIECE_OPS
 from tests.peer.test_gc import make_node
 from tests.peer.test_sync import CALLER, link, running, wait_until
 

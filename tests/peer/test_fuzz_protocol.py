@@ -26,9 +26,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from peer import wire
-from peer.auth import HEADER_MAC, sign_request, verify_response, wall_ms
 from peer.keys import VolumeKeys
+from peer.net import wire
+from peer.net.auth import HEADER_MAC, sign_request, verify_response, wall_ms
 from peer.node import Node
 from peer.secret import new_secret
 from tests.peer.test_hostile import rss_mib

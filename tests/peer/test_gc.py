@@ -1,4 +1,4 @@
-"""Causal stability, block collection and `forget` (`peer.gc`), with real nodes.
+"""Causal stability, block collection and `forget` (`peer.storage.gc`), with real nodes.
 
 Nodes run in one process over real HTTP on loopback (as in test_sync.py), each
 with its own SQLite store; collections are run by hand (`Collector.collect`),
@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 
 from crdt.ops import ROOT, Forget
-from peer import wire
-from peer.gc import AmbiguousMember, CannotForgetSelf, NoSuchMember
+from peer.fs.volume import ROOT_INODE
 from peer.identity import load_or_create
 from peer.keys import VolumeKeys
+from peer.net import wire
+from peer.net.sync import Sync
 from peer.node import Node, NodeConfig
-from peer.store import SCHEMA_VERSION, Store
-from peer.sync import Sync
-from peer.volume import ROOT_INODE
+from peer.storage.gc import AmbiguousMember, CannotForgetSelf, NoSuchMember
+from peer.storage.store import SCHEMA_VERSION, Store
 from tests.peer.test_sync import CALLER, link, read_file, wait_until, write_file
 
 MiB = 1 << 20

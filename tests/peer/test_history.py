@@ -21,12 +21,14 @@ import pytest
 
 from crdt.ops import ROOT
 from fuse.errors import ReadOnly
-from peer import cli, history
+from peer import cli
+from peer.control import ask_node, control_server
+from peer.fs.volume import ROOT_INODE
 from peer.identity import load_or_create
 from peer.keys import VolumeKeys
-from peer.node import Node, NodeConfig, ask_node, control_server
-from peer.store import ReadOnlyStore
-from peer.volume import ROOT_INODE
+from peer.node import Node, NodeConfig
+from peer.storage import history
+from peer.storage.store import ReadOnlyStore
 from tests.peer.test_sync import CALLER, link, read_file, running, wait_until, write_file
 
 # 2023-11-14T22:13:20Z, and one version a minute after it: well in the past of

@@ -21,10 +21,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from peer import gate, wire
-from peer.auth import HEADER_MAC, PROTOCOL, sign_request, sign_response, wall_ms
 from peer.keys import VolumeKeys
-from peer.sync import MAX_INBOUND
+from peer.net import gate, wire
+from peer.net.auth import HEADER_MAC, PROTOCOL, sign_request, sign_response, wall_ms
+from peer.net.sync import MAX_INBOUND
 from tests.peer.test_sync import link, make_node, read_file, running, wait_until, write_file
 
 pytestmark = pytest.mark.asyncio

@@ -14,10 +14,10 @@ import pytest
 
 from crdt.ops import BLOCK_SIZE, ROOT
 from fuse.errors import Retry
+from peer.fs.volume import ROOT_INODE
 from peer.identity import load_or_create
 from peer.keys import VolumeKeys
 from peer.node import Node, NodeConfig
-from peer.volume import ROOT_INODE
 from tests.peer.test_sync import CALLER, link, read_file, running, wait_until, write_file
 
 pytestmark = pytest.mark.asyncio

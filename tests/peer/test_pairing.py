@@ -12,10 +12,10 @@ import aiohttp
 import cbor2
 import pytest
 
-from peer import invitations, pairing
 from peer.identity import NodeIdentity
-from peer.joining import _NotHere, pair_with
 from peer.keys import VolumeKeys
+from peer.net import invitations, pairing
+from peer.net.joining import _NotHere, pair_with
 from peer.node import Node
 from peer.secret import new_secret
 from tests.peer.test_sync import make_node, running

@@ -13,7 +13,7 @@ import pytest
 from crdt.ops import ROOT
 from peer.errors import CorruptStore
 from peer.sealing import LogEntry
-from peer.store import ROOT_INODE, SCHEMA_VERSION, Store
+from peer.storage.store import ROOT_INODE, SCHEMA_VERSION, Store
 
 NODE_A = b"\xaa" * 32
 NODE_B = b"\xbb" * 32

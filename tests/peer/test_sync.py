@@ -19,14 +19,14 @@ import pytest
 
 from fuse.errors import Retry
 from fuse.protocol import Caller
-from peer import wire
-from peer.auth import PROTOCOL, sign_request, wall_ms
+from peer.fs.volume import ROOT_INODE
 from peer.identity import load_or_create
 from peer.keys import VolumeKeys
+from peer.net import wire
+from peer.net.auth import PROTOCOL, sign_request, wall_ms
+from peer.net.sync import Sync
 from peer.node import Node, NodeConfig
 from peer.secret import new_secret
-from peer.sync import Sync
-from peer.volume import ROOT_INODE
 
 pytestmark = pytest.mark.asyncio
 

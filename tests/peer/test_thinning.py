@@ -1,4 +1,4 @@
-"""History that thins out with age (`peer.gc.Thinning`): the keep plan with
+"""History that thins out with age (`peer.storage.gc.Thinning`): the keep plan with
 fake times, then real nodes (collection, and what a fresh peer fetches)."""
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import pytest
 from crdt.clock import Hlc
 from crdt.merge import Replica
 from crdt.ops import ROOT, Create, Member, Write
-from peer import history
-from peer.gc import DEFAULT_TIERS, Thinning, keep_plan
 from peer.identity import load_or_create
 from peer.keys import VolumeKeys
 from peer.node import Node, NodeConfig
+from peer.storage import history
+from peer.storage.gc import DEFAULT_TIERS, Thinning, keep_plan
 from tests.peer.test_gc import rewrite, serving
 from tests.peer.test_history import FakeClock
 from tests.peer.test_sync import link, read_file, wait_until, write_file

@@ -1,4 +1,4 @@
-"""POSIX details of `peer.volume.Volume` checked without a mount: the errno a
+"""POSIX details of `peer.fs.volume.Volume` checked without a mount: the errno a
 call must give, and what a call leaves in the merged state."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from fuse.errors import Exists, InvalidArgument, IsADirectory, NotPermitted, Unsupported
+from peer.fs.volume import ROOT_INODE
 from peer.keys import VolumeKeys
 from peer.node import Node
-from peer.volume import ROOT_INODE
 from tests.peer.test_sync import CALLER, list_names, make_node, read_file, write_file
 
 KEEP_SIZE, PUNCH_HOLE, COLLAPSE_RANGE, ZERO_RANGE = 0x01, 0x02, 0x08, 0x10

@@ -1,10 +1,10 @@
 """The peer HTTP server: serves this node's log and sealed blocks to peers.
 
 Invariant: no handler runs for a request that does not authenticate (see
-`peer.auth`): a party without the secret gets a bare 401 for every path,
+`peer.net.auth`): a party without the secret gets a bare 401 for every path,
 learns nothing (not even which paths exist) and changes nothing; the one
 exception is `/pair/*` while `dfs-peer invite` has an invitation open, which
-proves a one-time code instead (`peer.invitations`). Every
+proves a one-time code instead (`peer.net.invitations`). Every
 response to an authenticated request carries a MAC bound to that request.
 Serving is read-only: peers pull from us; nothing a peer sends is written to
 the store by this server. Our own log entries are made durable (`Store.sync`)
@@ -20,12 +20,11 @@ import logging
 import math
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import hdrs, web
 
-from peer import gate, wire
-from peer.auth import (
+from peer.net import gate, wire
+from peer.net.auth import (
     HEADER_MAC,
     HEADER_SERVER_TIME,
     PROTOCOL,
@@ -39,18 +38,16 @@ from peer.auth import (
     verify_request_head,
     wall_ms,
 )
-from peer.pairing import PATHS as PAIRING_PATHS
+from peer.net.pairing import PATHS as PAIRING_PATHS
+from peer.net.serving import Pairing, Serving
 
-if TYPE_CHECKING:
-    from peer.sync import Sync
-
-log = logging.getLogger(__name__)
+log = logging.getLogger("peer.server")
 
 # The long poll's longest wait; clients time out a little after it.
 MAX_WATCH_S = 30.0
 CBOR = "application/cbor"
 
-SYNC_KEY: web.AppKey[Sync] = web.AppKey("sync")
+SYNC_KEY: web.AppKey[Serving] = web.AppKey("sync")
 GUARD_KEY: web.AppKey[ReplayGuard] = web.AppKey("guard", ReplayGuard)
 GATE_KEY: web.AppKey[gate.Gate] = web.AppKey("gate", gate.Gate)
 BODY_KEY: web.RequestKey[bytes] = web.RequestKey("body", bytes)
@@ -58,16 +55,6 @@ PEER_KEY: web.RequestKey[str] = web.RequestKey("peer", str)  # its short id, for
 AUTH_KEY: web.RequestKey[RequestAuth] = web.RequestKey("auth", RequestAuth)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class Pairing(Protocol):
-    """The endpoint of pairing by a one-time code (`peer.invitations`)."""
-
-    def active(self) -> bool:
-        """Whether an invitation is open (or closed lately, to say so)."""
-        ...
-
-    async def handle(self, request: web.Request) -> web.Response: ...
 
 
 PAIRING_KEY: web.AppKey[Pairing] = web.AppKey("pairing")
@@ -90,7 +77,7 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     pairing = request.app.get(PAIRING_KEY)
     if pairing is not None and request.path in PAIRING_PATHS and pairing.active():
         # The one exchange open to a machine without the secret, and only while
-        # an invitation is open: it proves a one-time code instead (peer/invitations.py).
+        # an invitation is open: it proves a one-time code instead (peer/net/invitations.py).
         return await pairing.handle(request)
     sync = request.app[SYNC_KEY]
     key = sync.keys.peers
@@ -219,7 +206,7 @@ async def watch(request: web.Request) -> web.Response:
     return _cbor(sync.watch_answer())
 
 
-def make_peer_app(sync: Sync) -> web.Application:
+def make_peer_app(sync: Serving) -> web.Application:
     app = web.Application(middlewares=[authenticate], client_max_size=wire.MAX_REQUEST_BYTES)
     app[SYNC_KEY] = sync
     app[GUARD_KEY] = ReplayGuard()
@@ -234,7 +221,7 @@ def make_peer_app(sync: Sync) -> web.Application:
 
 @contextlib.asynccontextmanager
 async def serving(
-    sync: Sync, host: str, port: int, sock: socket.socket | None = None
+    sync: Serving, host: str, port: int, sock: socket.socket | None = None
 ) -> AsyncIterator[int]:
     """Serve peers on host:port (or on `sock`, bound there already) behind the
     gate; yields the bound port.

@@ -5,7 +5,7 @@ Invariants:
   (its key confirmation holds) and handed over a root (the node key the
   inviter is told of is made in memory first); then the root is written once, to `volume.secret` in the data dir (mode 0600 from its
   creation, fsync'd, never replacing an existing file).
-- The code's words never leave this process (see `peer.pairing`).
+- The code's words never leave this process (see `peer.net.pairing`).
 - Nothing is checked after the code is spent that could have been checked
   before: the mount point, the FUSE device and the data dir are checked
   first, so a mistake there does not waste the code.
@@ -23,13 +23,14 @@ from pathlib import Path
 
 import aiohttp
 
-from peer import node, pairing
+from peer import node
 from peer.errors import DfsError
 from peer.identity import NodeIdentity, load_or_create
 from peer.keys import VolumeKeys
+from peer.net import pairing
 from peer.secret import format_secret, parse_secret
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("peer.joining")
 
 SECRET_NAME = "volume.secret"
 # How long to look for the invitation on the LAN by mDNS.

@@ -7,7 +7,7 @@ each block), in one store transaction (`Journal.merge_remote`). So a reader
 never meets a block that has not arrived yet, and any peer that has an
 operation can serve the blocks of what it shows. Blocks only superseded
 versions reference (history) are fetched when some peer still has them and
-skipped otherwise: after collection (`peer.gc`) peers legitimately lack the
+skipped otherwise: after collection (`peer.storage.gc`) peers legitimately lack the
 blocks of superseded, stable versions past the retention, and answer without
 them.
 
@@ -36,67 +36,37 @@ from crdt.content import Contents, Version
 from crdt.merge import Changes
 from crdt.ops import BLOCK_SIZE, TRASH, Move, Op, Write
 from fuse.errors import NoSpace
-from peer import chain, wire
-from peer.auth import (
-    HEADER_MAC,
-    HEADER_SERVER_TIME,
-    PROTOCOL,
-    AuthFailed,
-    sign_request,
-    verify_response,
-    wall_ms,
-)
-from peer.blocks import Blocks
-from peer.checkpoint import ForgedCheckpoint, covered, open_checkpoint
 from peer.errors import CorruptBlock, CorruptEntry
-from peer.gate import CLIENT_KEEPALIVE_S, Summary
-from peer.gc import Stability, Thinning
 from peer.identity import NodeIdentity
-from peer.journal import MERGE_PIECE_OPS, Journal
 from peer.keys import VolumeKeys
 from peer.metrics import Metrics
-from peer.sealing import Head, LogEntry, open_block
-from peer.server import MAX_WATCH_S, Pairing, serving
+from peer.net import wire
+from peer.net.auth import AuthFailed, wall_ms
+from peer.net.client import PeerClient, PeerError, ProtocolMismatch, SelfConnection
+from peer.net.fetching import FETCH_CONCURRENCY, Fetching
+from peer.net.gate import CLIENT_KEEPALIVE_S, Summary
+from peer.net.server import MAX_WATCH_S, serving
+from peer.net.serving import Pairing, Serving
+from peer.sealing import Head, LogEntry
+from peer.storage import chain
+from peer.storage.blocks import Blocks
+from peer.storage.checkpoint import ForgedCheckpoint, covered, open_checkpoint
+from peer.storage.gc import Stability, Thinning
+from peer.storage.journal import MERGE_PIECE_OPS, Journal
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("peer.sync")
 
 WATCH_S = 20.0
-REQUEST_TIMEOUT_S = 30.0
-CONNECT_TIMEOUT_S = 3.0
 BACKOFF_MIN_S = 0.2
 BACKOFF_MAX_S = 5.0
-# Blocks fetched per request and requests in flight at once.
-FETCH_CONCURRENCY = 4
 # A pulled batch is merged in pieces whose missing blocks fit in this many
 # bytes, so memory stays bounded however large the files are.
 MERGE_BLOCK_BYTES = 64 * 1024 * 1024
-REPAIR_TIMEOUT_S = 10.0
-# A block the merged state needs that no peer had when its operations merged
-# is asked for again after this long, doubling per failed try up to the cap,
-# and at once whenever a peer connects.
-WANTED_RETRY_MIN_S = 1.0
-WANTED_RETRY_MAX_S = 300.0
 # Links to addresses peers asked us to sync back with (`/hello?port=N`): at
 # most this many, one per node id, dropped unless the address answers as that
 # node, or when it has not answered for INBOUND_EXPIRE_S.
 MAX_INBOUND = 64
 INBOUND_EXPIRE_S = 600.0
-
-
-class PeerError(Exception):
-    """A peer answered, but not with what the protocol promises."""
-
-
-class ProtocolMismatch(PeerError):
-    """The peer speaks another protocol version."""
-
-
-class SelfConnection(PeerError):
-    """The address is this node's own."""
-
-
-class MissingBlocks(PeerError):
-    """No connected peer could provide some blocks the merged state needs."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,80 +107,6 @@ def _behind(theirs: dict[bytes, int], ours: dict[bytes, int]) -> int:
 def referenced_blocks(ops: Iterable[Op]) -> set[bytes]:
     """The ids of the blocks `ops` reference."""
     return {bid for op in ops if isinstance(op, Write) for _, bid in op.blocks if bid is not None}
-
-
-class PeerClient:
-    """Authenticated requests to one peer address."""
-
-    def __init__(self, session: aiohttp.ClientSession, host: str, port: int, sync: Sync) -> None:
-        self.session = session
-        self.sync = sync
-        shown = f"[{host}]" if ":" in host else host
-        self.base = f"http://{shown}:{port}"
-        self.offset_ms = 0  # the peer's clock minus ours, learnt from a stale reply
-
-    async def call(
-        self, method: str, path: str, body: bytes = b"", limit_s: float = REQUEST_TIMEOUT_S
-    ) -> bytes:
-        keys = self.sync.keys
-        node = self.sync.identity.node_id.hex()
-        for _ in range(2):
-            auth = sign_request(
-                keys.peers, method, path, node, body, time_ms=wall_ms() + self.offset_ms
-            )
-            client_timeout = aiohttp.ClientTimeout(total=limit_s, sock_connect=CONNECT_TIMEOUT_S)
-            self.sync.metrics.wire_bytes.labels("sent").inc(len(body))
-            async with self.session.request(
-                method, self.base + path, data=body, headers=auth.headers(), timeout=client_timeout
-            ) as resp:
-                if (resp.content_length or 0) > wire.MAX_RESPONSE_BYTES:
-                    raise PeerError(f"response too large ({resp.content_length} bytes)")
-                parts = []
-                size = 0
-                async for part in resp.content.iter_chunked(1 << 20):
-                    size += len(part)
-                    if size > wire.MAX_RESPONSE_BYTES:
-                        raise PeerError("response too large")
-                    parts.append(part)
-                data = b"".join(parts)
-                extra = resp.headers.get(HEADER_SERVER_TIME, "")
-                verify_response(
-                    keys.peers, auth.nonce, resp.status, data, resp.headers.get(HEADER_MAC), extra
-                )
-                if resp.status == 401 and extra:
-                    self.offset_ms = int(extra) - wall_ms()
-                    log.info(
-                        "peer clock differs: address=%s offset_ms=%d", self.base, self.offset_ms
-                    )
-                    continue
-                if resp.status == 409:
-                    message = wire.decode_error(data)
-                    if message == "self":
-                        raise SelfConnection(self.base)
-                    raise ProtocolMismatch(message)
-                if resp.status != 200:
-                    raise PeerError(f"HTTP {resp.status}: {wire.decode_error(data)}")
-                self.sync.bytes_in += len(data)
-                self.sync.metrics.wire_bytes.labels("received").inc(len(data))
-                return data
-        raise PeerError("clock skew could not be corrected")
-
-    async def hello(self) -> wire.Hello:
-        port = self.sync.port
-        path = f"/hello?port={port}" if port else "/hello"
-        return wire.decode_hello(await self.call("GET", path))
-
-    async def log(self, vv: dict[bytes, int]) -> wire.LogResponse:
-        body = wire.encode_log_request(wire.LogRequest(vv, wire.LOG_BATCH_BYTES))
-        return wire.decode_log_response(await self.call("POST", "/log", body))
-
-    async def blocks(self, ids: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
-        body = wire.encode_blocks_request(wire.BlocksRequest(list(ids)))
-        return wire.decode_blocks_response(await self.call("POST", "/blocks", body)).blocks
-
-    async def watch(self, since: str, wait: float) -> wire.Watch:
-        path = f"/watch?since={since}&wait={wait:g}"
-        return wire.decode_watch(await self.call("GET", path, limit_s=wait + 10))
 
 
 @dataclass(eq=False)
@@ -259,7 +155,7 @@ class Link:
         )
 
 
-class Sync:
+class Sync(Fetching, Serving):
     """This node's side of the network: the peer server and one `Link` per peer."""
 
     def __init__(
@@ -468,7 +364,7 @@ class Sync:
             except (CorruptEntry, CorruptBlock, wire.BadMessage) as exc:
                 self._link_failed(link, f"peer sent bad data: {exc}", logging.WARNING)
             except (aiohttp.ClientError, TimeoutError, OSError, PeerError, NoSpace) as exc:
-                # NoSpace: a full disk, said once per episode by `peer.space`.
+                # NoSpace: a full disk, said once per episode by `peer.storage.space`.
                 self._link_failed(link, f"{type(exc).__name__}: {exc}", logging.INFO)
             except Exception as exc:
                 # A bug, or a state we cannot store (a full disk, a gap a peer's
@@ -502,7 +398,7 @@ class Sync:
 
     async def _compare_chains(self, link: Link, heads: list[Head], forks: list[wire.Proof]) -> None:
         """Check a peer's heads against ours and take its fork proofs
-        (`peer.chain`). Where heads differ, the fork may lie lower: ask the
+        (`peer.storage.chain`). Where heads differ, the fork may lie lower: ask the
         peer for that node's entries and keep the first that differs."""
         journal = self.journal
         for a, b in forks:
@@ -706,285 +602,6 @@ class Sync:
             await self.on_remote(changes)
             await asyncio.sleep(0)  # let FUSE requests in between pieces
             start = end
-
-    # -- blocks ----------------------------------------------------------------------
-    def _sources(self, prefer: Link | None) -> list[Link]:
-        others = [
-            link
-            for link in self.links.values()
-            if link.connected and link is not prefer and link.client is not None
-        ]
-        random.shuffle(others)
-        return ([prefer] if prefer is not None and prefer.client is not None else []) + others
-
-    async def fetch(
-        self, ids: Sequence[bytes], prefer: Link | None, optional: Sequence[bytes] = ()
-    ) -> list[tuple[bytes, bytes]]:
-        """Sealed blocks for `ids` and `optional`, each verified, from `prefer`
-        first, then any other connected peer. `MissingBlocks` if some of `ids`
-        cannot be had; `optional` ones no peer has are skipped."""
-        got, missing = await self._fetch(ids, prefer, optional)
-        if missing:
-            raise MissingBlocks(f"{len(missing)} block(s) not available from any peer")
-        return got
-
-    async def _fetch(
-        self, ids: Sequence[bytes], prefer: Link | None, optional: Sequence[bytes] = ()
-    ) -> tuple[list[tuple[bytes, bytes]], list[bytes]]:
-        """As `fetch`, but the blocks of `ids` no peer had are returned, not raised."""
-        required = list(ids)
-        asked = set(required)
-        ids = required + [b for b in optional if b not in asked]
-        if not ids:
-            return [], []
-        got: dict[bytes, bytes] = {}
-        chunks = [
-            list(ids[i : i + wire.BLOCKS_PER_REQUEST])
-            for i in range(0, len(ids), wire.BLOCKS_PER_REQUEST)
-        ]
-        gate = asyncio.Semaphore(FETCH_CONCURRENCY)
-
-        async def one(chunk: list[bytes]) -> None:
-            async with gate:
-                want = chunk
-                for link in self._sources(prefer):
-                    assert link.client is not None
-                    try:
-                        pairs = await link.client.blocks(want)
-                    except (
-                        aiohttp.ClientError,
-                        TimeoutError,
-                        OSError,
-                        PeerError,
-                        AuthFailed,
-                    ) as exc:
-                        log.info("cannot fetch blocks: from=%s reason=%s", link.address, exc)
-                        continue
-                    except wire.BadMessage as exc:
-                        log.warning("bad blocks reply: from=%s reason=%s", link.address, exc)
-                        continue
-                    verified = await asyncio.to_thread(self._verify, pairs, set(want), link)
-                    got.update(verified)
-                    self.metrics.blocks_received.labels(link.label).inc(len(verified))
-                    self._missing_blocks = max(0, self._missing_blocks - len(verified))
-                    self._missing_bytes = max(0, self._missing_bytes - BLOCK_SIZE * len(verified))
-                    want = [b for b in want if b not in got]
-                    if not want:
-                        return
-
-        async with asyncio.TaskGroup() as group:
-            for chunk in chunks:
-                group.create_task(one(chunk))
-        missing = [b for b in required if b not in got]
-        skipped = len(ids) - len(got) - len(missing)
-        if skipped:
-            log.debug("skipped blocks no peer keeps any more (history): count=%d", skipped)
-        return list(got.items()), missing
-
-    # -- wanted blocks ---------------------------------------------------------------
-    def _now_wanted(self, lost: Sequence[bytes], link: Link) -> None:
-        """Say so when operations merged without blocks no peer had."""
-        if not lost:
-            return
-        log.warning(
-            "merged operations without %d block(s) that no peer has: reads of the data "
-            "they hold fail (EIO) until a peer has them; asking again in the background "
-            "(from=%s wanted=%d)",
-            len(lost),
-            link.address,
-            len(self.store.wanted_blocks()),
-        )
-        self._want_wake.set()
-
-    async def _retry_wanted(self) -> None:
-        """Ask peers for wanted blocks, with backoff per block, for as long as
-        the node runs; at once whenever a peer connects or blocks become wanted."""
-        while True:
-            self._want_wake.clear()
-            wanted = self.store.wanted_blocks()
-            now = time.monotonic()
-            for bid in set(self._want_next) - set(wanted):
-                del self._want_next[bid]
-            timeout: float | None = None
-            if wanted and any(link.connected for link in self.links.values()):
-                due = [b for b in wanted if self._want_next.get(b, (0.0, 0.0))[0] <= now]
-                if due:
-                    try:
-                        await self._ask_wanted(due[: wire.BLOCKS_PER_REQUEST * FETCH_CONCURRENCY])
-                    except Exception:
-                        # A bug, or a store we cannot write (a full disk): the
-                        # node goes on, and this loop tries again later.
-                        log.exception("asking peers for wanted blocks failed")
-                        await asyncio.sleep(WANTED_RETRY_MAX_S)
-                    continue
-                timeout = max(0.0, min(self._want_next[b][0] for b in wanted) - now)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await self._want_wake.wait()
-
-    async def _ask_wanted(self, due: list[bytes]) -> None:
-        held = self.store.has_blocks(due)
-        got, missing = await self._fetch([b for b in due if b not in held], prefer=None)
-        arrived = held | {bid for bid, _ in got}
-        with self.store.transaction():
-            self.store.put_blocks(got)
-            self.store.unwant_blocks(arrived)
-        now = time.monotonic()
-        for bid in missing:
-            delay = self._want_next.get(bid, (0.0, 0.0))[1]
-            delay = min(max(delay * 2, WANTED_RETRY_MIN_S), WANTED_RETRY_MAX_S)
-            self._want_next[bid] = (now + delay * random.uniform(0.8, 1.2), delay)
-        if got:
-            self.blocks_in += len(got)
-            log.info(
-                "wanted blocks arrived: count=%d still_wanted=%d",
-                len(got),
-                len(self.store.wanted_blocks()),
-            )
-
-    def _verify(
-        self, pairs: list[tuple[bytes, bytes]], wanted: set[bytes], link: Link
-    ) -> dict[bytes, bytes]:
-        out: dict[bytes, bytes] = {}
-        for bid, sealed in pairs:
-            if bid not in wanted:
-                continue
-            try:
-                open_block(self.keys, bid, sealed)
-            except CorruptBlock as exc:
-                log.warning("peer sent a corrupt block: from=%s error=%s", link.address, exc)
-                continue
-            out[bid] = sealed
-        return out
-
-    async def refetch(self, bid: bytes) -> bool:
-        """Get a block this node lost or found damaged from a peer; True once stored."""
-        future = self._inflight.get(bid)
-        if future is None:
-            future = asyncio.get_running_loop().create_future()
-            self._inflight[bid] = future
-            try:
-                async with asyncio.timeout(REPAIR_TIMEOUT_S):
-                    pairs = await self.fetch([bid], prefer=None)
-                with self.store.transaction():
-                    self.store.put_blocks(pairs)
-                    self.store.unwant_blocks([bid])
-                log.info("block repaired from a peer: id=%s", bid.hex()[:8])
-                future.set_result(pairs[0][1])
-            except (MissingBlocks, TimeoutError) as exc:
-                # A wanted block was said to be missing when it merged.
-                level = logging.INFO if bid in self.store.wanted_blocks() else logging.ERROR
-                log.log(level, "cannot repair block: id=%s reason=%s", bid.hex()[:8], exc)
-                future.set_result(None)
-            finally:
-                del self._inflight[bid]
-        return (await future) is not None
-
-    # -- serving -------------------------------------------------------------------
-    def hello(self) -> wire.Hello:
-        return wire.Hello(
-            PROTOCOL,
-            self.identity.node_id,
-            self.name,
-            dict(self.journal.vv),
-            self.gossip(),
-            list(self.journal.heads().values()),
-            self.journal.proofs(),
-        )
-
-    def watch_answer(self) -> bytes:
-        """What a long poll answers: our vector, gossip, heads and fork proofs."""
-        journal = self.journal
-        return wire.encode_vv(
-            journal.vv, self.gossip(), list(journal.heads().values()), journal.proofs()
-        )
-
-    def entries_for(
-        self, theirs: dict[bytes, int], max_bytes: int, ours: dict[bytes, int] | None = None
-    ) -> wire.LogResponse:
-        """Entries we hold past `theirs`, node by node, up to about `max_bytes`;
-        first our checkpoint if `theirs` does not cover it, and then only the
-        entries after it (what it folds is no longer in our log). With `ours`
-        (a copy of our vector) it reads only the store: safe in a worker thread."""
-        while True:
-            covers = self.store.covers()
-            resp = self._entries_for(theirs, max_bytes, ours, covers)
-            if self.store.covers() == covers:
-                return resp  # no fold dropped entries while we read them
-
-    def _entries_for(
-        self,
-        theirs: dict[bytes, int],
-        max_bytes: int,
-        ours: dict[bytes, int] | None,
-        covers: dict[bytes, int],
-    ) -> wire.LogResponse:
-        out: list[LogEntry] = []
-        size = 0
-        more = False
-        own = self.identity.node_id
-        checkpoint = None
-        if not covered(theirs, covers):
-            checkpoint = self.store.get_checkpoint()
-            size = len(checkpoint) if checkpoint is not None else 0
-        for node, seq in sorted((self.journal.vv if ours is None else ours).items()):
-            after = max(theirs.get(node, 0), covers.get(node, 0))
-            while after < seq:
-                if size >= max_bytes:
-                    more = True
-                    break
-                chunk = self.store.log_after(node, after, 512)
-                if not chunk:
-                    break
-                for entry in chunk:
-                    out.append(entry)
-                    size += len(entry.sealed) + 120
-                    after = entry.seq
-                    if size >= max_bytes:
-                        break
-            if more:
-                break
-        if any(e.node == own for e in out):
-            self.store.sync()  # never serve an own entry a crash could take back
-        return wire.LogResponse(out, more or size >= max_bytes, checkpoint)
-
-    def sealed_blocks(self, ids: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
-        out = []
-        for bid in ids:
-            sealed = self.store.get_block(bid)
-            if sealed is not None:
-                out.append((bid, sealed))
-        return out
-
-    def _log_grew(self) -> None:
-        self._grew.set()
-        self._grew = asyncio.Event()
-
-    @property
-    def closing(self) -> bool:
-        """True once the node stops serving (long polls are woken to end)."""
-        return self._closing
-
-    async def wait_log_differs(self, since: str) -> None:
-        """Until our log differs from `since`, or we learnt that some member's
-        vector grew (news for the peer's causal stability)."""
-        gossip = self._gossip_version
-        while (
-            wire.vv_digest(self.journal.vv) == since
-            and self._gossip_version == gossip
-            and not self._closing
-        ):
-            await self._grew.wait()
-
-    def note_refused(self, remote: str, reason: str) -> None:
-        self.refused += 1
-        self.strangers.note(
-            "refused",
-            "refused a peer request: from=%s reason=%s (it does not share this "
-            "volume's secret, or is not a dfs-peer node)",
-            remote,
-            reason,
-        )
 
     # -- status --------------------------------------------------------------------
     def statistics(self) -> SyncStatistics:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from fuse.errors import NoSpace
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("peer.space")
 
 RESERVE_NAME = "reserve"
 RESERVE_BYTES = 8 * 1024 * 1024

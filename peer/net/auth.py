@@ -30,8 +30,10 @@ from dataclasses import dataclass
 import nacl.encoding
 import nacl.hash
 
-# 2: chained log entries, signed heads and fork proofs (`peer.chain`), checkpoint format 2.
-PROTOCOL = 2
+# 2: chained log entries, signed heads and fork proofs (`peer.storage.chain`), checkpoint format 2.
+# 3: log entries hold ops of format 2 (`crdt.ops.COMPACT_VERSION`), which nodes
+# speaking 2 would refuse as malformed.
+PROTOCOL = 3
 
 HEADER_NODE = "X-Dfs-Node"
 HEADER_TIME = "X-Dfs-Time"

@@ -2,7 +2,7 @@
 
 The endpoint is on the peer port and, alone there, answers requests that
 carry no volume MAC (a joiner has no secret yet; it proves the code instead,
-see `peer.pairing`). So it is narrow and hard to lean on:
+see `peer.net.pairing`). So it is narrow and hard to lean on:
 
 - With no invitation open (nor one closed in the last hour), the port does
   not route to it at all (`active()` is false): a stranger gets the bare 401
@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from peer import pairing
 from peer.errors import DfsError
+from peer.net import pairing
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("peer.invitations")
 
 DEFAULT_TTL_S = 600.0
 MAX_TTL_S = 600.0

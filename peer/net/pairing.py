@@ -9,7 +9,7 @@ confirm the key they derived, and only then does the inviter send the volume
 root, sealed under that key.
 
 The exchange, two HTTP round trips on the inviter's peer port (served by
-`peer.invitations`, driven by `peer.joining`):
+`peer.net.invitations`, driven by `peer.net.joining`):
 
     joiner  -> inviter  POST /pair/start   {v, n, pake}          (SPAKE2 side A)
     inviter -> joiner                      {v, session, pake}    (SPAKE2 side B)
@@ -48,7 +48,7 @@ import nacl.secret
 from spake2 import SPAKE2_A, SPAKE2_B, SPAKEError
 
 from peer.errors import DfsError
-from peer.wordlist import WORDS
+from peer.net.wordlist import WORDS
 
 VERSION = 1
 START_PATH = "/pair/start"

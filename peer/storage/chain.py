@@ -25,7 +25,7 @@ import cbor2
 
 from peer.errors import CorruptEntry
 from peer.sealing import GENESIS, HASH_BYTES, Head, LogEntry, head_of, verify_head
-from peer.store import Evidence, Store
+from peer.storage.store import Evidence, Store
 
 FORK = "fork"
 FORGED_CHECKPOINT = "forged checkpoint"

@@ -23,6 +23,7 @@ from peer.sealing import (
     SIGNATURE_BYTES,
     Head,
     LogEntry,
+    entry_hash,
 )
 
 # A request body is small (a version vector or a list of block ids).
@@ -33,7 +34,7 @@ MAX_RESPONSE_BYTES = 48 * 1024 * 1024
 LOG_BATCH_BYTES = 4 * 1024 * 1024
 BLOCKS_PER_REQUEST = 64
 MAX_SEALED_BYTES = 1024 * 1024
-MAX_CHECKPOINT_BYTES = 32 * 1024 * 1024  # a sealed checkpoint (`peer.checkpoint`)
+MAX_CHECKPOINT_BYTES = 32 * 1024 * 1024  # a sealed checkpoint (`peer.storage.checkpoint`)
 MAX_NAME = 256
 MAX_VV_NODES = 100_000
 # Signed heads a hello or watch answer carries (one per node), and fork proofs.
@@ -64,7 +65,7 @@ class Hello:
     name: str
     vv: VersionVector
     known: Gossip = field(default_factory=dict)
-    # The sender's newest signed head of each node it holds (`peer.chain`),
+    # The sender's newest signed head of each node it holds (`peer.storage.chain`),
     # and the fork proofs it keeps.
     heads: list[Head] = field(default_factory=list)
     forks: list[Proof] = field(default_factory=list)
@@ -91,7 +92,7 @@ class LogRequest:
 class LogResponse:
     entries: list[LogEntry]
     more: bool
-    # The sender's sealed checkpoint (`peer.checkpoint`), sent first when the
+    # The sender's sealed checkpoint (`peer.storage.checkpoint`), sent first when the
     # caller's vector does not cover it; `entries` then follow its `covers`.
     checkpoint: bytes | None = None
 
@@ -260,11 +261,29 @@ def decode_log_request(body: bytes) -> LogRequest:
     return LogRequest(_vv(m["vv"]), _int(m["max_bytes"], 1, MAX_RESPONSE_BYTES))
 
 
+def _entries_out(entries: list[LogEntry]) -> list[list[Any]]:
+    """Entries as `[node, seq, sealed, sig, prev]`, or `[sealed, sig]` for a
+    chained entry that follows its node's previous one in the list: its node,
+    seq and `prev` are then the receiver's to fill in (68 bytes an entry)."""
+    out: list[list[Any]] = []
+    before: LogEntry | None = None
+    for e in entries:
+        if (
+            before is not None
+            and e.chained
+            and e.node == before.node
+            and e.seq == before.seq + 1
+            and e.prev == entry_hash(before)
+        ):
+            out.append([e.sealed, e.sig])
+        else:
+            out.append([e.node, e.seq, e.sealed, e.sig, e.prev])
+        before = e
+    return out
+
+
 def encode_log_response(resp: LogResponse) -> bytes:
-    body: dict[str, Any] = {
-        "entries": [[e.node, e.seq, e.sealed, e.sig, e.prev] for e in resp.entries],
-        "more": resp.more,
-    }
+    body: dict[str, Any] = {"entries": _entries_out(resp.entries), "more": resp.more}
     if resp.checkpoint is not None:
         body["checkpoint"] = resp.checkpoint
     return encode(body)
@@ -275,8 +294,26 @@ def decode_log_response(body: bytes) -> LogResponse:
     raw = m["entries"]
     if not isinstance(raw, list) or not isinstance(m["more"], bool):
         raise BadMessage("malformed log response")
-    entries = []
+    entries: list[LogEntry] = []
     for item in raw:
+        if isinstance(item, list) and len(item) == 2 and entries:
+            # The next entry of the previous one's node, chained onto it: the
+            # signature (over the hash, which covers node, seq and prev) checks
+            # what is filled in here.
+            before = entries[-1]
+            if before.seq >= MAX_SEQ:
+                raise BadMessage("malformed log entry")
+            sealed, sig = item
+            entries.append(
+                LogEntry(
+                    before.node,
+                    before.seq + 1,
+                    _bytes(sealed),
+                    _bytes(sig, SIGNATURE_BYTES),
+                    entry_hash(before),
+                )
+            )
+            continue
         if not isinstance(item, list) or len(item) != 5:
             raise BadMessage("malformed log entry")
         node, seq, sealed, sig, prev = item

@@ -22,8 +22,12 @@ from crdt.clock import MAX_AHEAD_MS, Clock, Hlc, refusal
 from crdt.merge import Changes, Replica
 from crdt.ops import Forget, MalformedOp, Member, Op, decode_op, encode_op
 from fuse.errors import NoSpace
-from peer import chain
-from peer.checkpoint import (
+from peer.errors import CorruptEntry
+from peer.identity import NodeIdentity
+from peer.keys import VolumeKeys
+from peer.sealing import GENESIS, Head, LogEntry, entry_hash, head_of, open_entry, seal_entry
+from peer.storage import chain
+from peer.storage.checkpoint import (
     FORMAT_VERSION,
     Checkpoint,
     CheckpointTooLarge,
@@ -32,14 +36,10 @@ from peer.checkpoint import (
     seal_checkpoint,
     stored_logs,
 )
-from peer.errors import CorruptEntry
-from peer.identity import NodeIdentity
-from peer.keys import VolumeKeys
-from peer.sealing import GENESIS, Head, LogEntry, entry_hash, head_of, open_entry, seal_entry
-from peer.space import Space
-from peer.store import Evidence, Store
+from peer.storage.space import Space
+from peer.storage.store import Evidence, Store
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("peer.journal")
 
 # Replay decodes the log in chunks so a large log does not sit in memory twice.
 REPLAY_CHUNK = 4096
@@ -142,7 +142,7 @@ class Journal:
         # Nodes whose next entries this node refuses (see `Refused`).
         self.refused: dict[bytes, Refused] = {}
         # Told the Changes of every local commit, inside the commit (so they
-        # must not block): what peers change is reported by `peer.sync`.
+        # must not block): what peers change is reported by `peer.net.sync`.
         self.listeners: list[Callable[[Changes], None]] = []
         # Called after every commit or merge that grew the log (the peer
         # server's long polls wait on this).
@@ -151,7 +151,7 @@ class Journal:
         self.space = Space(None)
         # {node: highest seq held}, kept in step with the store's log.
         self.vv: dict[bytes, int] = store.version_vector()
-        # The folded stable prefix (`peer.checkpoint`), if any: replay merges
+        # The folded stable prefix (`peer.storage.checkpoint`), if any: replay merges
         # its ops, then the log after `covers`.
         # The checkpoint stays in the store, read when needed (replay, a new
         # fold): 200,000 decoded ops would cost ~100 MiB for the life of the
@@ -191,7 +191,7 @@ class Journal:
         """Rebuild the replica from the stored log; return the number of ops.
 
         With `until_ms`, merge only the ops stamped at or before that wall time
-        (unix ms): the state as it was then (`peer.history`)."""
+        (unix ms): the state as it was then (`peer.storage.history`)."""
         # Replay builds millions of long-lived objects and no garbage cycles:
         # the cyclic collector's passes over them took a fifth of a
         # 100,000-file restart (1.3 of 6.7 s), for nothing.
@@ -258,6 +258,7 @@ class Journal:
         try:
             op = decode_op(
                 open_entry(self.keys, entry, check_signature=not signed_already),
+                node=entry.node,
                 check_canonical=not signed_already,
             )
         except MalformedOp as exc:
@@ -274,7 +275,7 @@ class Journal:
     @contextlib.contextmanager
     def _writing(self, freeing: bool = False) -> Iterator[None]:
         """One store transaction; a full disk becomes `NoSpace` (ENOSPC) and
-        starts a full episode (`peer.space`), in which only `freeing` writes run."""
+        starts a full episode (`peer.storage.space`), in which only `freeing` writes run."""
         if not freeing:
             self.space.refuse_if_full()
         try:
@@ -310,7 +311,7 @@ class Journal:
         in one transaction. `freeing` ops (deletes) run on a full disk too: in
         the room the released reserve leaves, retried once after releasing it."""
         # In stamp order, so a node's seqs and stamps grow together (causal
-        # stability turns a stable seq into a stamp bound: `peer.gc`).
+        # stability turns a stable seq into a stamp bound: `peer.storage.gc`).
         ops = sorted(make(self.stamp), key=lambda op: op.hlc)
         if not ops:
             return Changes(frozenset(), frozenset())
@@ -318,7 +319,9 @@ class Journal:
         seq = self._next_seq
         prev = self._own_prev
         for op in ops:
-            entries.append(seal_entry(self.keys, self.identity, seq, encode_op(op), prev))
+            entries.append(
+                seal_entry(self.keys, self.identity, seq, encode_op(op, compact=True), prev)
+            )
             prev = entry_hash(entries[-1])
             seq += 1
         blocks = list(blocks)
@@ -359,7 +362,7 @@ class Journal:
         in one transaction. `ops` are the entries opened by `open_entries`
         (opened here if not given). Entries already held are skipped.
         `wanted` are blocks they need that no peer had: recorded in the same
-        transaction, to be fetched later (`peer.sync`).
+        transaction, to be fetched later (`peer.net.sync`).
 
         A peer's entry stamped at or below its node's previous one, or too
         far ahead of our clock, is refused with that node's later entries
@@ -858,7 +861,7 @@ class Journal:
         own = self.identity.node_id
         covers = self.store.covers()
         over = {
-            n: max(cut, covers.get(n, 0))  # what is folded stays (see `peer.chain`)
+            n: max(cut, covers.get(n, 0))  # what is folded stays (see `peer.storage.chain`)
             for n, cut in self.cuts().items()
             if n != own and self.vv.get(n, 0) > max(cut, covers.get(n, 0))
         }

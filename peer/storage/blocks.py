@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from peer.errors import CorruptBlock
 from peer.keys import VolumeKeys
 from peer.sealing import open_block, seal_block
-from peer.store import Store
+from peer.storage.store import Store
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("peer.blocks")
 
 # 64 MiB of decrypted blocks: enough to keep the working set of a few large
 # sequential readers plus many small files, small next to the node's memory.

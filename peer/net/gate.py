@@ -25,7 +25,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("peer.gate")
 
 MAX_CONNECTIONS = 256
 MAX_PER_SOURCE = 32

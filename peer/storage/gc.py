@@ -44,7 +44,7 @@ with a fresh data dir, under a new id.
 
 Log entries are not dropped here one by one: a collection also folds the
 stable prefix of the log into the checkpoint (`Journal.fold`, once
-`FOLD_MIN_ENTRIES` more entries are stable; `peer.checkpoint`), which keeps
+`FOLD_MIN_ENTRIES` more entries are stable; `peer.storage.checkpoint`), which keeps
 every operation that can still matter (all but attributes and member names a
 later stable op overrides: `crdt.compact`) with its stamp, so merges, `--at`
 and writes buffered elsewhere on old bases behave as with the whole log. What
@@ -67,16 +67,16 @@ from crdt.clock import Hlc
 from crdt.content import Contents
 from crdt.merge import Replica
 from crdt.ops import Forget, MalformedOp, decode_op
-from peer.auth import wall_ms
 from peer.errors import CorruptEntry, DfsError
-from peer.journal import Journal
+from peer.net.auth import wall_ms
 from peer.sealing import open_entry
-from peer.store import ReadOnlyStore
+from peer.storage.journal import Journal
+from peer.storage.store import ReadOnlyStore
 
 if TYPE_CHECKING:
-    from peer.volume import Volume
+    from peer.fs.volume import Volume
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("peer.gc")
 
 __all__ = [
     "Collection",
@@ -260,7 +260,10 @@ class Stability:
                 return self.journal.folded_stamp(node)
             return None
         try:
-            op = decode_op(open_entry(self.journal.keys, entries[0], check_signature=False))
+            op = decode_op(
+                open_entry(self.journal.keys, entries[0], check_signature=False),
+                node=entries[0].node,
+            )
         except (MalformedOp, CorruptEntry) as exc:
             log.error("cannot read log entry %s/%d: %s", node.hex()[:8], seq, exc)
             return None
@@ -674,7 +677,7 @@ class Collector:
             self.thinning,
         )
         garbage = [bid for bid in self.store.block_ids() if bid not in plan.blocks]
-        # A wanted block (`peer.sync`) no kept version references is wanted no more.
+        # A wanted block (`peer.net.sync`) no kept version references is wanted no more.
         unwanted = [bid for bid in self.store.wanted_blocks() if bid not in plan.blocks]
         freed = freed_bytes = 0
         if garbage or unwanted:

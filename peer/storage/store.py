@@ -49,12 +49,12 @@ _WAL_PAGES = 64  # 4 MiB
 # under SQLite's bound-parameter limit).
 _LOG_CHUNK = 1000
 _IN_CHUNK = 500
-# The checkpoint (`peer.checkpoint`, sealed) and the vector it covers (public,
+# The checkpoint (`peer.storage.checkpoint`, sealed) and the vector it covers (public,
 # like the log's (node, seq) keys), kept in `meta`: one row each.
 _CHECKPOINT_META = "checkpoint"
 _COVERS_META = "checkpoint_covers"
 
-# What a member signed that contradicts itself or the rest (`peer.chain`):
+# What a member signed that contradicts itself or the rest (`peer.storage.chain`):
 # kept, never overwritten, shown by `status`. `a` and `b` are the two signed
 # statements (CBOR heads or entries), `detail` says what they show.
 _EVIDENCE_TABLE = """CREATE TABLE evidence (
@@ -96,7 +96,7 @@ _SCHEMA = (
     _EVIDENCE_TABLE,
 )
 # Blocks the merged state needs that no peer could provide when their
-# operations merged (`peer.sync`): fetched again in the background, and until
+# operations merged (`peer.net.sync`): fetched again in the background, and until
 # then reads of what they hold fail with EIO. Added without a schema version
 # bump: a store of schema 2 without it gets it at the next open.
 _WANTED_SCHEMA = """CREATE TABLE IF NOT EXISTS wanted_blocks (
@@ -117,7 +117,7 @@ class StoreStats:
 
 @dataclass(frozen=True, slots=True)
 class Evidence:
-    """Two statements signed by `node` that cannot both be true (`peer.chain`)."""
+    """Two statements signed by `node` that cannot both be true (`peer.storage.chain`)."""
 
     node: bytes
     seq: int

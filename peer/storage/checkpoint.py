@@ -45,6 +45,11 @@ from crdt.ops import MalformedOp, Op, decode_op
 from peer.errors import CorruptEntry
 from peer.identity import NodeIdentity
 from peer.keys import VolumeKeys
+
+# Bounded so a checkpoint fits one log response beside a batch of entries
+# (`wire.MAX_CHECKPOINT_BYTES`); a node whose checkpoint would grow past it
+# stops folding (its log keeps the rest).
+from peer.net.wire import CBOR_ERRORS, MAX_CHECKPOINT_BYTES, MAX_SEALED_BYTES
 from peer.sealing import (
     GENESIS,
     MAX_SEQ,
@@ -59,11 +64,6 @@ from peer.sealing import (
     unseal,
     verify_entry,
 )
-
-# Bounded so a checkpoint fits one log response beside a batch of entries
-# (`wire.MAX_CHECKPOINT_BYTES`); a node whose checkpoint would grow past it
-# stops folding (its log keeps the rest).
-from peer.wire import CBOR_ERRORS, MAX_CHECKPOINT_BYTES, MAX_SEALED_BYTES
 
 FORMAT_VERSION = 2
 MAX_COVERS_NODES = 100_000
@@ -279,7 +279,9 @@ def _open_ops(
         for e in entries:
             try:
                 op = decode_op(
-                    open_entry(keys, e, check_signature=False), check_canonical=not stored_here
+                    open_entry(keys, e, check_signature=False),
+                    node=e.node,
+                    check_canonical=not stored_here,
                 )
             except (MalformedOp, CorruptEntry) as exc:
                 raise _fail(f"entry {e.node.hex()[:8]}/{e.seq}: {exc}") from exc

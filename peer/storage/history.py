@@ -26,9 +26,9 @@ from crdt.merge import Replica
 from crdt.ops import MAX_BLOCKS_PER_WRITE, ROOT, Create, Op, Write
 from peer.errors import DfsError
 from peer.identity import NodeIdentity
-from peer.journal import Journal
 from peer.keys import VolumeKeys
-from peer.store import Store
+from peer.storage.journal import Journal
+from peer.storage.store import Store
 
 DEFAULT_KEEP_HISTORY_S = 7 * 86400.0
 
