@@ -11,9 +11,16 @@ PYTEST_ARGS ?=
 setup:
 	@bash .ci/setup
 
+# The tests run on several workers (pytest-xdist): most of them wait on real
+# processes, mounts and sockets, so one more worker than cores (at most 8)
+# pays; more only adds contention, and tests that wait with deadlines time out.
+# --dist loadgroup uses the scheduler in tests/conftest.py (modules with a
+# module-scoped fixture stay on one worker). PYTEST_WORKERS=0: one process.
+PYTEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); n=$$((n + 1)); echo $$((n > 8 ? 8 : n)))
+
 # pytest exits 5 when it collected nothing: a failure here, but worth saying so.
 test: setup
-	@$(BIN)/python -m pytest $(PYTEST_ARGS); status=$$?; \
+	@$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS); status=$$?; \
 	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; \
 	exit $$status
 

@@ -96,12 +96,17 @@ def new_secret() -> str:
 
 
 def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM it when the thread that started it ends.
+    """In the child before exec: SIGTERM it when the thread that started it ends,
+    and let Ctrl-C (SIGINT) act on it as it would in a terminal.
 
     So a harness killed outright (SIGKILL, OOM) does not leave nodes running
-    and mounted; they unmount themselves on SIGTERM.
+    and mounted; they unmount themselves on SIGTERM. A harness started in the
+    background by a shell (`make test &`, a CI runner) ignores SIGINT, and an
+    ignored signal stays ignored across exec: a test that sends Ctrl-C would
+    then wait for nothing.
     """
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):

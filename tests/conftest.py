@@ -52,6 +52,88 @@ def _require_test_packages(tests: Path) -> None:
         )
 
 
+# --- Running in parallel (`make test`: pytest-xdist, --dist loadgroup) ------
+#
+# Most tests wait on real processes, mounts and sockets, so several workers
+# share two cores well. Every test makes its own names (tmp_path, free ports,
+# random namespace and bridge names, a runtime dir of its own where it counts
+# nodes), so tests can overlap. Two things are arranged here:
+#
+# - The tests of a module with a module-scoped fixture run on one worker, or
+#   each worker would build the fixture again (fsx twice). xdist's own
+#   `xdist_group` marks do not work with this pytest (xdist 3.8 renames the
+#   test ids through an attribute pytest 9.2 no longer reads), so the scheduler
+#   below groups the modules listed here instead; collection fails if a module
+#   with such a fixture is missing from the list.
+# - The longest tests start first, so that none of them begins last and keeps
+#   one worker busy after the others are done: the `slow` ones, and of those
+#   the files in LONGEST_FIRST (measured: pjdfstest ~2 min, the demo ~1 min).
+SHARED_FIXTURE_MODULES = frozenset(
+    {
+        "tests/peer/test_fuzz_protocol.py",
+        "tests/scenarios/test_pairing.py",
+        "tests/thirdparty/test_fsx.py",
+    }
+)
+LONGEST_FIRST = ("tests/thirdparty/test_pjdfstest.py", "tests/scenarios/test_demo.py")
+_SHARED_SCOPES = {"module", "package"}
+_UNLISTED = pytest.StashKey[str]()
+
+
+def _module_of(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = _module_of(item.nodeid)
+        if (name := _shared_fixture(item)) and module not in SHARED_FIXTURE_MODULES:
+            item.stash[_UNLISTED] = (
+                f"{module} has a module-scoped fixture ({name}): add the module to "
+                "SHARED_FIXTURE_MODULES in tests/conftest.py, so that its tests share one worker"
+            )
+
+    def first(item: pytest.Item) -> tuple[bool, bool]:
+        slow = item.get_closest_marker("slow") is not None
+        return (not slow, _module_of(item.nodeid) not in LONGEST_FIRST)
+
+    items.sort(key=first)  # stable: otherwise in the order collected
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # Failed here, not at collection: xdist does not show a worker's usage error.
+    if problem := item.stash.get(_UNLISTED, None):
+        pytest.fail(problem, pytrace=False)
+
+
+def _shared_fixture(item: pytest.Item) -> str | None:
+    """A module- or package-scoped fixture the test uses, if any (pytest's own,
+    named with a leading underscore, are not worth sharing)."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return None
+    for name, defs in info.name2fixturedefs.items():
+        if not name.startswith("_") and defs[-1].scope in _SHARED_SCOPES:
+            return name
+    return None
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """For --dist loadgroup: one test at a time, except the modules in
+    SHARED_FIXTURE_MODULES, each sent whole to one worker."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleGroups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = _module_of(nodeid)
+            return module if module in SHARED_FIXTURE_MODULES else nodeid
+
+    return ModuleGroups(config, log)
+
+
 # --- Logs at WARNING or worse fail the test unless expected ------------------
 
 

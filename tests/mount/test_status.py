@@ -67,7 +67,9 @@ def test_a_node_under_the_data_home_is_found_without_a_record(
     make_node: Callable[..., NodeProcess], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     node = make_node()
-    node.data_dir = tmp_path / "home" / "dfs-peer" / "sometag"
+    # A short tag: the control socket's path must fit in 107 bytes, and under
+    # xdist tmp_path is longer by popen-gwN/.
+    node.data_dir = tmp_path / "home" / "dfs-peer" / "tag"
     node.start()
     # No record: another runtime dir than the node's.
     (tmp_path / "run2").mkdir()

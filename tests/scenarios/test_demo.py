@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from scenarios.harness import is_mounted
+from scenarios.harness import _die_with_parent, is_mounted
 
 pytestmark = [pytest.mark.scenario, pytest.mark.mount, pytest.mark.slow]
 
@@ -23,6 +23,7 @@ def test_demo_runs_three_synced_mounts_until_ctrl_c_then_removes_everything() ->
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=_die_with_parent,  # Ctrl-C reaches it even if pytest ignores SIGINT
     )
     out: list[str] = []
     mounts: list[Path] = []

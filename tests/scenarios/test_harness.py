@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from scenarios.cluster import is_bad_record, log_records
-from scenarios.harness import wait_for
+from scenarios.harness import _die_with_parent, wait_for
 from scenarios.network import BridgeLan, can_use_namespaces
 from scenarios.trees import diff, snapshot
 
@@ -60,6 +61,25 @@ def test_log_check_groups_a_traceback_with_its_record() -> None:
     assert len(records) == 4
     assert "OSError" in records[1]
     assert [is_bad_record(r) for r in records] == [False, True, True, False]
+
+
+def test_what_the_harness_starts_takes_ctrl_c_even_if_the_runner_ignores_it() -> None:
+    """A shell runs background jobs (`make test &`) with SIGINT ignored, which
+    every child inherits; `dfs-peer invite` and the demo must still stop on Ctrl-C."""
+    show = "import signal; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        plain = subprocess.run([sys.executable, "-c", show], capture_output=True, text=True)
+        ours = subprocess.run(
+            [sys.executable, "-c", show],
+            capture_output=True,
+            text=True,
+            preexec_fn=_die_with_parent,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert plain.stdout.strip() == "False"  # what the inherited SIG_IGN does
+    assert ours.stdout.strip() == "True"
 
 
 @pytest.mark.skipif(not can_use_namespaces()[0], reason=can_use_namespaces()[1])
