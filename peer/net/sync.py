@@ -546,7 +546,8 @@ class Sync(Fetching, Serving):
         )
         del cp, ops, fetched
         if self.after_bulk is not None:
-            self.after_bulk()
+            # (malloc_trim over a heap that held a whole volume: tens of ms)
+            await asyncio.to_thread(self.after_bulk)
         await self.on_remote(changes)
         return covered(self.journal.vv, covers)
 
