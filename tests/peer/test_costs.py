@@ -17,6 +17,7 @@ from crdt.ops import BLOCK_SIZE, ROOT, Create, Forget, Op
 from peer import node as node_module
 from peer.fs.volume import ROOT_INODE, Volume
 from peer.keys import VolumeKeys
+from peer.net import client as client_module
 from peer.net import wire
 from peer.node import Node
 from peer.storage import journal as journal_module
@@ -305,3 +306,35 @@ async def test_after_merging_a_peers_checkpoint_the_kernel_is_told_a_piece_at_a_
         link(a, b)
         await wait_until(lambda: sum(looked) >= 3000, "the fresh node to merge the checkpoint", 120)
     assert max(looked) <= 500, f"{max(looked)} changed entries looked at in one turn"
+
+
+@pytest.mark.asyncio
+async def test_a_peers_checkpoint_is_decoded_off_the_loop(
+    tmp_path: Path, keys: VolumeKeys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    full = make_node(tmp_path, "full", keys)
+    for _ in range(3):
+        _fill_dir(full, 1000)
+    full.collector.collect()  # alone: folds all of it
+    assert full.store.get_checkpoint() is not None
+    fresh = make_node(tmp_path, "fresh", keys)
+    loop_thread = threading.get_ident()
+    # The size of each /log answer decoded on the loop thread, and off it.
+    on_loop: list[int] = []
+    off_loop: list[int] = []
+    decode = wire.decode_log_response
+
+    def counted(body: bytes) -> wire.LogResponse:
+        (on_loop if threading.get_ident() == loop_thread else off_loop).append(len(body))
+        return decode(body)
+
+    monkeypatch.setattr(wire, "decode_log_response", counted)
+    monkeypatch.setattr(client_module, "DECODE_ON_LOOP_BYTES", 64 * 1024)
+    async with running(full, fresh) as (a, b):
+        link(a, b)
+        await wait_until(
+            lambda: fresh.replica.counts()[1] >= 3000, "the fresh node to merge the checkpoint", 120
+        )
+    # (a 100,000-file checkpoint's answer took ~50 ms of the loop to decode)
+    assert max(on_loop, default=0) <= 64 * 1024, f"a {max(on_loop)}-byte answer decoded on the loop"
+    assert max(off_loop, default=0) > 64 * 1024, "the checkpoint's answer was never decoded"
