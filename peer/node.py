@@ -79,6 +79,8 @@ def default_data_dir(keys: VolumeKeys) -> Path:
 DEFAULT_PORT = 7654
 REMEMBERED_PEERS = "peers"
 PROGRESS_EVERY_S = 1.0
+# Directories or entries of a merge's changes the volume looks at between yields.
+REMOTE_CHANGED_PIECE = 5000
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +147,17 @@ class NodeStatus:
     conflicts: list[dict[str, Any]] = field(default_factory=list)
     # The key epoch this node writes under and the removed nodes (`peer.epochs`).
     keys: dict[str, Any] = field(default_factory=dict)
+
+
+def _pieces(changes: Changes, size: int) -> Iterator[Changes]:
+    """`changes` as consecutive pieces of at most `size` directories or entries
+    (names are left out: `Volume.remote_changed` does not read them); at least one."""
+    dirs, entries = list(changes.dirs), list(changes.entries)
+    yield Changes(frozenset(dirs[:size]), frozenset(entries[:size]))
+    for start in range(size, max(len(dirs), len(entries)), size):
+        yield Changes(
+            frozenset(dirs[start : start + size]), frozenset(entries[start : start + size])
+        )
 
 
 def give_back_memory() -> None:
@@ -305,8 +318,18 @@ class Node:
         """Make the kernel forget what peers' operations changed."""
         if self.operations is None:
             return
-        inodes, names = self.volume.remote_changed(changes)
-        await self.operations.invalidate(inodes, names)
+        # A checkpoint's merge changes every entry of the volume: looked at a
+        # piece at a time, so FUSE requests get in between (a later piece sees
+        # a later replica, whose own changes invalidate again after it).
+        inodes: set[int] = set()
+        names: list[tuple[int, bytes]] = []
+        for i, piece in enumerate(_pieces(changes, REMOTE_CHANGED_PIECE)):
+            if i:
+                await asyncio.sleep(0)
+            more_inodes, more_names = self.volume.remote_changed(piece)
+            inodes.update(more_inodes)
+            names.extend(more_names)
+        await self.operations.invalidate(sorted(inodes), names)
 
     def _local_changed(self, changes: Changes) -> None:
         if self.operations is None:

@@ -68,6 +68,8 @@ BACKOFF_MAX_S = 5.0
 # A pulled batch is merged in pieces whose missing blocks fit in this many
 # bytes, so memory stays bounded however large the files are.
 MERGE_BLOCK_BYTES = 64 * 1024 * 1024
+# Files whose versions `Sync._needed_async` reads from the replica between yields.
+NEEDED_PIECE = 2000
 # Links to addresses peers asked us to sync back with (`/hello?port=N`): at
 # most this many, one per node id, dropped unless the address answers as that
 # node, or when it has not answered for INBOUND_EXPIRE_S.
@@ -520,7 +522,7 @@ class Sync(Fetching, Serving):
         if covered(self.journal.vv, cp.covers):
             return covered(self.journal.vv, covers)  # what it folds arrived meanwhile
         ops = cp.ops
-        required, optional = self._needed(ops)
+        required, optional = await self._needed_async(ops)
         # A checkpoint's blocks can be the whole volume: they go to the store as
         # they arrive, not into memory, and collection waits until the ops
         # that reference them are merged.
@@ -546,7 +548,8 @@ class Sync(Fetching, Serving):
         )
         del cp, ops, fetched
         if self.after_bulk is not None:
-            self.after_bulk()
+            # (malloc_trim over a heap that held a whole volume: tens of ms)
+            await asyncio.to_thread(self.after_bulk)
         await self.on_remote(changes)
         return covered(self.journal.vv, covers)
 
@@ -557,20 +560,36 @@ class Sync(Fetching, Serving):
         delete, in the state after the merge. Optional: the other blocks `ops`
         list (superseded versions: history a peer may have collected), only of
         the versions this node's retention keeps (`retention`)."""
+        files, fresh = _written(ops)
         contents = self.journal.replica.contents
-        files: set[bytes] = set()
-        fresh: list[Version] = []
-        for op in ops:
-            if isinstance(op, Write):
-                files.add(op.entry)
-                fresh.append(Version(op.hlc, op.entry, op.bases, op.size, op.blocks, False))
-            elif isinstance(op, Move) and op.parent == TRASH:
-                files.add(op.entry)
-                fresh.append(Version(op.hlc, op.entry, op.seen, 0, (), tombstone=True))
+        held = {e: [contents.versions[h] for h in contents.of(e)] for e in files}
+        return self._needed_given(ops, held, fresh)
+
+    async def _needed_async(self, ops: Sequence[Op]) -> tuple[set[bytes], set[bytes]]:
+        """`_needed` for a checkpoint's ops (a whole volume): what reads only
+        `ops` and the store runs in a worker thread; the replica's versions of
+        the files they write are read on the loop a piece at a time (the loop
+        changes the replica meanwhile, so no thread reads it)."""
+        files, fresh = await asyncio.to_thread(_written, ops)
+        contents = self.journal.replica.contents
+        held: dict[bytes, list[Version]] = {}
+        for i, entry in enumerate(files):
+            if i and not i % NEEDED_PIECE:
+                await asyncio.sleep(0)  # let FUSE requests in between pieces
+            held[entry] = [contents.versions[h] for h in contents.of(entry)]
+        return await asyncio.to_thread(self._needed_given, ops, held, fresh)
+
+    def _needed_given(
+        self, ops: Sequence[Op], held_versions: dict[bytes, list[Version]], fresh: list[Version]
+    ) -> tuple[set[bytes], set[bytes]]:
+        """`_needed` with the replica's versions of each file `ops` write
+        (`held_versions`) and the versions `ops` add (`fresh`) read already:
+        reads only these and the store, so a worker thread may run it."""
+        files = held_versions.keys()
         after = Contents()
-        for entry in files:
-            for h in contents.of(entry):
-                after.add(contents.versions[h])
+        for versions in held_versions.values():
+            for version in versions:
+                after.add(version)
         for version in fresh:
             after.add(version)
         required: set[bytes] = set()
@@ -669,3 +688,18 @@ class Sync(Fetching, Serving):
             bytes_received=self.bytes_in,
             refused_requests=self.refused,
         )
+
+
+def _written(ops: Sequence[Op]) -> tuple[list[bytes], list[Version]]:
+    """The files `ops` write or delete (in first-seen order) and the versions
+    they add: what `Sync._needed` starts from; reads only `ops`."""
+    files: dict[bytes, None] = {}
+    fresh: list[Version] = []
+    for op in ops:
+        if isinstance(op, Write):
+            files[op.entry] = None
+            fresh.append(Version(op.hlc, op.entry, op.bases, op.size, op.blocks, False))
+        elif isinstance(op, Move) and op.parent == TRASH:
+            files[op.entry] = None
+            fresh.append(Version(op.hlc, op.entry, op.seen, 0, (), tombstone=True))
+    return list(files), fresh
