@@ -120,15 +120,21 @@ def _fill_dir(node: Node, count: int) -> None:
     )
 
 
+def _folded(tmp_path: Path, keys: VolumeKeys, dirs: int) -> Node:
+    """A node holding `dirs` directories of 1,000 files, all folded into its checkpoint."""
+    full = make_node(tmp_path, "full", keys)
+    for _ in range(dirs):
+        _fill_dir(full, 1000)
+    full.collector.collect()  # alone: folds all of it
+    assert full.store.get_checkpoint() is not None
+    return full
+
+
 @pytest.mark.asyncio
 async def test_merging_a_peers_checkpoint_lets_the_loop_run_between_pieces(
     tmp_path: Path, keys: VolumeKeys
 ) -> None:
-    full = make_node(tmp_path, "full", keys)
-    for _ in range(5):
-        _fill_dir(full, 1000)
-    full.collector.collect()  # alone: folds all of it
-    assert full.store.get_checkpoint() is not None
+    full = _folded(tmp_path, keys, 5)
     fresh = make_node(tmp_path, "fresh", keys)
     # What the fresh node's replica took in between two turns of the loop
     # (where FUSE requests are answered): one piece, never the whole volume.
@@ -160,11 +166,7 @@ async def test_merging_a_peers_checkpoint_lets_the_loop_run_between_pieces(
 async def test_after_a_fold_or_an_adoption_stability_decodes_no_checkpoint(
     tmp_path: Path, keys: VolumeKeys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    full = make_node(tmp_path, "full", keys)
-    for _ in range(3):
-        _fill_dir(full, 1000)
-    full.collector.collect()  # alone: folds all of it
-    assert full.store.get_checkpoint() is not None
+    full = _folded(tmp_path, keys, 3)
     own = full.identity.node_id
     newest = full.journal.tops[own]
     fresh = make_node(tmp_path, "fresh", keys)
@@ -277,11 +279,7 @@ async def test_a_fresh_node_catching_up_never_holds_all_the_blocks_in_memory(
 async def test_after_merging_a_peers_checkpoint_the_kernel_is_told_a_piece_at_a_time(
     tmp_path: Path, keys: VolumeKeys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    full = make_node(tmp_path, "full", keys)
-    for _ in range(3):
-        _fill_dir(full, 1000)
-    full.collector.collect()  # alone: folds all of it
-    assert full.store.get_checkpoint() is not None
+    full = _folded(tmp_path, keys, 3)
     fresh = make_node(tmp_path, "fresh", keys)
     monkeypatch.setattr(node_module, "REMOTE_CHANGED_PIECE", 500)
     invalidated: list[int] = []
@@ -312,11 +310,7 @@ async def test_after_merging_a_peers_checkpoint_the_kernel_is_told_a_piece_at_a_
 async def test_a_peers_checkpoint_is_decoded_off_the_loop(
     tmp_path: Path, keys: VolumeKeys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    full = make_node(tmp_path, "full", keys)
-    for _ in range(3):
-        _fill_dir(full, 1000)
-    full.collector.collect()  # alone: folds all of it
-    assert full.store.get_checkpoint() is not None
+    full = _folded(tmp_path, keys, 3)
     fresh = make_node(tmp_path, "fresh", keys)
     loop_thread = threading.get_ident()
     # The size of each /log answer decoded on the loop thread, and off it.
