@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from scenarios.cluster import Cluster, ClusterNode
 from scenarios.network import LinkCounters
@@ -44,6 +45,19 @@ OVERWRITE_SIZE = 4096
 POLL_S = 0.0005
 SETTLE_S = 0.5  # the link counts as quiet after this long without a byte
 IDLE_WINDOW_S = 3.0
+
+
+def holds_all_of(s: dict[str, Any], ref: dict[str, Any]) -> bool:
+    """Whether the node whose `status` is `s` holds every operation and block
+    of the one whose status is `ref`, with nothing left to fetch."""
+    sync = s.get("sync") or {}
+    ours, theirs = s.get("version_vector") or {}, ref.get("version_vector") or {}
+    return bool(
+        all(ours.get(node, 0) >= seq for node, seq in theirs.items())
+        and int(s["blocks"]) >= int(ref["blocks"])
+        and not sync.get("blocks_missing")
+        and not sync.get("operations_behind")
+    )
 
 
 def verdict(ok: bool) -> str:
@@ -162,15 +176,7 @@ def fresh_sync(
     c.start(fresh, wait=False)
 
     def holds_everything() -> bool:
-        s, ref = fresh.status(), a.status()
-        sync = s.get("sync") or {}
-        ours, theirs = s.get("version_vector") or {}, ref.get("version_vector") or {}
-        return bool(
-            all(ours.get(node, 0) >= seq for node, seq in theirs.items())
-            and int(s["blocks"]) >= int(ref["blocks"])
-            and not sync.get("blocks_missing")
-            and not sync.get("operations_behind")
-        )
+        return holds_all_of(fresh.status(), a.status())
 
     c.wait_until(holds_everything, "the fresh node F to hold everything", 600, [a, fresh], 0.02)
     held = time.monotonic() - started

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.network import holds_all_of
 from benchmarks.single_node import precompile, rss_mib
 from scenarios.cluster import Cluster
 from scenarios.harness import free_port, wait_for
@@ -106,14 +107,7 @@ def dfs_peer_run(workdir: Path, corpus: Corpus) -> Outcome:
                 s, ref = fresh.status(), a.status()
             except OSError:
                 return False
-            sync = s.get("sync") or {}
-            ours, theirs = s.get("version_vector") or {}, ref.get("version_vector") or {}
-            return bool(
-                all(ours.get(node, 0) >= seq for node, seq in theirs.items())
-                and int(s["blocks"]) >= int(ref["blocks"])
-                and not sync.get("blocks_missing")
-                and not sync.get("operations_behind")
-            )
+            return holds_all_of(s, ref)
 
         c.wait_until(
             holds_everything, "the fresh node F to hold everything", TIMEOUT_S, [a, fresh], POLL_S
