@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -124,8 +124,10 @@ async def _gc(request: web.Request) -> web.Response:
     )
 
 
-async def _forget(request: web.Request) -> web.Response:
-    """POST /forget {node}: a member is gone for good."""
+async def _on_member(
+    request: web.Request, act: Callable[[Node, str], dict[str, Any]]
+) -> web.Response:
+    """POST {node}: `act` on the member a name or id prefix names."""
     node = request.app[NODE_KEY]
     try:
         body = await request.json()
@@ -133,10 +135,20 @@ async def _forget(request: web.Request) -> web.Response:
     except (ValueError, KeyError, TypeError):
         return web.json_response({"error": "expected JSON {node}"}, status=400)
     try:
-        done = node.forget(text)
+        done = act(node, text)
     except DfsError as exc:
         return _refused(exc, 409)
     return web.json_response(done)
+
+
+async def _forget(request: web.Request) -> web.Response:
+    """POST /forget {node}: a member is gone for good."""
+    return await _on_member(request, lambda node, text: node.forget(text))
+
+
+async def _remove(request: web.Request) -> web.Response:
+    """POST /remove {node}: shut a member out for good (`peer.removal`)."""
+    return await _on_member(request, removal.remove)
 
 
 async def _invite(request: web.Request) -> web.StreamResponse:
@@ -221,7 +233,7 @@ def make_control_app(node: Node) -> web.Application:
     app.router.add_post("/restore", _restore)
     app.router.add_post("/gc", _gc)
     app.router.add_post("/forget", _forget)
-    app.router.add_post("/remove", removal.control_remove)
+    app.router.add_post("/remove", _remove)
     app.router.add_post("/invite", _invite)
     return app
 

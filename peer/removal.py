@@ -15,8 +15,6 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
-
 from crdt.clock import Hlc
 from crdt.ops import Forget, Op, Rotate
 from fuse.errors import NoSpace
@@ -212,20 +210,3 @@ async def watch_epochs(node: Node, every_s: float = WATCH_EPOCHS_S) -> None:
             except (DfsError, NoSpace) as exc:
                 log.warning("could not make the merge rotation: %s", exc)
             since = None
-
-
-async def control_remove(request: web.Request) -> web.Response:
-    """POST /remove {node}: shut a member out for good."""
-    from peer.control import NODE_KEY
-
-    node = request.app[NODE_KEY]
-    try:
-        body = await request.json()
-        text = str(body["node"])
-    except (ValueError, KeyError, TypeError):
-        return web.json_response({"error": "expected JSON {node}"}, status=400)
-    try:
-        done = remove(node, text)
-    except DfsError as exc:
-        return web.json_response({"error": exc.message()}, status=409)
-    return web.json_response(done)
