@@ -186,6 +186,7 @@ async def hello(request: web.Request) -> web.Response:
     port = request.query.get("port", "")
     if port.isdigit() and 0 < int(port) < 65536 and request.remote:
         sync.add_inbound(request.remote, int(port), bytes.fromhex(request[AUTH_KEY].node))
+    sync.gossip_answered(request[AUTH_KEY].node)
     return _cbor(wire.encode_hello(sync.hello()))
 
 
@@ -231,11 +232,13 @@ async def watch(request: web.Request) -> web.Response:
     if not math.isfinite(wait) or wait < 0:
         raise wire.BadMessage("bad wait")
     wait = min(wait, MAX_WATCH_S)
+    caller = request[AUTH_KEY].node
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(wait):
-            await sync.wait_log_differs(since)
+            await sync.wait_log_differs(since, caller)
     if sync.closing:  # woken to let the server stop: the store may be closing too
         raise web.HTTPServiceUnavailable()
+    sync.gossip_answered(caller)
     return _cbor(sync.watch_answer())
 
 

@@ -31,12 +31,17 @@ class Pairing(Protocol):
     async def handle(self, request: web.Request) -> web.Response: ...
 
 
+# How many callers' gossip versions are kept (a member can name any node id).
+MAX_CALLERS_REMEMBERED = 1024
+
+
 class Serving:
     """`Sync`'s serving side; see `peer.net.sync`."""
 
     if TYPE_CHECKING:
         _closing: bool
         _gossip_version: int
+        _gossip_answered: dict[str, int]
         _grew: asyncio.Event
         identity: NodeIdentity
         journal: Journal
@@ -136,10 +141,22 @@ class Serving:
         """True once the node stops serving (long polls are woken to end)."""
         return self._closing
 
-    async def wait_log_differs(self, since: str) -> None:
-        """Until our log differs from `since`, or we learnt that some member's
-        vector grew (news for the peer's causal stability)."""
+    def gossip_answered(self, caller: str) -> None:
+        """`caller` (a node id, hex) now holds our gossip as it stands."""
+        answered = self._gossip_answered
+        answered.pop(caller, None)
+        while len(answered) >= MAX_CALLERS_REMEMBERED:  # ids are the caller's word
+            del answered[next(iter(answered))]  # the longest silent: one early answer
+        answered[caller] = self._gossip_version
+
+    async def wait_log_differs(self, since: str, caller: str | None = None) -> None:
+        """Until our log differs from `since`, or we hold gossip (some member's
+        vector grew: news for the peer's causal stability) that `caller` was
+        not answered with. Gossip learnt between two of its long polls counts:
+        the next poll answers at once instead of after its whole wait."""
         gossip = self._gossip_version
+        if caller is not None:
+            gossip = self._gossip_answered.get(caller, gossip)
         while (
             wire.vv_digest(self.journal.vv) == since
             and self._gossip_version == gossip

@@ -212,6 +212,9 @@ class Sync(Fetching, Serving):
         # What this node knows of every member's version vector (set by the node).
         self.stability: Stability | None = None
         self._gossip_version = 0
+        # The gossip version each calling member's last hello or long poll was
+        # answered with (`Serving.wait_log_differs`); one small int per member.
+        self._gossip_answered: dict[str, int] = {}
         # Fetch the blocks of superseded versions too (history for --at and
         # restore); a node that keeps no history (`--keep-history 0`) skips them.
         self.fetch_history = True
@@ -234,7 +237,9 @@ class Sync(Fetching, Serving):
         cannot be bound."""
         async with contextlib.AsyncExitStack() as stack:
             bound = await stack.enter_async_context(serving(self, host, port, sock))
-            stack.callback(self._grew.set)  # wake long polls so the server can stop
+            # Wake long polls so the server can stop: the event of now, not the
+            # one of this line (`_log_grew` replaces it each time the log grows).
+            stack.callback(self._log_grew)
             stack.callback(setattr, self, "_closing", True)
             shown = f"[{host}]" if ":" in host else host
             self.listen = f"{shown}:{bound}"

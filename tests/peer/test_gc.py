@@ -11,9 +11,11 @@ import asyncio
 import contextlib
 import os
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from crdt.ops import ROOT, Forget
@@ -21,6 +23,7 @@ from peer.fs.volume import ROOT_INODE
 from peer.identity import load_or_create
 from peer.keys import VolumeKeys
 from peer.net import wire
+from peer.net.client import PeerClient
 from peer.net.sync import Sync
 from peer.node import Node, NodeConfig
 from peer.storage import gc
@@ -188,6 +191,33 @@ def test_gossip_round_trips_and_is_optional_and_bounded() -> None:
 
 
 # -- several nodes -----------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_gossip_learnt_between_two_long_polls_is_answered_at_once(
+    tmp_path: Path, keys: VolumeKeys
+) -> None:
+    """B learns a member's vector after answering A's long poll and before A's
+    next one arrives: that next poll answers at once with it, not after the
+    poll's whole wait (A would hold collection back for nothing)."""
+    a, b = make_node(tmp_path, "a", keys), make_node(tmp_path, "b", keys)
+    c_id = os.urandom(32)
+    async with (
+        contextlib.AsyncExitStack() as stack,
+        aiohttp.ClientSession() as session,
+    ):
+        stack.callback(a.close)  # A only calls (no port: B does not call back)
+        sb = await stack.enter_async_context(serving(b))
+        client = PeerClient(session, "127.0.0.1", sb.port, a.sync)
+        hello = await client.hello()
+        since = wire.vv_digest(hello.vv)
+        await client.watch(since, 0.2)  # answered: A holds B's gossip as of now
+        b.stability.learn(c_id, {c_id: 5})  # the gap between two polls
+        started = time.monotonic()
+        watched = await client.watch(since, 8)
+        waited = time.monotonic() - started
+        assert watched.known[c_id][0] == {c_id: 5}
+        assert waited < 4, f"the poll waited {waited:.1f}s with news in hand"
 
 
 @pytest.mark.asyncio

@@ -113,6 +113,28 @@ async def test_a_write_on_one_node_appears_on_the_other(tmp_path: Path, keys: Vo
         assert stats.peers[0].id == a.identity.node_id.hex()
 
 
+async def test_a_node_stops_at_once_while_a_peer_long_polls_it(
+    tmp_path: Path, keys: VolumeKeys
+) -> None:
+    """Stopping wakes the long polls waiting on this node, after its log grew
+    too; the server does not sit out its shutdown timeout for them."""
+    a, b = make_node(tmp_path, "a", keys), make_node(tmp_path, "b", keys)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            sa = await stack.enter_async_context(a.sync.running("127.0.0.1", 0))
+            async with b.sync.running("127.0.0.1", 0) as sb:
+                link(sa, sb)
+                write_file(b, b"f", b"grown")  # the log grows: a new wake-up event
+                await wait_until(lambda: read_file(a, b"f") == b"grown", "A to have it")
+                await asyncio.sleep(0.3)  # A's next long poll is waiting on B
+                started = asyncio.get_running_loop().time()
+            stopped = asyncio.get_running_loop().time() - started
+            assert stopped < 1.0, f"B took {stopped:.1f}s to stop"
+    finally:
+        a.close()
+        b.close()
+
+
 async def test_a_peer_with_another_secret_gets_nothing_and_changes_nothing(
     tmp_path: Path, keys: VolumeKeys, expect_logs: Callable[..., None]
 ) -> None:
