@@ -12,7 +12,9 @@ report gives the store sizes before and after.
 
 from __future__ import annotations
 
-from scenarios.cluster import Cluster
+from typing import Any
+
+from scenarios.cluster import Cluster, ClusterNode
 from scenarios.gc_safety import BLOCK, cli, gc, held_back_by, start_nodes, store
 from scenarios.trees import human_bytes
 from scenarios.workload import write_file, write_large
@@ -76,16 +78,29 @@ def run(c: Cluster) -> None:
     with c.report.step("gc on A and B freed the old versions") as step:
         lines = []
         for n in (a, b):
-            result = gc(n)
-            blocks, size = store(n)
-            assert blocks == SIZE // BLOCK + 1, f"{n.name} holds {blocks} blocks"
-            assert size < live * 1.25, (
-                f"{n.name}'s store is {human_bytes(size)}, not near the live {human_bytes(live)}"
+            results = []
+
+            def collected(n: ClusterNode = n, results: list[dict[str, Any]] = results) -> bool:
+                # Another run when the first ran beside the node's own work
+                # (enforcing the forget, merging the other's votes), which
+                # leaves pages free or the write-ahead log long after it.
+                results.append(gc(n))
+                blocks, size = store(n)
+                return blocks == SIZE // BLOCK + 1 and size < live * 1.25
+
+            c.wait_until(
+                collected,
+                f"gc on {n.name} to leave the live blocks and a store near the live size",
+                timeout=30,
+                interval=1.0,
+                detail=lambda n=n: f"  {n.name}: (blocks, bytes) = {store(n)}",
             )
+            freed = sum(r["blocks_freed"] for r in results)
+            freed_bytes = sum(r["bytes_freed"] for r in results)
+            size = store(n)[1]
             lines.append(
-                f"{n.name}: freed {result['blocks_freed']} blocks "
-                f"({human_bytes(result['bytes_freed'])}), store {human_bytes(before[n.name])} -> "
-                f"{human_bytes(size)}"
+                f"{n.name}: freed {freed} blocks ({human_bytes(freed_bytes)}) in "
+                f"{len(results)} run(s), store {human_bytes(before[n.name])} -> {human_bytes(size)}"
             )
             c.report.figure(f"store_bytes_before_{n.name}", before[n.name])
             c.report.figure(f"store_bytes_after_{n.name}", size)
