@@ -98,6 +98,9 @@ class Checkpoint:
     logs: dict[bytes, tuple[LogEntry, ...]] = field(default_factory=dict)
     folder: bytes = b""
     version: int = FORMAT_VERSION
+    # The bytes it was opened from, verified (a peer's, format 2): a node
+    # that adopts exactly these logs stores them as they came.
+    blob: bytes = field(default=b"", repr=False)
 
     def heads(self) -> dict[bytes, Head]:
         """Each covered node's signed head at the covered seq (format 2)."""
@@ -156,7 +159,7 @@ def open_checkpoint(keys: VolumeKeys, blob: bytes, *, stored_here: bool = False)
     logs = body if stored_here else verify_logs(folder, body)
     ops = tuple(_open_ops(keys, logs, stored_here))
     covers = {n: len(entries) for n, entries in logs.items()}
-    return Checkpoint(covers, ops, {n: tuple(e) for n, e in logs.items()}, folder)
+    return Checkpoint(covers, ops, {n: tuple(e) for n, e in logs.items()}, folder, blob=blob)
 
 
 def iter_checkpoint_ops(keys: VolumeKeys, blob: bytes) -> Iterator[Op]:
