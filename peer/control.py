@@ -38,7 +38,7 @@ NODE_KEY: web.AppKey[Node] = web.AppKey("node")
 
 async def _status(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
-    return web.json_response(asdict(node.statistics()))
+    return web.json_response(asdict(await node.statistics_async()))
 
 
 def _refused(exc: DfsError, status: int = 400) -> web.Response:

@@ -55,7 +55,7 @@ from peer.storage import gc, history
 from peer.storage.blocks import Blocks
 from peer.storage.journal import Journal
 from peer.storage.space import Space
-from peer.storage.store import ReadOnlyStore, Store
+from peer.storage.store import Evidence, ReadOnlyStore, Store, StoreStats
 
 if TYPE_CHECKING:
     from fuse.adapter import FuseOperations
@@ -440,9 +440,21 @@ class Node:
         finally:
             self.store.close()
 
-    def statistics(self) -> NodeStatus:
+    async def statistics_async(self) -> NodeStatus:
+        """`statistics`, with what it reads from the store read in a worker
+        thread first: each SQLite call lets another thread take the GIL, and
+        while a catch-up works in one, a status request that made them on the
+        loop held the mount's answers for ~5 ms per call (100 ms in all)."""
+        stats, evidence = await asyncio.to_thread(
+            lambda: (self.store.stats(), self.store.evidence(proofs=False))
+        )
+        return self.statistics(stats, evidence)
+
+    def statistics(
+        self, stats: StoreStats | None = None, evidence: list[Evidence] | None = None
+    ) -> NodeStatus:
         ops, entries = self.replica.counts()
-        stats = self.store.stats()
+        stats = self.store.stats() if stats is None else stats
         cache = self.blocks.cache.statistics()
         net = self.sync.statistics()
         return NodeStatus(
@@ -481,12 +493,14 @@ class Node:
             page=self.page_url,
             catching_up=asdict(self.catch_up.last) if self.catch_up.last is not None else None,
             conflicts=history.conflicts(self.replica),
-            lies=self.lies(),
+            lies=self.lies(evidence),
         )
 
-    def lies(self) -> list[dict[str, Any]]:
+    def lies(self, evidence: list[Evidence] | None = None) -> list[dict[str, Any]]:
         """The evidence this node keeps of members that lied (`peer.storage.chain`)."""
         names = self.replica.members()
+        if evidence is None:
+            evidence = self.store.evidence(proofs=False)
         return [
             {
                 "node": ev.node.hex(),
@@ -497,7 +511,7 @@ class Node:
                 "from": ev.source,
                 "seen": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ev.seen_ms / 1000)),
             }
-            for ev in self.store.evidence(proofs=False)
+            for ev in evidence
         ]
 
 

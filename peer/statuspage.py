@@ -136,7 +136,7 @@ async def _script(request: web.Request) -> web.Response:
 
 async def _status(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
-    return web.json_response(asdict(node.statistics()))
+    return web.json_response(asdict(await node.statistics_async()))
 
 
 async def _history(request: web.Request) -> web.Response:

@@ -36,6 +36,7 @@ from crdt.content import Contents, Version
 from crdt.merge import Changes
 from crdt.ops import BLOCK_SIZE, TRASH, Move, Op, Write
 from fuse.errors import NoSpace
+from peer import pacing
 from peer.errors import CorruptBlock, CorruptEntry
 from peer.identity import NodeIdentity
 from peer.keys import VolumeKeys
@@ -53,6 +54,7 @@ from peer.net.fetching import FETCH_CONCURRENCY, Fetching
 from peer.net.gate import CLIENT_KEEPALIVE_S, Summary
 from peer.net.server import MAX_WATCH_S, serving
 from peer.net.serving import Pairing, Serving
+from peer.pacing import pace
 from peer.sealing import EntryOfUnknownEpoch, Head, LogEntry
 from peer.storage import chain
 from peer.storage.blocks import Blocks
@@ -514,9 +516,17 @@ class Sync(Fetching, Serving):
 
     async def _adopt(self, link: Link, blob: bytes) -> bool:
         """Verify a peer's checkpoint, fetch the blocks its heads need, merge it;
-        whether this node's vector now covers it (the peer will not send it again)."""
+        whether this node's vector now covers it (the peer will not send it again).
+
+        No cyclic collection meanwhile (`pacing.collector_paused`): a full
+        pass over the millions of objects a large checkpoint opens into held
+        the GIL for up to 100 ms at a time, at random points."""
+        with pacing.collector_paused():
+            return await self._adopt_paused(link, blob)
+
+    async def _adopt_paused(self, link: Link, blob: bytes) -> bool:
         try:
-            cp = await asyncio.to_thread(open_checkpoint, self.journal.keys, blob)
+            cp = await pacing.to_thread(open_checkpoint, self.journal.keys, blob)
         except ForgedCheckpoint as exc:
             self.journal.add_evidence(
                 chain.forged_checkpoint(exc.folder, exc.detail, link.address, blob)
@@ -537,7 +547,7 @@ class Sync(Fetching, Serving):
             )
             # Merging the two checkpoints and sealing the result reads only the
             # store: a worker thread, so the loop goes on answering FUSE.
-            prepared = await asyncio.to_thread(
+            prepared = await pacing.to_thread(
                 self.journal.prepare_adoption, cp, dict(self.journal.vv), link.address
             )
             if prepared is None or not self.journal.install_adoption(cp, prepared, wanted=lost):
@@ -575,14 +585,14 @@ class Sync(Fetching, Serving):
         `ops` and the store runs in a worker thread; the replica's versions of
         the files they write are read on the loop a piece at a time (the loop
         changes the replica meanwhile, so no thread reads it)."""
-        files, fresh = await asyncio.to_thread(_written, ops)
+        files, fresh = await pacing.to_thread(_written, ops)
         contents = self.journal.replica.contents
         held: dict[bytes, list[Version]] = {}
         for i, entry in enumerate(files):
             if i and not i % NEEDED_PIECE:
                 await asyncio.sleep(0)  # let FUSE requests in between pieces
             held[entry] = [contents.versions[h] for h in contents.of(entry)]
-        return await asyncio.to_thread(self._needed_given, ops, held, fresh)
+        return await pacing.to_thread(self._needed_given, ops, held, fresh)
 
     def _needed_given(
         self, ops: Sequence[Op], held_versions: dict[bytes, list[Version]], fresh: list[Version]
@@ -596,9 +606,11 @@ class Sync(Fetching, Serving):
             for version in versions:
                 after.add(version)
         for version in fresh:
+            pace()
             after.add(version)
         required: set[bytes] = set()
         for entry in files:
+            pace()
             for head in after.heads(entry):
                 if not after.versions[head].tombstone:
                     required.update(after.block_map(head).values())
@@ -701,6 +713,7 @@ def _written(ops: Sequence[Op]) -> tuple[list[bytes], list[Version]]:
     files: dict[bytes, None] = {}
     fresh: list[Version] = []
     for op in ops:
+        pace()
         if isinstance(op, Write):
             files[op.entry] = None
             fresh.append(Version(op.hlc, op.entry, op.bases, op.size, op.blocks, False))

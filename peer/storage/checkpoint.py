@@ -51,6 +51,7 @@ from peer.keys import VolumeKeys
 # (`wire.MAX_CHECKPOINT_BYTES`); a node whose checkpoint would grow past it
 # stops folding (its log keeps the rest).
 from peer.net.wire import CBOR_ERRORS, MAX_CHECKPOINT_BYTES, MAX_SEALED_BYTES
+from peer.pacing import pace
 from peer.sealing import (
     GENESIS,
     MAX_SEQ,
@@ -119,6 +120,7 @@ def seal_checkpoint(identity: NodeIdentity, logs: Mapping[bytes, Sequence[LogEnt
     for node, entries in logs.items():
         items: list[list[Any]] = []
         for i, e in enumerate(entries):
+            pace()
             if e.node != node or e.seq != i + 1:
                 raise ValueError(f"checkpoint log of {node.hex()[:8]} is not 1, 2, 3...")
             if not e.chained:
@@ -189,6 +191,7 @@ def verify_logs(folder: bytes, logs: dict[bytes, list[LogEntry]]) -> dict[bytes,
     for node, entries in logs.items():
         where = node.hex()[:8]
         for i, e in enumerate(entries):
+            pace()
             if not e.chained or e.sig:
                 try:
                     verify_entry(e)
@@ -257,6 +260,7 @@ def _parse_logs(raw: Any) -> dict[bytes, list[LogEntry]]:
         entries: list[LogEntry] = []
         prev = GENESIS
         for seq, item in enumerate(items, start=1):
+            pace()
             if not isinstance(item, list) or len(item) not in (2, 3):
                 raise _fail("malformed log entry")
             sealed, sig = item[0], item[1]
@@ -282,12 +286,12 @@ def _take_rotations(keys: VolumeKeys, logs: dict[bytes, list[LogEntry]]) -> None
     epoch not held yet (each node's ops must come out in seq order)."""
 
     def unknown() -> int:
-        return sum(
-            1
-            for entries in logs.values()
-            for e in entries
-            if keys.epoch(sealed_epoch(keys, e.sealed)) is None
-        )
+        count = 0
+        for entries in logs.values():
+            for e in entries:
+                pace()
+                count += keys.epoch(sealed_epoch(keys, e.sealed)) is None
+        return count
 
     missing = unknown()
     while missing:
@@ -313,6 +317,7 @@ def _open_ops(
     _take_rotations(keys, logs)
     for entries in logs.values():
         for e in entries:
+            pace()
             try:
                 op = decode_op(
                     open_entry(keys, e, check_signature=False),
@@ -410,7 +415,9 @@ def _encode_body(body: Any) -> bytes:
                 parts.append(cbor2.dumps(items, canonical=True))
                 continue
             parts.append(_head(4, len(items)))
-            parts.extend(cbor2.dumps(item, canonical=True) for item in items)
+            for item in items:
+                pace()
+                parts.append(cbor2.dumps(item, canonical=True))
     return b"".join(parts)
 
 
@@ -456,6 +463,7 @@ def _item(data: bytes, pos: int) -> tuple[Any, int]:
     if major == 4:
         items = []
         for _ in range(value):
+            pace()
             item, pos = _item(data, pos)
             items.append(item)
         return items, pos

@@ -91,6 +91,7 @@ from crdt.clock import Hlc
 from crdt.content import Contents
 from crdt.merge import Replica
 from crdt.ops import Forget, MalformedOp, decode_op
+from peer import pacing
 from peer.errors import CorruptEntry, DfsError
 from peer.net.auth import wall_ms
 from peer.sealing import open_entry
@@ -696,7 +697,10 @@ class Collector:
             if isinstance(sweep, Collection):
                 return sweep
             fold = self._fold_target(sweep)
-            folded = await asyncio.to_thread(self.journal.fold_to, fold) if fold is not None else 0
+            folded = 0
+            if fold is not None:
+                with pacing.collector_paused():  # (as when adopting a checkpoint)
+                    folded = await pacing.to_thread(self.journal.fold_to, fold)
             reclaimed = await asyncio.to_thread(self._reclaim, sweep.freed, folded)
             return self._finish(sweep, folded, reclaimed)
 

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +25,7 @@ from peer import epochs
 from peer.errors import CorruptEntry
 from peer.identity import NodeIdentity
 from peer.keys import VolumeKeys
+from peer.pacing import collector_paused, pace
 from peer.sealing import (
     GENESIS,
     EntryOfUnknownEpoch,
@@ -66,44 +65,11 @@ def _tops(ops: Iterable[Op]) -> dict[bytes, Hlc]:
     """{node: its newest stamp among `ops`}."""
     tops: dict[bytes, Hlc] = {}
     for op in ops:
+        pace()
         cur = tops.get(op.hlc.node)
         if cur is None or op.hlc > cur:
             tops[op.hlc.node] = op.hlc
     return tops
-
-
-def _settle() -> None:
-    """Move every object alive now out of the cyclic collector's reach after a
-    bulk build (replay, a checkpoint): the replica is long-lived and holds no
-    garbage cycles, and a full collection walking all of it stalls the loop
-    that answers FUSE for a time that grows with the volume."""
-    gc.freeze()
-
-
-_paused_lock = threading.Lock()
-_paused = 0  # bulk builds under way (the loop's and worker threads')
-_was_enabled = True
-
-
-@contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
-    """No cyclic collection during a bulk build, then `_settle`. Counted, so a
-    rebuild in a worker thread and a merge on the loop can overlap: the
-    collector comes back on when the last one ends, not the first."""
-    global _paused, _was_enabled
-    with _paused_lock:
-        if _paused == 0:
-            _was_enabled = gc.isenabled()
-            gc.disable()
-        _paused += 1
-    try:
-        yield
-    finally:
-        with _paused_lock:
-            _paused -= 1
-            if _paused == 0 and _was_enabled:
-                gc.enable()
-        _settle()
 
 
 def wall_ms() -> int:
@@ -250,7 +216,7 @@ class Journal:
         # Replay builds millions of long-lived objects and no garbage cycles:
         # the cyclic collector's passes over them took a fifth of a
         # 100,000-file restart (1.3 of 6.7 s), for nothing.
-        with _collector_paused():
+        with collector_paused():
             return self._replay(until_ms)
 
     def _replay(self, until_ms: int | None) -> int:
@@ -764,7 +730,7 @@ class Journal:
         entries: set[bytes] = set()
         # As in replay: no cyclic collection while the replica grows (a full
         # pass over it took ~0.2 s of the loop for 20,000 files, at random points).
-        with _collector_paused(), self.merging_in_pieces():
+        with collector_paused(), self.merging_in_pieces():
             for start in range(0, len(ops), MERGE_PIECE_OPS):
                 piece = ops[start : start + MERGE_PIECE_OPS]
                 changes = self.replica.apply(piece)
@@ -1063,7 +1029,7 @@ class Journal:
         replica = Replica()
         seen = dict(covers)
         blob = self.store.get_checkpoint()
-        with _collector_paused():
+        with collector_paused():
             batch: list[Op] = []
             for op in () if blob is None else iter_checkpoint_ops(self.keys, blob):
                 batch.append(op)
