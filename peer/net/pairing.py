@@ -45,7 +45,6 @@ import nacl.encoding
 import nacl.exceptions
 import nacl.hash
 import nacl.secret
-from spake2 import SPAKE2_A, SPAKE2_B, SPAKEError
 
 from peer.errors import DfsError
 from peer.net.wordlist import WORDS
@@ -301,6 +300,8 @@ class JoinerSide:
     """The joiner's half of one exchange: start, then finish with the answer."""
 
     def __init__(self, code: Code) -> None:
+        from spake2 import SPAKE2_A  # (7 MiB of tables: loaded by a pairing only)
+
         self.code = code
         self._spake = SPAKE2_A(code.password, idA=_ID_JOINER, idB=_ID_INVITER)
         self.pake = bytes(self._spake.start())
@@ -314,6 +315,8 @@ class JoinerSide:
         m = _map(_load(started), {"v", "session", "pake"})
         session = _bytes(m["session"], SESSION_BYTES)
         pake_b = _bytes(m["pake"], PAKE_BYTES)
+        from spake2 import SPAKEError
+
         try:
             shared = self._spake.finish(pake_b)
         except (SPAKEError, ValueError) as exc:
@@ -387,6 +390,8 @@ class InviterSide:
     """The inviter's half of one exchange, made from a start request."""
 
     def __init__(self, code: Code, start: StartRequest) -> None:
+        from spake2 import SPAKE2_B, SPAKEError  # (as in `JoinerSide`)
+
         spake = SPAKE2_B(code.password, idA=_ID_JOINER, idB=_ID_INVITER)
         self.session = secrets.token_bytes(SESSION_BYTES)
         self.pake = bytes(spake.start())

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -363,3 +365,14 @@ async def test_a_body_that_never_comes_is_given_up(
         writer.close()
         assert answer.startswith(b"HTTP/1.1 408"), answer[:80]
         assert invitation.attempts == 0
+
+
+def test_a_node_that_pairs_nobody_does_not_load_spake2() -> None:
+    """SPAKE2's tables are 7 MiB of a node's resident memory: loaded by a
+    pairing only, not by a node that runs, serves peers and mounts."""
+    code = (
+        "import sys, peer.cli, peer.node, peer.net.invitations, peer.net.joining; "
+        "print('spake2' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False", done.stdout
