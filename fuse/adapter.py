@@ -272,6 +272,7 @@ class FuseOperations(pyfuse3.Operations):
 
     @translate
     async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
+        await self.volume.load_for_read(fh, off, size)
         try:
             return self.volume.read(fh, off, size)
         except Retry as retry:

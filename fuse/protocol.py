@@ -199,6 +199,9 @@ class Volume(Protocol):
         no setattr): the volume truncates the file, setting mtime and ctime."""
         ...
 
+    async def load_for_read(self, fh: int, offset: int, size: int) -> None:
+        """Make what `read` of this range needs quick to get (may do nothing)."""
+
     def read(self, fh: int, offset: int, size: int) -> bytes:
         """Up to `size` bytes; fewer only at end of file. May raise
         `fuse.errors.Retry` when the data can arrive later (the adapter then

@@ -3,6 +3,7 @@ operation on flush, fsync, release, or past `DIRTY_LIMIT`."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import os
@@ -164,6 +165,38 @@ class Files:
                 raise Retry(lambda: refetch(bid)) from exc
             log.error("cannot read block %d: %s", index, exc)
             raise IOFailure() from exc
+
+    def blocks_to_open(self, fh: int, offset: int, size: int) -> list[bytes]:
+        """The stored blocks `read` of this range would open that are not in
+        the plaintext cache: opened first in a worker thread (`open_stored`),
+        they make the read itself a copy from the cache."""
+        handle = self._handles.get(fh)
+        if handle is None:
+            return []
+        entry = handle.entry
+        dirty = self._dirty.get(entry)
+        end = min(offset + size, self._size(entry))
+        version = dirty.base if dirty is not None else self._version(entry)
+        if offset >= end or version is None:
+            return []
+        block_map = self.replica.block_map(version)
+        out = []
+        for index in range(offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE + 1):
+            if dirty is not None and index in dirty.blocks:
+                continue
+            bid = block_map.get(index)
+            if bid is not None and not self.blocks.cached(bid):
+                out.append(bid)
+        return out
+
+    async def load_for_read(self, fh: int, offset: int, size: int) -> None:
+        """Decrypt and check the blocks a read needs in a worker thread, so
+        the loop takes the next request meanwhile (the kernel sends reads
+        ahead); `read` then sees the state of then and copies from the cache."""
+        opening = self.blocks_to_open(fh, offset, size)
+        if opening:
+            for bid, data in (await asyncio.to_thread(self.blocks.open_stored, opening)).items():
+                self.blocks.cache.put(bid, data)
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
         handle = self._handle(fh)

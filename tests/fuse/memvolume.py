@@ -472,6 +472,9 @@ class MemVolume:
             node.data.extend(bytes(end - len(node.data)))
         self._touch(node)
 
+    async def load_for_read(self, fh: int, offset: int, size: int) -> None:
+        """Nothing to load: the data is in memory."""
+
     @_failable
     def read(self, fh: int, offset: int, size: int) -> bytes:
         return bytes(self._handle(fh).data[offset : offset + size])

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from fuse.mount import READAHEAD_KB
+from scenarios.harness import NodeProcess
+
 pytestmark = pytest.mark.mount
 
 
@@ -452,3 +455,40 @@ def test_fallocate_extends_punches_holes_and_zeroes_ranges(mnt: Path) -> None:
     with open(p, "r+b") as f:
         os.posix_fallocate(f.fileno(), 0, 500_000)
     assert p.stat().st_size == 500_000
+
+
+def test_the_mount_reads_ahead_in_large_requests_and_a_big_file_reads_back(
+    node: NodeProcess,
+) -> None:
+    """Read-ahead raised from the kernel's 128 KiB (`fuse.mount.READAHEAD_KB`),
+    so a sequential read asks for 1 MiB at a time, several at once; read back
+    across block and request boundaries, the bytes are the ones written."""
+    if os.geteuid() != 0:
+        pytest.skip("only root may set a mount's read-ahead")
+
+    def read_ahead_kb() -> int:
+        dev = os.stat(node.mountpoint).st_dev
+        return int(
+            Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb").read_text()
+        )
+
+    def set_by_now() -> bool:  # (set once the mount answers, beside the start)
+        for _ in range(100):
+            if read_ahead_kb() == READAHEAD_KB:
+                return True
+            time.sleep(0.05)
+        return False
+
+    assert set_by_now(), read_ahead_kb()
+    data = os.urandom(9 * 1024 * 1024 + 12345)
+    (node.mountpoint / "big").write_bytes(data)
+    node.stop()
+    node.start()  # a new mount: nothing in the page cache
+    assert set_by_now(), read_ahead_kb()
+    with open(node.mountpoint / "big", "rb") as f:
+        parts = [f.read(777_777)]
+        f.seek(3 * 1024 * 1024 - 5)
+        parts.append(f.read(10))
+    assert parts[0] == data[:777_777]
+    assert parts[1] == data[3 * 1024 * 1024 - 5 : 3 * 1024 * 1024 + 5]
+    assert (node.mountpoint / "big").read_bytes() == data

@@ -481,7 +481,8 @@ async def test_a_machine_paired_after_a_rotation_reads_all_history(
 
 
 def test_remove_names_a_member_or_says_in_one_line_why_not(tmp_path: Path) -> None:
-    a = make_node(tmp_path, "a", node_keys())
+    # Not a hex digit: "a" once met the id prefix below and named this node.
+    a = make_node(tmp_path, "here", node_keys())
     try:
         # Two members whose ids start alike, and one called "laptop".
         others: list[NodeIdentity] = []
@@ -493,7 +494,7 @@ def test_remove_names_a_member_or_says_in_one_line_why_not(tmp_path: Path) -> No
             stamp = Hlc(1000 + n, 0, identity.node_id)
             a.replica.apply([Member(stamp, "laptop" if identity is alike[0] else f"m{n}")])
         with pytest.raises(removal.CannotRemoveSelf, match="this node itself") as own:
-            removal.resolve(a, "a")
+            removal.resolve(a, "here")
         with pytest.raises(gc.NoSuchMember, match="no member of this volume is called"):
             removal.resolve(a, "nobody")
         with pytest.raises(gc.AmbiguousMember, match="could be any of") as amb:

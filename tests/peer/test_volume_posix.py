@@ -3,13 +3,14 @@ call must give, and what a call leaves in the merged state."""
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from fuse.errors import Exists, InvalidArgument, IsADirectory, NotPermitted, Unsupported
+from fuse.errors import Exists, InvalidArgument, IsADirectory, NotPermitted, Retry, Unsupported
 from peer.fs.volume import ROOT_INODE
 from peer.keys import VolumeKeys
 from peer.node import Node
@@ -67,3 +68,43 @@ def test_fallocate_modes_and_their_refusals(node: Node) -> None:
     vol.fallocate(inode, 0, 0, 1 << 30)  # a reservation is a hole, not an allocation
     assert vol.getattr(inode).size == 1 << 30
     assert node.store.stats().blocks == blocks
+
+
+@pytest.mark.asyncio
+async def test_blocks_a_read_needs_are_opened_ahead_and_a_corrupt_one_is_met_by_the_read(
+    node: Node, expect_logs: Callable[..., None]
+) -> None:
+    """`load_for_read` (a worker thread) opens the stored blocks of a range into
+    the cache; one that does not open is left out, and the read then meets it
+    as before: removed from the store and asked of peers."""
+    expect_logs("corrupt block", level=logging.ERROR, logger="peer.blocks")
+    expect_logs("unreadable here", logger="peer.volume")
+    vol = node.volume
+    block = 128 * 1024
+    data = os.urandom(4 * block)
+    write_file(node, b"f", data)
+    inode = vol.lookup(ROOT_INODE, b"f").inode
+    version = node.replica.contents.shown(vol.entry_of(inode))
+    assert version is not None
+    ids = [node.replica.block_map(version)[i] for i in range(4)]
+    node.blocks.cache = type(node.blocks.cache)()  # as after a restart: nothing cached
+    fh = vol.open(inode, os.O_RDONLY, CALLER)
+    try:
+        assert vol.blocks_to_open(fh, block - 1, 2) == ids[0:2]
+        await vol.load_for_read(fh, block - 1, 2)
+        assert [node.blocks.cached(b) for b in ids] == [True, True, False, False]
+        assert vol.blocks_to_open(fh, 0, 4 * block) == ids[2:]
+        assert vol.read(fh, 0, 2 * block) == data[: 2 * block]
+
+        with node.store.transaction():  # a block rots on disk
+            node.store._conn.execute(
+                "UPDATE blocks SET sealed = ? WHERE id = ?", (os.urandom(block + 40), ids[3])
+            )
+        await vol.load_for_read(fh, 2 * block, 2 * block)
+        assert [node.blocks.cached(b) for b in ids[2:]] == [True, False]
+        assert vol.read(fh, 2 * block, block) == data[2 * block : 3 * block]
+        with pytest.raises(Retry):
+            vol.read(fh, 3 * block, block)
+        assert node.store.get_block(ids[3]) is None
+    finally:
+        vol.release(fh)
