@@ -550,7 +550,12 @@ class Sync(Fetching, Serving):
             prepared = await pacing.to_thread(
                 self.journal.prepare_adoption, cp, dict(self.journal.vv), link.address
             )
-            if prepared is None or not self.journal.install_adoption(cp, prepared, wanted=lost):
+            with self.store.checkpoint_deferred():  # (the WAL copied beside the loop)
+                installed = prepared is not None and self.journal.install_adoption(
+                    cp, prepared, wanted=lost
+                )
+            await asyncio.to_thread(self.store.checkpoint_wal)
+            if not installed:
                 return covered(self.journal.vv, covers)  # covered meanwhile
             self._now_wanted(lost, link)
             # The replica takes the ops a piece at a time: the loop goes on answering FUSE.

@@ -599,6 +599,27 @@ class Store:
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         return max(0, before - self.stats().db_bytes)
 
+    @contextlib.contextmanager
+    def checkpoint_deferred(self) -> Iterator[None]:
+        """Commits inside do not checkpoint the write-ahead log themselves: a
+        large one (an adopted checkpoint, 11 MB for 100,000 files) copied its
+        pages to the database file inside the commit, on the caller's thread.
+        Run `checkpoint_wal` after, from a worker thread."""
+        with self._lock:
+            self._conn.execute("PRAGMA wal_autocheckpoint = 0")
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._conn.execute(f"PRAGMA wal_autocheckpoint = {_WAL_PAGES}")
+
+    def checkpoint_wal(self) -> None:
+        """What SQLite does after a commit past the WAL's size (a passive
+        checkpoint); reads and writes only the store's files."""
+        with self._lock:
+            if not self._depth:
+                self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
     def shrink_wal(self) -> None:
         """Checkpoint and truncate the WAL (after a failed write left it long)."""
         with self._lock:

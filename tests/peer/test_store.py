@@ -265,3 +265,21 @@ def test_sync_fsyncs_the_wal_only_after_a_commit(
     assert len(synced) == 1
     store.sync()
     assert len(synced) == 1
+
+
+def test_a_deferred_wal_checkpoint_leaves_the_commit_alone_until_asked(store: Store) -> None:
+    """A large commit (an adopted checkpoint) copies the WAL into the database
+    file inside the commit unless deferred; `checkpoint_wal` then does it (from
+    a worker thread in the node), and the automatic checkpoint comes back."""
+    conn = store._conn
+    (limit,) = conn.execute("PRAGMA wal_autocheckpoint").fetchone()
+    big = 12 * 1024 * 1024
+    before = os.path.getsize(store.path)
+    with store.checkpoint_deferred():
+        assert conn.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
+        with store.transaction():
+            store.set_meta("big", os.urandom(big))
+        assert os.path.getsize(store.path) - before < big // 2  # still in the WAL only
+    assert conn.execute("PRAGMA wal_autocheckpoint").fetchone() == (limit,)
+    store.checkpoint_wal()
+    assert os.path.getsize(store.path) - before > big
