@@ -33,6 +33,8 @@ T = TypeVar("T")
 SLICE_S = 0.004
 # How many `pace()` calls pass between two looks at the clock.
 CHECK_EVERY = 32
+# The longest a worker waits for its turn (the loop is busy or gone).
+TURN_WAIT_MAX_S = 1.0
 
 
 class _Pacer:
@@ -56,7 +58,8 @@ class _Pacer:
             self.loop.call_soon_threadsafe(turn.set)
         except RuntimeError:  # the loop is closing: no turns to give
             return
-        turn.wait()
+        # (bounded: a loop that closes meanwhile never runs the callback)
+        turn.wait(TURN_WAIT_MAX_S)
         self.turns += 1
         self.since = time.perf_counter()
 
