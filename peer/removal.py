@@ -55,19 +55,7 @@ def resolve(node: Node, text: str) -> bytes:
     keys = node.keys
     if keys.me_removed():
         raise RemovedHere()
-    stability = node.stability
-    members = node.replica.members()
-    candidates = set(members) | set(stability.known)
-    wanted = text.strip().lower()
-    by_name = {n for n in candidates if members.get(n, "").lower() == wanted}
-    by_id = {n for n in candidates if wanted and n.hex().startswith(wanted)}
-    found = by_name or by_id
-    if not found:
-        raise gc.NoSuchMember(text=text)
-    if len(found) > 1:
-        choices = ", ".join(sorted(f"{members.get(n, '?')} ({n.hex()[:8]})" for n in found))
-        raise gc.AmbiguousMember(text=text, choices=choices)
-    (target,) = found
+    target = gc.find_member(node.stability, text)
     if target == node.identity.node_id:
         raise CannotRemoveSelf(text=text)
     if target in keys.removed:

@@ -370,10 +370,10 @@ class AlreadyVoted(DfsError):
     the other members' votes and has {votes}: run `dfs-peer forget` on another."""
 
 
-def resolve_member(stability: Stability, text: str) -> bytes:
-    """The member `text` names: its display name, or a prefix of its hex id."""
-    replica = stability.replica
-    members = replica.members()
+def find_member(stability: Stability, text: str) -> bytes:
+    """The member `text` names: its display name, or a prefix of its hex id
+    (`NoSuchMember`, `AmbiguousMember` otherwise). Used by `forget` and `remove`."""
+    members = stability.replica.members()
     candidates = set(members) | set(stability.known)
     wanted = text.strip().lower()
     by_name = {n for n in candidates if members.get(n, "").lower() == wanted}
@@ -385,6 +385,13 @@ def resolve_member(stability: Stability, text: str) -> bytes:
         choices = ", ".join(sorted(f"{members.get(n, '?')} ({n.hex()[:8]})" for n in found))
         raise AmbiguousMember(text=text, choices=choices)
     (node,) = found
+    return node
+
+
+def resolve_member(stability: Stability, text: str) -> bytes:
+    """The member `text` names, which this node may vote to forget."""
+    replica = stability.replica
+    node = find_member(stability, text)
     if node == stability.journal.identity.node_id:
         raise CannotForgetSelf(text=text)
     if node in replica.forgotten():
