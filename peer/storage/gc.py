@@ -124,8 +124,8 @@ KNOWN_FORMAT = 1
 COLLECT_EVERY_S = 60.0
 CHECK_EVERY_S = 5.0
 BIG_MERGE_OPS = 500
-# Pages given back per collection; the rest next time (a 20 MiB file is 320
-# pages of 64 KiB). None: all at once.
+# Pages given back per collection; the rest next time (a 20 MiB file is 5,120
+# pages of 4 KiB). None: all at once.
 RECLAIM_PAGES: int | None = None
 
 VersionVector = dict[bytes, int]

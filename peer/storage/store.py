@@ -38,13 +38,19 @@ from peer.sealing import LogEntry
 SCHEMA_VERSION = 3
 ROOT_INODE = 1
 _BUSY_TIMEOUT_MS = 5000
-# Large pages because most bytes are 128 KiB sealed blocks: on this machine
-# 64 KiB pages insert blocks at ~2.5x the speed of 4 KiB pages (515 vs 206
-# MB/s with FULL sync, 64 blocks per transaction) and read them ~5x faster,
-# while a one-entry log transaction still takes ~0.2 ms. Takes effect only
-# when the database is created.
-_PAGE_SIZE = 65536
-_WAL_PAGES = 64  # 4 MiB
+# The page size of a new store (an existing one keeps its own). Every commit
+# writes each page it changed whole to the WAL, and most commits are small:
+# a created file is a few log rows and an inode, which with the 64 KiB pages
+# stores were made with before wrote ~370 KiB to the WAL (and checkpointed,
+# with two fsyncs, every ~10 files); with 4 KiB pages it writes ~30 KiB, and
+# a three-commit small file costs 0.2-0.25 ms of SQLite instead of 1.2-1.4 ms
+# (mb on this machine, synchronous=NORMAL). Blocks (128 KiB) are overflow
+# chains of 4 KiB pages: inserted at ~0.85x and read at ~0.7x the speed of 64
+# KiB pages, still 150 and 1,800 MB/s, above what the mount moves.
+_PAGE_SIZE = 4096
+# The WAL is checkpointed and truncated at this length, in pages of the
+# store's own size (`Store._wal_pages`).
+_WAL_BYTES = 4 << 20
 # Rows per query when streaming the log, and ids per `IN (...)` list (well
 # under SQLite's bound-parameter limit).
 _LOG_CHUNK = 1000
@@ -143,6 +149,7 @@ class Store:
         # A read-only store of an older schema has no `log.prev` (format-1 entries).
         self._prev_column = "prev"
         self.commits = 0  # transactions committed (what a change costs in fsyncs)
+        self._wal_pages = _WAL_BYTES // _PAGE_SIZE  # set from the store's own page size
 
     @classmethod
     def open(cls, path: Path) -> Store:
@@ -208,13 +215,15 @@ class Store:
         # held the whole volume (1,000 pages of 64 KiB by default) could never
         # be checkpointed on a full disk, and deletes there could free nothing.
         # Measured: no loss of write speed with this (146 vs 132 MB/s).
-        conn.execute(f"PRAGMA wal_autocheckpoint = {_WAL_PAGES}")
+        (page_size,) = conn.execute("PRAGMA page_size").fetchone()
+        self._wal_pages = max(16, _WAL_BYTES // int(page_size))
+        conn.execute(f"PRAGMA wal_autocheckpoint = {self._wal_pages}")
         # Debian's SQLite zeroes every freed page (secure_delete ON), so a
         # delete wrote as many bytes to the WAL as it freed: on a full disk,
         # no delete could run. Freed pages hold only sealed bytes; FAST still
         # clears what costs no extra I/O.
         conn.execute("PRAGMA secure_delete = FAST")
-        conn.execute(f"PRAGMA journal_size_limit = {_WAL_PAGES * _PAGE_SIZE}")
+        conn.execute(f"PRAGMA journal_size_limit = {_WAL_BYTES}")
 
     def _migrate(self) -> None:
         with self.transaction():
@@ -586,7 +595,8 @@ class Store:
             # disk has none), a small one only for a few.
             left = max_pages
             while left is None or left > 0:
-                step = _WAL_PAGES // 2 if left is None else min(left, _WAL_PAGES // 2)
+                half = self._wal_pages // 2
+                step = half if left is None else min(left, half)
                 (free,) = self._conn.execute("PRAGMA freelist_count").fetchone()
                 if not free:
                     break
@@ -611,7 +621,7 @@ class Store:
             yield
         finally:
             with self._lock:
-                self._conn.execute(f"PRAGMA wal_autocheckpoint = {_WAL_PAGES}")
+                self._conn.execute(f"PRAGMA wal_autocheckpoint = {self._wal_pages}")
 
     def checkpoint_wal(self) -> None:
         """What SQLite does after a commit past the WAL's size (a passive

@@ -283,3 +283,44 @@ def test_a_deferred_wal_checkpoint_leaves_the_commit_alone_until_asked(store: St
     assert conn.execute("PRAGMA wal_autocheckpoint").fetchone() == (limit,)
     store.checkpoint_wal()
     assert os.path.getsize(store.path) - before > big
+
+
+def test_a_small_commit_writes_kilobytes_to_the_wal_not_whole_large_pages(store: Store) -> None:
+    """Each commit writes every page it changed, whole, to the WAL; a created
+    file is a few small commits. With the 64 KiB pages stores had before, one
+    log row and one inode wrote ~200 KiB and a file ~370 KiB (a checkpoint
+    with two fsyncs every ~10 files); 4 KiB pages keep it to a few pages."""
+    wal = store.path.with_name(store.path.name + "-wal")
+    with store.transaction():  # let the tables' first pages exist
+        store.append_log([entry(NODE_A, 1)])
+    store.inode_of(b"\x01" * 16)
+    store._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    assert os.path.getsize(wal) == 0
+    for seq in range(2, 12):
+        with store.transaction():
+            store.append_log([entry(NODE_A, seq)])
+        store.inode_of(bytes([seq]) * 16)
+    per_commit = os.path.getsize(wal) / 20
+    assert per_commit < 16 * 1024, f"{per_commit:.0f} bytes of WAL per small commit"
+
+
+def test_a_store_made_with_large_pages_keeps_them_and_its_wal_stays_4_mib(tmp_path: Path) -> None:
+    """The page size is the store's own (SQLite fixes it when the file is
+    made): an older store with 64 KiB pages opens as it is, and its WAL is
+    checkpointed at the same length in bytes as a new store's."""
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA page_size = 65536")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.close()
+    with Store.open(path) as old:
+        pragma = old._conn.execute
+        assert pragma("PRAGMA page_size").fetchone() == (65536,)
+        assert pragma("PRAGMA wal_autocheckpoint").fetchone() == (64,)
+        with old.transaction():
+            old.append_log([entry(NODE_A, 1)])
+    with Store.open(tmp_path / "new.db") as new:
+        pragma = new._conn.execute
+        assert pragma("PRAGMA page_size").fetchone() == (4096,)
+        assert pragma("PRAGMA wal_autocheckpoint").fetchone() == (1024,)
+        assert pragma("PRAGMA journal_size_limit").fetchone() == (4 << 20,)
