@@ -174,13 +174,16 @@ def translate(handler: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Corou
         except FUSEError:
             raise
         except VolumeError as exc:
-            log.debug(
-                "refused: handler=%s errno=%s error=%s args=%s",
-                name,
-                _errno_name(exc.errno),
-                type(exc).__name__,
-                reprlib.repr(args[1:]),
-            )
+            # Refusals are everyday answers (every lookup of a name not there
+            # yet is one): the arguments are rendered only for a debug log.
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "refused: handler=%s errno=%s error=%s args=%s",
+                    name,
+                    _errno_name(exc.errno),
+                    type(exc).__name__,
+                    reprlib.repr(args[1:]),
+                )
             raise FUSEError(exc.errno) from exc
         except OSError as exc:
             number = exc.errno or errno.EIO

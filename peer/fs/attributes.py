@@ -3,11 +3,12 @@ and extended attributes."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from crdt.clock import Hlc
 from crdt.merge import EntryView, Replica
-from crdt.ops import NAME_MAX, XATTR_PREFIX, SetAttr
+from crdt.ops import NAME_MAX, XATTR_PREFIX, Op, SetAttr
 from fuse.errors import (
     AccessDenied,
     Exists,
@@ -53,7 +54,12 @@ class Attributes:
         journal: Journal
         replica: Replica
 
-        def _flush(self, entry: bytes, force: bool = False) -> None: ...
+        def _flush(
+            self,
+            entry: bytes,
+            force: bool = False,
+            then: Callable[[Callable[[], Hlc]], list[Op]] | None = None,
+        ) -> None: ...
         def _size(self, entry: bytes) -> int: ...
         def _truncate(self, entry: bytes, size: int) -> None: ...
         def _view(self, entry: bytes) -> EntryView: ...
@@ -150,9 +156,16 @@ class Attributes:
             # Kept only when set on purpose: reads never set it (as with noatime).
             sets.append(("atime_ns", atime_ns))
         if sets:
+
+            def make(stamp: Callable[[], Hlc]) -> list[Op]:
+                return [SetAttr(stamp(), entry, k, v) for k, v in sets]
+
             if entry in self._dirty and mtime_ns is not None:
-                self._flush(entry)  # the explicit mtime must not be overtaken by the write
-            self.journal.commit(lambda stamp: [SetAttr(stamp(), entry, k, v) for k, v in sets])
+                # The explicit mtime must not be overtaken by the buffered
+                # write: both in one commit, the mtime stamped after it.
+                self._flush(entry, then=make)
+            else:
+                self.journal.commit(make)
         return self._attrs_of(entry)
 
     def readlink(self, inode: int) -> bytes:

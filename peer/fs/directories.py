@@ -92,7 +92,13 @@ class Directories:
 
         def _attrs(self, view: EntryView) -> Attrs: ...
         def _dir(self, inode: int) -> EntryView: ...
-        def _flush(self, entry: bytes, force: bool = False) -> None: ...
+        def _flush(
+            self,
+            entry: bytes,
+            force: bool = False,
+            then: Callable[[Callable[[], Hlc]], list[Op]] | None = None,
+        ) -> None: ...
+        def _remember_inode(self, entry: bytes, inode: int) -> None: ...
         def _view(self, entry: bytes) -> EntryView: ...
         def _writable(self) -> None: ...
         def entry_of(self, inode: int) -> bytes: ...
@@ -163,6 +169,9 @@ class Directories:
         if self.replica.lookup(dir_view.id, name) is not None:
             raise Exists()
         entry = _new_id()
+        # The inode number is allocated in the create's own transaction: one
+        # commit per new entry, not two.
+        inode: list[int] = []
         self.journal.commit(
             lambda stamp: [
                 Create(
@@ -177,8 +186,10 @@ class Directories:
                     target,
                     rdev,
                 )
-            ]
+            ],
+            within=lambda: inode.append(self.store.inode_of(entry)),
         )
+        self._remember_inode(entry, inode[-1])
         attrs = self._attrs(self._view(entry))
         self.note_lookup(attrs.inode)
         self._kernel_names.setdefault(parent, {})[name] = attrs.inode

@@ -347,12 +347,21 @@ class Files:
                 block[lo - first : cut] = bytes(max(0, cut - (lo - first)))
             dirty.changed.add(index)
 
-    def _flush(self, entry: bytes, force: bool = False) -> None:
+    def _flush(
+        self,
+        entry: bytes,
+        force: bool = False,
+        then: Callable[[Callable[[], Hlc]], list[Op]] | None = None,
+    ) -> None:
+        """Commit what is buffered for `entry`; with `then`, the ops it makes
+        go in the same commit, stamped after the write (one transaction)."""
         dirty = self._dirty.get(entry)
-        if dirty is None:
-            return
-        if not dirty.changed and not force and dirty.size == self._size_of_base(dirty):
-            del self._dirty[entry]
+        if dirty is None or (
+            not dirty.changed and not force and dirty.size == self._size_of_base(dirty)
+        ):
+            self._dirty.pop(entry, None)
+            if then is not None:
+                self.journal.commit(then)
             return
         indexes = sorted(dirty.changed - dirty.holes)
         sealed = self.blocks.seal(bytes(dirty.blocks[i]) for i in indexes)
@@ -369,7 +378,7 @@ class Files:
                 w = Write(stamp(), entry, base, dirty.size, tuple((i, b) for i, b in chunk))
                 ops.append(w)
                 base = (w.hlc,)
-            return ops
+            return ops + then(stamp) if then is not None else ops
 
         try:
             self.journal.commit(make, blocks=sealed)

@@ -34,9 +34,13 @@ class Inodes:
         if inode is None:
             with self.store.transaction():
                 inode = self.store.inode_of(entry)
-            self._inodes[entry] = inode
-            self._entries[inode] = entry
+            self._remember_inode(entry, inode)
         return inode
+
+    def _remember_inode(self, entry: bytes, inode: int) -> None:
+        """Cache a number the store allocated (in a transaction that committed)."""
+        self._inodes[entry] = inode
+        self._entries[inode] = entry
 
     def inodes_of(self, entries: Iterable[bytes]) -> list[int]:
         """`inode_of` for many entries, allocating the new ones in one transaction."""

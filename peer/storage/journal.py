@@ -353,10 +353,13 @@ class Journal:
         blocks: Iterable[tuple[bytes, bytes]] = (),
         *,
         freeing: bool = False,
+        within: Callable[[], object] | None = None,
     ) -> Changes:
         """Stamp, seal, store and merge the ops `make(stamp)` returns, with `blocks`,
         in one transaction. `freeing` ops (deletes) run on a full disk too: in
-        the room the released reserve leaves, retried once after releasing it."""
+        the room the released reserve leaves, retried once after releasing it.
+        `within` runs first inside that transaction (more rows that stand or
+        fall with the ops, e.g. a new entry's inode number)."""
         # In stamp order, so a node's seqs and stamps grow together (causal
         # stability turns a stable seq into a stamp bound: `peer.storage.gc`).
         ops = sorted(make(self.stamp), key=lambda op: op.hlc)
@@ -374,12 +377,16 @@ class Journal:
         blocks = list(blocks)
         try:
             with self._writing(freeing):
+                if within is not None:
+                    within()
                 self.store.put_blocks(blocks)
                 self.store.append_log(entries)
         except NoSpace:
             if not freeing:
                 raise
             with self._writing(freeing):  # the reserve is released now
+                if within is not None:
+                    within()
                 self.store.put_blocks(blocks)
                 self.store.append_log(entries)
         self._next_seq = seq

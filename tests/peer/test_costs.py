@@ -87,6 +87,40 @@ def test_new_inodes_of_a_listing_take_one_transaction(tmp_path: Path, keys: Volu
         node.close()
 
 
+def test_a_file_extracted_the_way_tar_does_takes_one_transaction_per_call(
+    tmp_path: Path, keys: VolumeKeys
+) -> None:
+    """A create is one transaction (the op with its new inode number, which
+    was a second one); an mtime set on a file with buffered writes (tar, cp
+    -p, rsync) commits the write and the mtime together (it was two)."""
+    node = make_node(tmp_path, "a", keys)
+    vol = node.volume
+    try:
+        before = node.store.commits
+        fh, attrs = vol.create(ROOT_INODE, b"f.py", 0o600, os.O_WRONLY, CALLER)
+        assert node.store.commits - before == 1
+        assert vol.lookup(ROOT_INODE, b"f.py").inode == attrs.inode
+        vol.write(fh, 0, b"print('hi')\n")
+        before = node.store.commits
+        mtime = 1_700_000_000 * 10**9
+        vol.setattr(attrs.inode, mtime_ns=mtime, fh=fh, caller=CALLER)
+        assert node.store.commits - before == 1
+        vol.flush(fh)
+        vol.release(fh)
+        assert node.store.commits - before == 1, "the close found something left to write"
+        got = vol.getattr(attrs.inode)
+        assert (got.size, got.mtime_ns) == (12, mtime)
+        assert read_file(node, b"f.py") == b"print('hi')\n"
+    finally:
+        node.close()
+    # The inode number was stored with the create: a restart finds it.
+    node = make_node(tmp_path, "a", keys)
+    try:
+        assert node.volume.lookup(ROOT_INODE, b"f.py").inode == attrs.inode
+    finally:
+        node.close()
+
+
 def test_folding_re_encodes_each_op_a_bounded_number_of_times(
     tmp_path: Path, keys: VolumeKeys
 ) -> None:
