@@ -126,6 +126,7 @@ class Metrics:
             buckets=FUSE_BUCKETS,
             registry=r,
         )
+        self._fuse_children: dict[str, Histogram] = {}
 
     # -- events ------------------------------------------------------------------
     def merged(self, peer: str, stamps: Sequence[Hlc], now_ms: int) -> None:
@@ -138,7 +139,12 @@ class Metrics:
             self.merge_delay.labels(origin).observe(max(0, now_ms - stamp.wall_ms) / 1000)
 
     def fuse_request(self, operation: str, seconds: float) -> None:
-        self.fuse_latency.labels(operation).observe(seconds)
+        # Every FUSE request passes here: the labelled child is looked up once
+        # per operation, not per request (`labels` takes a lock and builds a key).
+        child = self._fuse_children.get(operation)
+        if child is None:
+            child = self._fuse_children[operation] = self.fuse_latency.labels(operation)
+        child.observe(seconds)
 
     # -- scraping ----------------------------------------------------------------
     def read_gauges_with(self, read: Callable[[], Gauges]) -> None:

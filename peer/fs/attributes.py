@@ -63,6 +63,7 @@ class Attributes:
         def _size(self, entry: bytes) -> int: ...
         def _truncate(self, entry: bytes, size: int) -> None: ...
         def _view(self, entry: bytes) -> EntryView: ...
+        def _visible_entry_of(self, inode: int) -> bytes: ...
         def _writable(self) -> None: ...
         def entry_of(self, inode: int) -> bytes: ...
         def inode_of(self, entry: bytes) -> int: ...
@@ -176,8 +177,7 @@ class Attributes:
 
     # -- extended attributes ---------------------------------------------------------------
     def getxattr(self, inode: int, name: bytes) -> bytes:
-        entry = self.entry_of(inode)
-        self._view(entry)
+        entry = self._visible_entry_of(inode)
         value = self.replica.xattrs(entry).get(_xattr_key(name)[len(XATTR_PREFIX) :])
         if value is None:
             raise NoAttribute()
@@ -185,8 +185,7 @@ class Attributes:
 
     def setxattr(self, inode: int, name: bytes, value: bytes, flags: int) -> None:
         self._writable()
-        entry = self.entry_of(inode)
-        self._view(entry)
+        entry = self._visible_entry_of(inode)
         key = _xattr_key(name)
         if len(value) > XATTR_VALUE_MAX:
             raise TooBig()
@@ -198,14 +197,12 @@ class Attributes:
         self.journal.commit(lambda stamp: [SetAttr(stamp(), entry, key, bytes(value))])
 
     def listxattr(self, inode: int) -> Sequence[bytes]:
-        entry = self.entry_of(inode)
-        self._view(entry)
+        entry = self._visible_entry_of(inode)
         return [k.encode() for k in sorted(self.replica.xattrs(entry))]
 
     def removexattr(self, inode: int, name: bytes) -> None:
         self._writable()
-        entry = self.entry_of(inode)
-        self._view(entry)
+        entry = self._visible_entry_of(inode)
         key = _xattr_key(name)
         if key[len(XATTR_PREFIX) :] not in self.replica.xattrs(entry):
             raise NoAttribute()

@@ -58,6 +58,15 @@ class Inodes:
             raise NotFound()
         return entry
 
+    def _visible_entry_of(self, inode: int) -> bytes:
+        """`entry_of`, and `NotFound` unless that entry is visible: what `_view`
+        checks, without building the view (the xattr calls need only this, and
+        the kernel asks for `security.capability` before every write)."""
+        entry = self.entry_of(inode)
+        if not self.replica.visible(entry):
+            raise NotFound()
+        return entry
+
     def _view(self, entry: bytes) -> EntryView:
         view = self.replica.entry(entry)
         if view is None:
