@@ -17,6 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from crdt.ops import BLOCK_SIZE
 from fuse.errors import Retry
 from fuse.protocol import Caller
 from peer.fs.volume import ROOT_INODE
@@ -24,7 +25,7 @@ from peer.identity import load_or_create
 from peer.keys import VolumeKeys
 from peer.net import wire
 from peer.net.auth import PROTOCOL, sign_request, wall_ms
-from peer.net.sync import Sync
+from peer.net.sync import BULK_BLOCKS, Sync
 from peer.node import Node, NodeConfig
 from peer.secret import new_secret
 
@@ -111,6 +112,27 @@ async def test_a_write_on_one_node_appears_on_the_other(tmp_path: Path, keys: Vo
         assert stats.blocks_received >= 3
         assert [p.connected for p in stats.peers] == [True]
         assert stats.peers[0].id == a.identity.node_id.hex()
+
+
+async def test_a_catch_up_of_many_blocks_gives_the_freed_heap_back(
+    tmp_path: Path, keys: VolumeKeys
+) -> None:
+    """Blocks arrive in 8 MiB answers, copied and opened in worker threads;
+    glibc keeps that heap unless asked (20-30 MiB after a 208 MiB catch-up).
+    A merge that fetched many blocks gives it back; a small one does not pay."""
+    a, b = make_node(tmp_path, "a", keys), make_node(tmp_path, "b", keys)
+    given_back: list[int] = []
+    async with running(a, b) as (sa, sb):
+        sb.after_bulk = lambda: given_back.append(sb.blocks_in)
+        write_file(a, b"small.txt", b"a few bytes")
+        link(sb, sa)
+        await wait_until(lambda: read_file(b, b"small.txt") == b"a few bytes", "the small file")
+        assert given_back == []
+        payload = os.urandom(BULK_BLOCKS * BLOCK_SIZE)
+        write_file(a, b"big.bin", payload)
+        await wait_until(lambda: bool(given_back), "the heap given back after the catch-up")
+        assert read_file(b, b"big.bin") == payload
+        assert given_back[-1] >= BULK_BLOCKS
 
 
 async def test_a_node_stops_at_once_while_a_peer_long_polls_it(
