@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import pytest
 from hypothesis import given
@@ -93,3 +95,16 @@ def test_port_zero_only_for_a_listening_address() -> None:
     assert parse_hostport("127.0.0.1:0", any_port=True) == ("127.0.0.1", 0)
     with pytest.raises(ValueError, match="port must be a number from 1 to 65535"):
         parse_hostport("127.0.0.1:0")
+
+
+def test_a_node_without_mdns_does_not_load_zeroconf() -> None:
+    """zeroconf is 3.6 MiB of a node's resident memory: a node started with
+    `--no-mdns` and `--listen HOST:PORT` (static peers) does not load it."""
+    code = (
+        "import sys, peer.cli, peer.node; "
+        "peer.cli._address('127.0.0.1:0', '--listen'); "
+        "peer.cli._address('10.0.0.2:7070', '--peer'); "
+        "print('zeroconf' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False", done.stdout
