@@ -21,7 +21,7 @@ from fuse.errors import (
     Unsupported,
 )
 from fuse.protocol import Attrs, Caller
-from peer.fs.files import _Dirty
+from peer.fs.files import MakeOps, _Dirty
 from peer.storage.journal import Journal
 
 XATTR_VALUE_MAX = 64 * 1024
@@ -55,10 +55,7 @@ class Attributes:
         replica: Replica
 
         def _flush(
-            self,
-            entry: bytes,
-            force: bool = False,
-            then: Callable[[Callable[[], Hlc]], list[Op]] | None = None,
+            self, entry: bytes, force: bool = False, then: MakeOps | None = None
         ) -> None: ...
         def _size(self, entry: bytes) -> int: ...
         def _truncate(self, entry: bytes, size: int) -> None: ...

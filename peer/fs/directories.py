@@ -38,7 +38,7 @@ from fuse.errors import (
     NotPermitted,
 )
 from fuse.protocol import Attrs, Caller
-from peer.fs.files import _Dirty
+from peer.fs.files import MakeOps, _Dirty
 from peer.storage.journal import Journal
 from peer.storage.store import Store
 
@@ -93,10 +93,7 @@ class Directories:
         def _attrs(self, view: EntryView) -> Attrs: ...
         def _dir(self, inode: int) -> EntryView: ...
         def _flush(
-            self,
-            entry: bytes,
-            force: bool = False,
-            then: Callable[[Callable[[], Hlc]], list[Op]] | None = None,
+            self, entry: bytes, force: bool = False, then: MakeOps | None = None
         ) -> None: ...
         def _remember_inode(self, entry: bytes, inode: int) -> None: ...
         def _view(self, entry: bytes) -> EntryView: ...

@@ -32,6 +32,9 @@ from peer.storage.blocks import Blocks, MissingBlock
 from peer.storage.journal import Journal
 from peer.storage.store import Store
 
+# What `Journal.commit` takes: a maker of ops, given the stamp to give each.
+MakeOps = Callable[[Callable[[], Hlc]], list[Op]]
+
 # Logs under the name its messages had before it left volume.py.
 log = logging.getLogger("peer.volume")
 
@@ -347,12 +350,7 @@ class Files:
                 block[lo - first : cut] = bytes(max(0, cut - (lo - first)))
             dirty.changed.add(index)
 
-    def _flush(
-        self,
-        entry: bytes,
-        force: bool = False,
-        then: Callable[[Callable[[], Hlc]], list[Op]] | None = None,
-    ) -> None:
+    def _flush(self, entry: bytes, force: bool = False, then: MakeOps | None = None) -> None:
         """Commit what is buffered for `entry`; with `then`, the ops it makes
         go in the same commit, stamped after the write (one transaction)."""
         dirty = self._dirty.get(entry)

@@ -283,30 +283,44 @@ async def test_a_fresh_node_catching_up_never_holds_all_the_blocks_in_memory(
     # Small requests make what is in flight small, so the bound below
     # measures what the node keeps.
     monkeypatch.setattr(wire, "BLOCKS_PER_REQUEST", 4)
-    full = make_node(tmp_path, "full", keys)
     size = 24 << 20
-    for i in range(3):
-        write_file(full, f"big{i}".encode(), os.urandom(size // 3))
+    full = _three_big_files(tmp_path, keys, size)
     if folded:
         _fill(full, 1200)  # enough entries for a fold
         full.collector.collect()
     assert (full.store.get_checkpoint() is not None) == folded
     fresh = make_node(tmp_path, "fresh", keys)
+    peak = await _peak_until(
+        full,
+        fresh,
+        lambda: (
+            fresh.replica.counts()[0] >= full.replica.counts()[0]
+            and len(fresh.store.block_ids()) >= size // BLOCK_SIZE
+        ),
+        "the fresh node to merge and hold every block",
+    )
+    assert peak < size // 2, f"peak {peak / 2**20:.1f} MiB of Python memory for {size >> 20} MiB"
+
+
+def _three_big_files(tmp_path: Path, keys: VolumeKeys, size: int) -> Node:
+    """A node holding three files of `size` bytes in all."""
+    full = make_node(tmp_path, "full", keys)
+    for i in range(3):
+        write_file(full, f"big{i}".encode(), os.urandom(size // 3))
+    return full
+
+
+async def _peak_until(full: Node, fresh: Node, done: Callable[[], bool], what: str) -> int:
+    """The peak of Python memory (both nodes, in this process) from linking
+    `fresh` to `full` until `done()`."""
     tracemalloc.start()
     try:
         async with running(full, fresh) as (a, b):
             link(a, b)
-            await wait_until(
-                lambda: fresh.replica.counts()[0] >= full.replica.counts()[0],
-                "the fresh node to merge",
-                120,
-            )
-            _, peak = tracemalloc.get_traced_memory()
-            held = len(fresh.store.block_ids())
+            await wait_until(done, what, 120)
+            return tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert held >= size // BLOCK_SIZE, f"the fresh node holds {held} blocks"
-    assert peak < size // 2, f"peak {peak / 2**20:.1f} MiB of Python memory for {size >> 20} MiB"
 
 
 @pytest.mark.asyncio
@@ -317,23 +331,15 @@ async def test_blocks_in_flight_during_a_catch_up_stay_a_few_mib(
     # MAC checked and decoded, and four are in flight: with 64-block (8 MiB)
     # answers, a catch-up of 24 MiB peaked at 57 MiB of Python memory (a
     # 208 MiB one at 109-112 MiB resident); the node asks 16 blocks at a time.
-    full = make_node(tmp_path, "full", keys)
     size = 24 << 20
-    for i in range(3):
-        write_file(full, f"big{i}".encode(), os.urandom(size // 3))
+    full = _three_big_files(tmp_path, keys, size)
     fresh = make_node(tmp_path, "fresh", keys)
-    tracemalloc.start()
-    try:
-        async with running(full, fresh) as (a, b):
-            link(a, b)
-            await wait_until(
-                lambda: len(fresh.store.block_ids()) >= size // BLOCK_SIZE,
-                "the fresh node to hold every block",
-                120,
-            )
-            _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    peak = await _peak_until(
+        full,
+        fresh,
+        lambda: len(fresh.store.block_ids()) >= size // BLOCK_SIZE,
+        "the fresh node to hold every block",
+    )
     # 4 answers of 16 blocks are 8 MiB in flight: measured 20 MiB at the peak
     # (57 MiB with 64-block answers).
     assert peak < 32 << 20, (
