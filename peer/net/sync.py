@@ -647,9 +647,9 @@ class Sync(Fetching, Serving):
         with self.journal.merging_in_pieces():
             await self._merge_pieces(link, entries, ops)
         if self.blocks_in - before >= BULK_BLOCKS and self.after_bulk is not None:
-            # Blocks came in 8 MiB answers, each copied a few times and opened
-            # in worker threads: glibc keeps the freed heap (20-30 MiB after a
-            # 208 MiB catch-up) unless asked to give it back.
+            # Blocks came in answers of a few MiB, each copied a few times and
+            # opened in worker threads: glibc keeps the freed heap (20-30 MiB
+            # after a 208 MiB catch-up) unless asked to give it back.
             await asyncio.to_thread(self.after_bulk)
 
     async def _merge_pieces(self, link: Link, entries: list[LogEntry], ops: list[Op]) -> None:
