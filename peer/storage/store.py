@@ -43,8 +43,8 @@ _BUSY_TIMEOUT_MS = 5000
 # a created file is a few log rows and an inode, which with the 64 KiB pages
 # stores were made with before wrote ~370 KiB to the WAL (and checkpointed,
 # with two fsyncs, every ~10 files); with 4 KiB pages it writes ~30 KiB, and
-# a three-commit small file costs 0.2-0.25 ms of SQLite instead of 1.2-1.4 ms
-# (mb on this machine, synchronous=NORMAL). Blocks (128 KiB) are overflow
+# a three-commit small file costs 0.2-0.5 ms of SQLite instead of 1.2-1.9 ms
+# (a micro-benchmark on this machine, synchronous=NORMAL). Blocks (128 KiB) are overflow
 # chains of 4 KiB pages: inserted at ~0.85x and read at ~0.7x the speed of 64
 # KiB pages, still 150 and 1,800 MB/s, above what the mount moves.
 _PAGE_SIZE = 4096
