@@ -568,6 +568,8 @@ async def _command(line: str, volume: MemVolume, operations: Any) -> object:
             }
         case ["nodes"]:
             return len(volume.nodes)
+        case ["imported", module]:
+            return module in sys.modules
         case ["remote-write", path, text, *rest]:
             inode = volume.remote_write(path, text.encode())
             if rest != ["quiet"]:
