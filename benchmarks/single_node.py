@@ -16,10 +16,16 @@ range over the repetitions and the ratio of the medians:
 - `git init && git add -A && git commit` of that tree.
 
 Targets (issue 11): rates at >= 0.5x gocryptfs, times at <= 2x. With
+`--floor` a third file system runs the same workloads: the in-memory volume of
+the adapter's tests (`tests.fuse.memvolume`, no storage, no crypto, no log)
+behind dfs-peer's own FUSE adapter, pyfuse3 and asyncio: the best any volume
+behind that stack can do on this machine. It keeps nothing across a remount,
+so its reads come after a reopen instead (the adapter asks the kernel to drop
+a file's cached pages at each open) and its stat row is not measured. With
 `--profile` the node runs under cProfile and the top functions are printed;
 `--quick` runs one repetition of smaller sizes, for iteration.
 
-    python -m benchmarks.single_node [--quick] [--reps 3] [--profile]
+    python -m benchmarks.single_node [--quick] [--reps 3] [--profile] [--floor]
 """
 
 from __future__ import annotations
@@ -133,10 +139,7 @@ class Gocryptfs(Target):
     name = "gocryptfs"
 
     def __init__(self, work: Path) -> None:
-        if shutil.which("gocryptfs") is None:
-            raise SystemExit(
-                "benchmarks.single_node: gocryptfs is not installed (apt-get install gocryptfs)"
-            )
+        ensure_installed("gocryptfs", "gocryptfs", "benchmarks.single_node")
         self.cipher, self.root, self.pw = work / "gc.cipher", work / "gc.plain", work / "gc.pw"
         self.cipher.mkdir()
         self.root.mkdir()
@@ -176,6 +179,72 @@ class Gocryptfs(Target):
 
     def close(self) -> None:
         subprocess.run(["fusermount3", "-u", "-z", str(self.root)], check=False)
+
+
+class Floor(Target):
+    """The in-memory volume of the adapter's tests behind dfs-peer's FUSE
+    adapter: what the FUSE stack alone costs (see the module's docstring)."""
+
+    name = "floor"
+
+    def __init__(self, work: Path) -> None:
+        self.root = work / "mnt"
+        self.root.mkdir()
+        repo = Path(__file__).resolve().parents[1]
+        self.log = open(work / "floor.log", "wb")  # noqa: SIM115 (closed in close())
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.fuse.memvolume", str(self.root)],
+            cwd=repo,
+            env={**os.environ, "PYTHONPATH": str(repo)},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != "ready":
+            self.close()
+            raise SystemExit(f"benchmarks.single_node: the in-memory volume did not mount ({work})")
+
+    def remount(self) -> None:
+        pass  # it would lose everything; reads after a reopen reach it all the same
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        subprocess.run(  # in case it is still mounted; it unmounts itself when it ends
+            ["fusermount3", "-u", "-z", str(self.root)], check=False, capture_output=True
+        )
+        self.log.close()
+
+
+def ensure_installed(binary: str, package: str, by: str) -> str:
+    """The path of `binary`, installed from Debian's `package` if missing
+    (as root; else a clear error naming the package). `by` names the caller."""
+    found = shutil.which(binary)
+    if found:
+        return found
+    if os.geteuid() != 0:
+        raise SystemExit(f"{by}: {binary} is missing; apt-get install {package} (as root)")
+    print(f"installing {package} with apt-get ...", file=sys.stderr, flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    apt = ["apt-get", "-o", "DPkg::Lock::Timeout=300", "-q"]
+    subprocess.run([*apt, "update"], check=True, env=env, capture_output=True)
+    subprocess.run(
+        [*apt, "install", "-y", "--no-install-recommends", package],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    found = shutil.which(binary)
+    if not found:
+        raise SystemExit(f"{by}: apt-get installed {package} but {binary} is not on PATH")
+    return found
 
 
 def precompile() -> None:
@@ -317,7 +386,8 @@ def run_suite(
     small = base / "small"
     r["create"] = sizes.files / timed(lambda: create_files(small, sizes.files))
     t.remount()
-    r["stat"] = sizes.files / timed(lambda: find_stat(small, sizes.files))
+    if not isinstance(t, Floor):  # its kernel caches still hold every entry
+        r["stat"] = sizes.files / timed(lambda: find_stat(small, sizes.files))
     r["random"] = sizes.random_writes / random_writes(
         base / "random.bin", sizes.random_writes, RANDOM_FILE_MIB
     )
@@ -350,13 +420,25 @@ def print_table(
         "tree_files": sizes.tree_files,
         "tree_mb": sizes.tree_mb,
     }
+    floor = results.get("floor")
     print(f"\nsingle node, dfs-peer beside gocryptfs: {reps} alternating repetitions ({load})")
-    print("| workload (through the mount) | dfs-peer | gocryptfs | dfs-peer / gocryptfs | target |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    extra = " FUSE floor | floor / gocryptfs |" if floor else ""
+    print(
+        f"| workload (through the mount) | dfs-peer | gocryptfs | dfs-peer / gocryptfs |{extra} target |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if floor else ""))
     for row in ROWS:
         ours = [r[row.key] for r in results["dfs-peer"]]
         theirs = [r[row.key] for r in results["gocryptfs"]]
         ratio = statistics.median(ours) / statistics.median(theirs)
+        if floor:
+            best = [r[row.key] for r in floor if row.key in r]
+            if best:
+                fr = statistics.median(best) / statistics.median(theirs)
+                ftext = f"{fr:.2f}x" if row.higher_is_better else f"{fr:.1f}x the time"
+                extra = f" {span(best)} {row.unit} | {ftext} |"
+            else:
+                extra = " not measured | |"
         if row.higher_is_better:
             verdict = "ok" if ratio >= 0.5 else "misses"
             rtext, target = f"{ratio:.2f}x", f"≥ 0.5x ({verdict})"
@@ -365,7 +447,7 @@ def print_table(
             rtext, target = f"{ratio:.1f}x the time", f"≤ 2x ({verdict})"
         print(
             f"| {row.label.format(**names)} | {span(ours)} {row.unit} | "
-            f"{span(theirs)} {row.unit} | {rtext} | {target} |"
+            f"{span(theirs)} {row.unit} | {rtext} |{extra} {target} |"
         )
 
 
@@ -376,6 +458,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="one repetition of smaller sizes")
     ap.add_argument("--reps", type=int, default=None, help="repetitions (default 3, quick 1)")
     ap.add_argument("--profile", action="store_true", help="profile the node with cProfile")
+    ap.add_argument(
+        "--floor",
+        action="store_true",
+        help="also run an in-memory volume behind the same FUSE stack (what the stack allows)",
+    )
     args = ap.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     reps = args.reps or (1 if args.quick else 3)
@@ -394,12 +481,17 @@ def main(argv: list[str] | None = None) -> int:
     (work / "gc").mkdir()
     targets: list[Target] = []
     results: dict[str, list[dict[str, float]]] = {"dfs-peer": [], "gocryptfs": []}
+    if args.floor:
+        (work / "floor").mkdir()
+        results["floor"] = []
     rss: list[float] = []
     load0 = os.getloadavg()[0]
     try:
         dfs = DfsPeer(work / "dfs")
         targets.append(dfs)
         targets.append(Gocryptfs(work / "gc"))
+        if args.floor:
+            targets.append(Floor(work / "floor"))
         for rep in range(reps):
             order = targets if rep % 2 == 0 else targets[::-1]
             for t in order:

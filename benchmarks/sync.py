@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.network import holds_all_of
-from benchmarks.single_node import precompile, rss_mib
+from benchmarks.single_node import ensure_installed, precompile, rss_mib
 from scenarios.cluster import Cluster
 from scenarios.harness import free_port, wait_for
 from scenarios.report import Report
@@ -126,27 +126,7 @@ def dfs_peer_run(workdir: Path, corpus: Corpus) -> Outcome:
 
 def ensure_syncthing() -> str:
     """The syncthing binary, installed from Debian's package if missing."""
-    found = shutil.which("syncthing")
-    if found:
-        return found
-    if os.geteuid() != 0:
-        raise SystemExit(
-            "benchmarks.sync: syncthing is missing; apt-get install syncthing (as root)"
-        )
-    print("installing syncthing with apt-get ...", file=sys.stderr, flush=True)
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    apt = ["apt-get", "-o", "DPkg::Lock::Timeout=300", "-q"]
-    subprocess.run([*apt, "update"], check=True, env=env, capture_output=True)
-    subprocess.run(
-        [*apt, "install", "-y", "--no-install-recommends", "syncthing"],
-        check=True,
-        env=env,
-        capture_output=True,
-    )
-    found = shutil.which("syncthing")
-    if not found:
-        raise SystemExit("benchmarks.sync: apt-get installed syncthing but it is not on PATH")
-    return found
+    return ensure_installed("syncthing", "syncthing", "benchmarks.sync")
 
 
 class Syncthing:

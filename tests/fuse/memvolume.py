@@ -20,6 +20,7 @@ one line, `ok [json]` or `error <message>`:
                           then invalidate its inode (unless `quiet`)
     remote-unlink PATH [quiet]       remove a file as a peer would, then
                           invalidate its entry (unless `quiet`)
+    imported MODULE       whether MODULE is in the runner's `sys.modules`
 
 It logs to stderr at INFO. SIGTERM cancels `serve`, SIGINT calls
 `fuse.mount.terminate()`; either way `serve` unmounts and the runner exits 0.
