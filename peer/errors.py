@@ -168,7 +168,13 @@ class CorruptStore(DfsError):
 
 
 class CorruptBlock(Exception):
-    """A block whose MAC fails or whose plaintext does not hash to its id."""
+    """A block whose MAC fails or whose plaintext does not hash to its id.
+
+    `bid`, where known: the block found corrupt (for a patch, perhaps its base)."""
+
+    def __init__(self, message: str, bid: bytes | None = None) -> None:
+        super().__init__(message)
+        self.bid = bid
 
 
 class CorruptEntry(Exception):

@@ -36,6 +36,18 @@ the epoch id are in the associated data, so neither can be switched, and the
 entry's signature covers them (it covers the sealed bytes' hash). A block's
 id is keyed with its epoch's block-id key. A reader opens each under the
 keys of the epoch it names, or refuses it (`UnknownEpoch`) if it holds none.
+
+Patches (`Patch`): a small write into a stored block is kept as the bytes it
+changed over that block (its *base*), not as the whole block sealed again.
+Sealed as `0x05 || base id (32 bytes) || a sealed block (version 2 or 4)`
+whose plaintext is the CBOR array `[base, depth, length, [[offset, bytes],
+...]]` and whose id is the keyed BLAKE2b of that plaintext personalised
+`_PATCH_PERSON`, so no block's plaintext can pass for a patch or the other way
+round. The base id in front is a hint for the store (what a patch keeps alive,
+`Store.patch_bases`), so it is visible without the secret, as block ids are;
+the one inside is authenticated, and a patch whose hint differs does not open.
+A patch's depth is its base's plus one (a whole block's is 0), at most
+`MAX_PATCH_DEPTH`: a reader checks it at each step, so a chain always ends.
 """
 
 from __future__ import annotations
@@ -43,6 +55,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+import cbor2
 import nacl.bindings
 import nacl.encoding
 import nacl.exceptions
@@ -59,6 +72,13 @@ SEAL_VERSION = 1
 PADDED_VERSION = 2
 EPOCH_ENTRY_VERSION = 3
 EPOCH_BLOCK_VERSION = 4
+PATCH_VERSION = 5
+# How many patches may stand on a whole block (each read of the block opens
+# them all), and how many changed bytes a patch may carry before a whole block
+# is the cheaper thing to write (and to read).
+MAX_PATCH_DEPTH = 4
+MAX_PATCH_BYTES = BLOCK_SIZE // 4
+_PATCH_PERSON = b"dfs-peer:patch"
 # The smallest size class of a padded block; classes double from here up to
 # BLOCK_SIZE, so a block's sealed size tells its length only within a factor of 2.
 PAD_MIN = 256
@@ -165,6 +185,75 @@ def block_id(keys: VolumeKeys | EpochKeys, plaintext: bytes) -> bytes:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Patch:
+    """The bytes a small write changed in block `base` (see the module's
+    docstring): the block it makes is `base`'s plaintext cut or zero-padded
+    to `length`, with each `(offset, data)` of `ranges` written over it."""
+
+    base: bytes
+    depth: int
+    length: int
+    ranges: tuple[tuple[int, bytes], ...]
+
+    def apply(self, base: bytes) -> bytes:
+        out = bytearray(base[: self.length])
+        if len(out) < self.length:
+            out.extend(bytes(self.length - len(out)))
+        for offset, data in self.ranges:
+            out[offset : offset + len(data)] = data
+        return bytes(out)
+
+    def changed(self) -> int:
+        return sum(len(data) for _, data in self.ranges)
+
+
+def patch_id(keys: VolumeKeys | EpochKeys, plaintext: bytes) -> bytes:
+    """The id of a patch: like a block's, personalised (a different function)."""
+    return nacl.hash.blake2b(
+        plaintext,
+        digest_size=BLOCK_ID_BYTES,
+        key=keys.block_ids,
+        person=_PATCH_PERSON,
+        encoder=nacl.encoding.RawEncoder,
+    )
+
+
+def seal_patch(keys: VolumeKeys, patch: Patch) -> tuple[bytes, bytes]:
+    """(id, sealed) of a patch, under the current epoch."""
+    plaintext = cbor2.dumps(
+        [patch.base, patch.depth, patch.length, [list(r) for r in patch.ranges]]
+    )
+    epoch = keys.current
+    pid = patch_id(epoch, plaintext)
+    return pid, bytes([PATCH_VERSION]) + patch.base + _seal_padded(keys, pid, plaintext)
+
+
+def patch_base(sealed: bytes) -> bytes | None:
+    """The base a sealed patch names in front (unchecked), or None for a block."""
+    if sealed[:1] == bytes([PATCH_VERSION]) and len(sealed) > 1 + BLOCK_ID_BYTES:
+        return sealed[1 : 1 + BLOCK_ID_BYTES]
+    return None
+
+
+def _patch_of(plaintext: bytes, hint: bytes) -> Patch:
+    """The patch `plaintext` encodes; `SealError` if it is not a well-formed one."""
+    try:
+        base, depth, length, ranges = cbor2.loads(plaintext)
+        parsed = tuple((int(o), bytes(d)) for o, d in ranges)
+    except (cbor2.CBORDecodeError, ValueError, TypeError) as exc:
+        raise SealError(f"malformed patch ({exc})") from exc
+    if not (isinstance(base, bytes) and base == hint):
+        raise SealError("the patch names another base than its header")
+    if not (isinstance(depth, int) and 1 <= depth <= MAX_PATCH_DEPTH):
+        raise SealError(f"patch depth {depth!r} out of range")
+    if not (isinstance(length, int) and 0 <= length <= BLOCK_SIZE):
+        raise SealError(f"patch length {length!r} out of range")
+    if any(o < 0 or o + len(d) > length for o, d in parsed):
+        raise SealError("a patch range lies outside the block")
+    return Patch(base, depth, length, parsed)
+
+
 def padded_size(length: int) -> int:
     """The size class a block of `length` bytes is sealed at: the smallest
     power of two, at least `PAD_MIN`, with room for the `0x80` marker; a
@@ -179,17 +268,55 @@ def padded_size(length: int) -> int:
 def seal_block(keys: VolumeKeys, plaintext: bytes) -> tuple[bytes, bytes]:
     """(id, sealed) for a block's plaintext, padded to its size class, under
     the current epoch."""
+    bid = block_id(keys.current, plaintext)
+    return bid, _seal_padded(keys, bid, plaintext)
+
+
+def _seal_padded(keys: VolumeKeys, bid: bytes, plaintext: bytes) -> bytes:
     epoch = keys.current
-    bid = block_id(epoch, plaintext)
     pad = padded_size(len(plaintext)) - len(plaintext) - 1
     padded = plaintext + b"\x80" + bytes(pad)
     if epoch is keys.base:
-        return bid, seal(epoch.blocks, padded, bytes([PADDED_VERSION]) + bid, PADDED_VERSION)
-    return bid, _seal_epoch(epoch, epoch.blocks, EPOCH_BLOCK_VERSION, padded, bid)
+        return seal(epoch.blocks, padded, bytes([PADDED_VERSION]) + bid, PADDED_VERSION)
+    return _seal_epoch(epoch, epoch.blocks, EPOCH_BLOCK_VERSION, padded, bid)
+
+
+def open_sealed(
+    keys: VolumeKeys, bid: bytes, sealed: bytes, *, check_id: bool = True
+) -> bytes | Patch:
+    """What `bid` holds: a block's plaintext, or a `Patch` over another block
+    (`peer.storage.blocks` applies it); `CorruptBlock` unless it is exactly that."""
+    if sealed[:1] != bytes([PATCH_VERSION]):
+        return open_block(keys, bid, sealed, check_id=check_id)
+    hint = sealed[1 : 1 + BLOCK_ID_BYTES]
+    try:
+        epoch, plaintext = _open_padded(keys, bid, sealed[1 + BLOCK_ID_BYTES :])
+        patch = _patch_of(plaintext, hint)
+    except SealError as exc:
+        raise CorruptBlock(f"patch {bid.hex()}: {exc}") from exc
+    if check_id and patch_id(epoch, plaintext) != bid:
+        raise CorruptBlock(f"patch {bid.hex()}: content does not match its id")
+    return patch
+
+
+def _open_padded(keys: VolumeKeys, bid: bytes, sealed: bytes) -> tuple[EpochKeys, bytes]:
+    """(epoch, plaintext) of a padded block (version 2 or 4); `SealError` if not."""
+    epoch = keys.base
+    if sealed[:1] == bytes([PADDED_VERSION]):
+        padded = unseal(epoch.blocks, sealed, bytes([PADDED_VERSION]) + bid, PADDED_VERSION)
+    elif sealed[:1] == bytes([EPOCH_BLOCK_VERSION]):
+        epoch, padded = _unseal_epoch(keys, sealed, bid, "blocks")
+    else:
+        raise SealError(f"unknown sealed format version {sealed[:1].hex()}")
+    body = padded.rstrip(b"\0")
+    if not body.endswith(b"\x80"):
+        raise SealError("bad padding")
+    return epoch, body[:-1]
 
 
 def open_block(keys: VolumeKeys, bid: bytes, sealed: bytes, *, check_id: bool = True) -> bytes:
-    """The plaintext of block `bid`; `CorruptBlock` unless it is exactly that block.
+    """The plaintext of block `bid`; `CorruptBlock` unless it is exactly that block
+    (a patch is not: see `open_sealed`).
 
     `check_id=False` (a block read back from this node's store): the content
     hash is not computed again. Every block was checked when it entered the
@@ -200,14 +327,7 @@ def open_block(keys: VolumeKeys, bid: bytes, sealed: bytes, *, check_id: bool = 
     epoch = keys.base
     try:
         if sealed[:1] in (bytes([PADDED_VERSION]), bytes([EPOCH_BLOCK_VERSION])):
-            if sealed[:1] == bytes([PADDED_VERSION]):
-                padded = unseal(epoch.blocks, sealed, bytes([PADDED_VERSION]) + bid, PADDED_VERSION)
-            else:
-                epoch, padded = _unseal_epoch(keys, sealed, bid, "blocks")
-            body = padded.rstrip(b"\0")
-            if not body.endswith(b"\x80"):
-                raise SealError("bad padding")
-            plaintext = body[:-1]
+            epoch, plaintext = _open_padded(keys, bid, sealed)
         else:
             plaintext = unseal(epoch.blocks, sealed, bid)
     except SealError as exc:

@@ -28,6 +28,7 @@ from fuse.errors import (
 )
 from fuse.protocol import Attrs, Caller
 from peer.errors import CorruptBlock
+from peer.sealing import MAX_PATCH_BYTES, Patch
 from peer.storage.blocks import Blocks, MissingBlock
 from peer.storage.journal import Journal
 from peer.storage.store import Store
@@ -61,6 +62,10 @@ class _Dirty:
     changed: set[int] = field(default_factory=set)
     truncated: bool = False
     holes: set[int] = field(default_factory=set)  # whole blocks punched out (in `changed`)
+    # Blocks read from a stored block and only written into since: {index:
+    # (the whole block under it, the [start, end) ranges that differ from that
+    # one)}, flushed as a patch (`_patch_of`) when few bytes differ.
+    patchable: dict[int, tuple[bytes, list[tuple[int, int]]]] = field(default_factory=dict)
 
     def bytes(self) -> int:
         return sum(len(b) for b in self.blocks.values())
@@ -164,8 +169,9 @@ class Files:
         except (MissingBlock, CorruptBlock) as exc:
             refetch = self.refetch
             if refetch is not None:
+                bad = exc.bid or bid  # a patch's base, perhaps
                 log.warning("block %d unreadable here (%s): asking peers for it", index, exc)
-                raise Retry(lambda: refetch(bid)) from exc
+                raise Retry(lambda: refetch(bad)) from exc
             log.error("cannot read block %d: %s", index, exc)
             raise IOFailure() from exc
 
@@ -248,6 +254,10 @@ class Files:
                 block = bytearray()
             else:
                 block = bytearray(self._stored_block(dirty.base, index))
+                bid = self.replica.block_map(dirty.base).get(index) if dirty.base else None
+                shape = self.blocks.shape(bid) if bid is not None else None
+                if shape is not None:
+                    dirty.patchable[index] = (shape[0], list(shape[1]))
             # bytes past the file's end inside the last block read as zeros
             limit = max(0, dirty.size - index * BLOCK_SIZE)
             del block[limit:]
@@ -277,6 +287,9 @@ class Files:
                 block.extend(bytes(skip - len(block)))
             block[skip : skip + take] = data[pos : pos + take]
             dirty.changed.add(index)
+            patchable = dirty.patchable.get(index)
+            if patchable is not None:
+                patchable[1].append((skip, skip + take))
             pos += take
         dirty.size = max(dirty.size, end)
         if dirty.bytes() > DIRTY_LIMIT:
@@ -292,6 +305,7 @@ class Files:
             for index in [i for i in dirty.blocks if i >= keep]:
                 del dirty.blocks[index]
                 dirty.changed.discard(index)
+                dirty.patchable.pop(index, None)
             dirty.changed -= {i for i in dirty.holes if i >= keep}
             dirty.holes = {i for i in dirty.holes if i < keep}
             dirty.truncated = True
@@ -300,6 +314,7 @@ class Files:
                 block = self._load_block(dirty, last)
                 del block[size - last * BLOCK_SIZE :]
                 dirty.changed.add(last)
+                dirty.patchable.pop(last, None)
         dirty.size = size
         self._flush(entry, force=True)
 
@@ -349,6 +364,7 @@ class Files:
                 cut = min(hi - first, len(block))
                 block[lo - first : cut] = bytes(max(0, cut - (lo - first)))
             dirty.changed.add(index)
+            dirty.patchable.pop(index, None)
 
     def _flush(self, entry: bytes, force: bool = False, then: MakeOps | None = None) -> None:
         """Commit what is buffered for `entry`; with `then`, the ops it makes
@@ -361,11 +377,22 @@ class Files:
             if then is not None:
                 self.journal.commit(then)
             return
-        indexes = sorted(dirty.changed - dirty.holes)
-        sealed = self.blocks.seal(bytes(dirty.blocks[i]) for i in indexes)
+        whole: list[int] = []
+        patches: list[tuple[int, Patch]] = []
+        for i in sorted(dirty.changed - dirty.holes):
+            patch = self._patch_of(dirty, i)
+            if patch is None:
+                whole.append(i)
+            else:
+                patches.append((i, patch))
+        sealed = self.blocks.seal(bytes(dirty.blocks[i]) for i in whole)
         pairs: list[tuple[int, bytes | None]] = [
-            (i, bid) for i, (bid, _) in zip(indexes, sealed, strict=True)
+            (i, bid) for i, (bid, _) in zip(whole, sealed, strict=True)
         ]
+        for i, patch in patches:
+            pid, sealed_patch = self.blocks.seal_patch(patch, bytes(dirty.blocks[i]))
+            pairs.append((i, pid))
+            sealed.append((pid, sealed_patch))
         pairs = sorted(pairs + [(i, None) for i in dirty.holes])
 
         def make(stamp: Callable[[], Hlc]) -> list[Op]:
@@ -388,6 +415,30 @@ class Files:
                 self._failed.add(entry)
             raise
         del self._dirty[entry]
+
+    def _patch_of(self, dirty: _Dirty, index: int) -> Patch | None:
+        """A patch for block `index` if it was only written into since it was
+        read from a stored block, and differs in few bytes (at most
+        `MAX_PATCH_BYTES`, and less than half) from the whole block under that one; else None (the
+        whole block is sealed). The patch is over that whole block, with the
+        earlier patch's ranges too, so a read opens two things at most. A 4 KiB
+        write into a large file then stores and sends ~8 KiB, not 128 KiB."""
+        patchable = dirty.patchable.get(index)
+        if patchable is None:
+            return None
+        base, written = patchable
+        merged: list[list[int]] = []
+        for start, end in sorted(written):
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        block = dirty.blocks[index]
+        changed = sum(end - start for start, end in merged)
+        if changed > MAX_PATCH_BYTES or 2 * changed > len(block):
+            return None  # the block itself is as small: it frees its base
+        ranges = tuple((start, bytes(block[start:end])) for start, end in merged)
+        return Patch(base, 1, len(block), ranges)
 
     def _size_of_base(self, dirty: _Dirty) -> int:
         return self.replica.version_size(dirty.base) if dirty.base is not None else 0

@@ -21,7 +21,7 @@ from peer.metrics import Metrics
 from peer.net import wire
 from peer.net.auth import AuthFailed
 from peer.net.client import PeerError
-from peer.sealing import open_block
+from peer.sealing import MAX_PATCH_DEPTH, open_sealed, patch_base
 from peer.storage.store import Store
 
 if TYPE_CHECKING:
@@ -100,7 +100,35 @@ class Fetching:
     ) -> tuple[list[tuple[bytes, bytes]], list[bytes]]:
         """As `fetch`, but the blocks of `ids` no peer had are returned, not raised.
         With `store`, each reply's blocks are stored as they arrive (the caller
-        holds collection off) and the pairs returned carry no bytes."""
+        holds collection off) and the pairs returned carry no bytes.
+
+        A patch (`peer.sealing.Patch`) is of no use without the block it is
+        written over: the bases of the patches fetched that are not held here
+        are fetched too, as required as the patch was, chain by chain."""
+        got: list[tuple[bytes, bytes]] = []
+        missing: list[bytes] = []
+        for _ in range(MAX_PATCH_DEPTH + 1):
+            bases: dict[bytes, bool] = {}  # base -> whether a required patch needs it
+            more, lacking = await self._fetch_once(ids, prefer, optional, bases, store=store)
+            got += more
+            missing += lacking
+            held = {bid for bid, _ in got} | self.store.has_blocks(bases)
+            ids = [b for b, needed in bases.items() if needed and b not in held]
+            optional = [b for b, needed in bases.items() if not needed and b not in held]
+            if not ids and not optional:
+                break
+        return got, missing
+
+    async def _fetch_once(
+        self,
+        ids: Sequence[bytes],
+        prefer: Link | None,
+        optional: Sequence[bytes],
+        bases: dict[bytes, bool],
+        *,
+        store: bool,
+    ) -> tuple[list[tuple[bytes, bytes]], list[bytes]]:
+        """One round of `_fetch`; the bases of the patches it got go in `bases`."""
         required = list(ids)
         asked = set(required)
         ids = required + [b for b in optional if b not in asked]
@@ -131,6 +159,10 @@ class Fetching:
                         log.warning("bad blocks reply: from=%s reason=%s", link.address, exc)
                         continue
                     verified = await asyncio.to_thread(self._verify, pairs, set(want), link)
+                    for bid, sealed in verified.items():
+                        base = patch_base(sealed)
+                        if base is not None:
+                            bases[base] = bases.get(base, False) or bid in asked
                     if store:
                         self.journal.store_blocks(verified.items())
                         verified = dict.fromkeys(verified, b"")
@@ -220,7 +252,7 @@ class Fetching:
             if bid not in wanted:
                 continue
             try:
-                open_block(self.keys, bid, sealed)
+                open_sealed(self.keys, bid, sealed)
             except CorruptBlock as exc:
                 log.warning("peer sent a corrupt block: from=%s error=%s", link.address, exc)
                 continue

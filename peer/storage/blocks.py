@@ -17,7 +17,7 @@ from functools import partial
 
 from peer.errors import CorruptBlock
 from peer.keys import VolumeKeys
-from peer.sealing import open_block, seal_block
+from peer.sealing import MAX_PATCH_DEPTH, Patch, open_sealed, seal_block, seal_patch
 from peer.storage.store import Store
 
 log = logging.getLogger("peer.blocks")
@@ -27,6 +27,8 @@ log = logging.getLogger("peer.blocks")
 CACHE_BYTES = 64 * 1024 * 1024
 
 
+# Blocks whose shape is remembered (`Blocks.shape`), ~200 bytes each.
+_SHAPES_KEPT = 1 << 16
 # From this many blocks on, `Blocks.seal` uses the thread pool.
 _PARALLEL_MIN = 4
 _pool: ThreadPoolExecutor | None = None
@@ -43,7 +45,13 @@ def _sealers() -> ThreadPoolExecutor:
 
 
 class MissingBlock(Exception):
-    """A block the merged state references is not in the local store (yet)."""
+    """A block the merged state references is not in the local store (yet).
+
+    `bid`: the block missing (for a patch, perhaps its base)."""
+
+    def __init__(self, bid: bytes) -> None:
+        super().__init__(bid.hex())
+        self.bid = bid
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +104,8 @@ class Blocks:
         self._store = store
         self._keys = keys
         self.cache = cache if cache is not None else BlockCache()
+        # bid -> (depth, base or itself, spans written over it): see `shape`.
+        self._shapes: dict[bytes, tuple[int, bytes, tuple[tuple[int, int], ...]]] = {}
 
     def seal(self, plaintexts: Iterable[bytes]) -> list[tuple[bytes, bytes]]:
         """(id, sealed) for each plaintext; the plaintexts enter the cache.
@@ -109,7 +119,35 @@ class Blocks:
             out = list(_sealers().map(partial(seal_block, self._keys), data))
         for d, (bid, _) in zip(data, out, strict=True):
             self.cache.put(bid, d)
+            self._note(bid, None)
         return out
+
+    def seal_patch(self, patch: Patch, plaintext: bytes) -> tuple[bytes, bytes]:
+        """(id, sealed) of `patch`, whose block reads `plaintext` (cached)."""
+        pid, sealed = seal_patch(self._keys, patch)
+        self.cache.put(pid, plaintext)
+        self._note(pid, patch)
+        return pid, sealed
+
+    def shape(self, bid: bytes) -> tuple[bytes, tuple[tuple[int, int], ...]] | None:
+        """(whole block, [start, end) ranges written over it) for `bid`: itself
+        and none if it is a whole block, its base and its ranges if it is a
+        patch over one; None if it stands on more, or is not known here (not
+        sealed or read since the node started). A new patch is made over the
+        whole block with the ranges of both, so chains do not grow."""
+        shape = self._shapes.get(bid)
+        if shape is None or shape[0] > 1:
+            return None
+        return shape[1], shape[2]
+
+    def _note(self, bid: bytes, patch: Patch | None) -> None:
+        if len(self._shapes) >= _SHAPES_KEPT:
+            self._shapes.clear()  # forgotten ones are learnt again when read
+        if patch is None:
+            self._shapes[bid] = (0, bid, ())
+        else:
+            spans = tuple((o, o + len(d)) for o, d in patch.ranges)
+            self._shapes[bid] = (patch.depth, patch.base, spans)
 
     def cached(self, bid: bytes) -> bool:
         """Whether `bid`'s plaintext is in the cache (no hit or miss counted)."""
@@ -122,12 +160,9 @@ class Blocks:
         GIL), so reads of several blocks use more than one core."""
         out: dict[bytes, bytes] = {}
         for bid in ids:
-            sealed = self._store.get_block(bid)
-            if sealed is None:
-                continue
             try:
-                out[bid] = open_block(self._keys, bid, sealed, check_id=False)
-            except CorruptBlock:
+                out[bid] = self._open(bid, MAX_PATCH_DEPTH + 1, cache=False)[0]
+            except (MissingBlock, CorruptBlock):
                 continue
         return out
 
@@ -135,15 +170,47 @@ class Blocks:
         data = self.cache.get(bid)
         if data is not None:
             return data
-        sealed = self._store.get_block(bid)
-        if sealed is None:
-            raise MissingBlock(bid.hex())
         try:
-            data = open_block(self._keys, bid, sealed, check_id=False)  # (checked on entry)
-        except CorruptBlock:
-            log.error("corrupt block id=%s: removed from the store", bid[:8].hex())
+            data = self._open(bid, MAX_PATCH_DEPTH + 1)[0]
+        except CorruptBlock as exc:
+            bad = exc.bid or bid
+            log.error("corrupt block id=%s: removed from the store", bad[:8].hex())
             with self._store.transaction():
-                self._store.delete_block(bid)
+                self._store.delete_block(bad)
             raise
         self.cache.put(bid, data)
         return data
+
+    def _open(self, bid: bytes, below: int, cache: bool = True) -> tuple[bytes, int]:
+        """(plaintext, depth) of `bid`, a block or a patch (applied to its base,
+        opened the same way); a patch must stand below `below` patches, so a
+        chain, even a forged circular one, ends within `MAX_PATCH_DEPTH` steps.
+        `cache=False` (on a worker thread): the cache, the loop's, is not touched."""
+        shape = self._shapes.get(bid)
+        if shape is not None and cache:
+            cached = self.cache.get(bid)
+            if cached is not None:
+                return cached, shape[0]
+        sealed = self._store.get_block(bid)
+        if sealed is None:
+            raise MissingBlock(bid)
+        try:
+            # The id is not hashed again: every block and patch was checked when
+            # it entered the store (sealed here from its plaintext, or opened in
+            # full when a peer sent it); the MAC still catches any change on disk.
+            opened = open_sealed(self._keys, bid, sealed, check_id=False)
+        except CorruptBlock as exc:
+            raise CorruptBlock(str(exc), bid) from exc
+        if isinstance(opened, bytes):
+            self._note(bid, None)
+            return opened, 0
+        if opened.depth >= below:
+            raise CorruptBlock(f"patch {bid.hex()}: depth {opened.depth} in a chain", bid)
+        base, base_depth = self._open(opened.base, opened.depth, cache)
+        if base_depth != opened.depth - 1:
+            raise CorruptBlock(f"patch {bid.hex()}: its base is at depth {base_depth}", bid)
+        data = opened.apply(base)
+        self._note(bid, opened)
+        if cache:
+            self.cache.put(bid, data)
+        return data, opened.depth

@@ -178,6 +178,20 @@ class Collection:
     store_bytes_reclaimed: int
 
 
+def with_bases(blocks: Iterable[bytes], bases: dict[bytes, bytes]) -> set[bytes]:
+    """`blocks` and every block a patch among them is written over, down each
+    chain (`bases`: {patch: its base}, `Store.patch_bases`): what they keep alive."""
+    live = set(blocks)
+    todo = [bid for bid in live if bid in bases]
+    while todo:
+        base = bases[todo.pop()]
+        if base not in live:
+            live.add(base)
+            if base in bases:
+                todo.append(base)
+    return live
+
+
 def _not_run(store_bytes: int) -> Collection:
     return Collection(
         at=time.time(),
@@ -735,9 +749,10 @@ class Collector:
             pins,
             self.thinning,
         )
-        garbage = [bid for bid in self.store.block_ids() if bid not in plan.blocks]
+        live = with_bases(plan.blocks, self.store.patch_bases())
+        garbage = [bid for bid in self.store.block_ids() if bid not in live]
         # A wanted block (`peer.net.sync`) no kept version references is wanted no more.
-        unwanted = [bid for bid in self.store.wanted_blocks() if bid not in plan.blocks]
+        unwanted = [bid for bid in self.store.wanted_blocks() if bid not in live]
         freed = freed_bytes = 0
         if garbage or unwanted:
             with self.store.transaction():

@@ -31,7 +31,7 @@ import cbor2
 
 from crdt.ops import ROOT
 from peer.errors import CorruptStore
-from peer.sealing import LogEntry
+from peer.sealing import LogEntry, patch_base
 
 # 2: incremental auto-vacuum, so collected blocks give their space back.
 # 3: chained log entries (`log.prev`) and the evidence of members that lied.
@@ -89,9 +89,12 @@ _SCHEMA = (
     # primary-key b-tree, whose cells keep only ~1/16 of a page local, which
     # suits small rows; for 128 KiB blobs it halved insert speed (measured:
     # 104 vs 206 MB/s at 4 KiB pages).
+    # `base`: for a patch (`peer.sealing.Patch`), the block it is written over,
+    # which it keeps alive (`patch_bases`); NULL for a whole block.
     """CREATE TABLE blocks (
         id BLOB UNIQUE NOT NULL,
-        sealed BLOB NOT NULL
+        sealed BLOB NOT NULL,
+        base BLOB
     )""",
     # AUTOINCREMENT: a number once given is never handed out again, even after
     # rows are deleted, so the kernel can never confuse two entries.
@@ -260,6 +263,11 @@ class Store:
                     ),
                 )
             self._conn.execute(_WANTED_SCHEMA)
+            # Patches came without a schema version bump: a store made before
+            # gets the column (NULL: it holds whole blocks only) at its next open.
+            columns = {row[1] for row in self._conn.execute("PRAGMA table_info(blocks)")}
+            if "base" not in columns:
+                self._conn.execute("ALTER TABLE blocks ADD COLUMN base BLOB")
         if version < 2:
             self._migrate_to_incremental_vacuum()
         if version < 3:
@@ -500,8 +508,21 @@ class Store:
         """Store (id, sealed) pairs; returns how many were new."""
         self._require_transaction()
         before = self._conn.total_changes
-        self._conn.executemany("INSERT OR IGNORE INTO blocks (id, sealed) VALUES (?, ?)", blocks)
+        self._conn.executemany(
+            "INSERT OR IGNORE INTO blocks (id, sealed, base) VALUES (?, ?, ?)",
+            ((bid, sealed, patch_base(sealed)) for bid, sealed in blocks),
+        )
         return self._conn.total_changes - before
+
+    def patch_bases(self) -> dict[bytes, bytes]:
+        """{patch id: the id of the block it is written over} for every patch held."""
+        with self._lock:
+            return {
+                bytes(pid): bytes(base)
+                for pid, base in self._conn.execute(
+                    "SELECT id, base FROM blocks WHERE base IS NOT NULL"
+                )
+            }
 
     def get_block(self, block_id: bytes) -> bytes | None:
         with self._lock:

@@ -1,0 +1,188 @@
+"""Patches: a small write into a stored block is kept as the bytes it changed
+over the whole block under it (`peer.sealing.Patch`), not as the block sealed
+again. Real nodes in one process, real SQLite, real HTTP on loopback for the
+peer that fetches them; forged patches are sealed with the volume's own keys,
+as a member gone bad could."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from crdt.ops import BLOCK_SIZE
+from peer.errors import CorruptBlock
+from peer.keys import VolumeKeys
+from peer.node import Node
+from peer.sealing import MAX_PATCH_BYTES, Patch, open_sealed, seal_block, seal_patch
+from peer.storage.blocks import Blocks
+from tests.peer.test_gc import current_blocks, make_node, rewrite, serving
+from tests.peer.test_sync import CALLER, link, read_file, wait_until, write_file
+
+SIZE = 3 * BLOCK_SIZE + 1000
+
+
+def write_at(node: Node, name: bytes, offset: int, data: bytes) -> None:
+    """Write `data` at `offset` of an existing file and close it (a new version)."""
+    vol = node.volume
+    fh = vol.open(vol.lookup(1, name).inode, os.O_RDWR, CALLER)
+    vol.write(fh, offset, data)
+    vol.release(fh)
+
+
+def test_a_small_write_into_a_large_file_stores_a_patch_not_the_block(
+    tmp_path: Path, keys: VolumeKeys
+) -> None:
+    a = make_node(tmp_path, "a", keys)
+    try:
+        content = bytearray(os.urandom(SIZE))
+        write_file(a, b"f", bytes(content))
+        before = a.store.stats()
+        change = os.urandom(4096)
+        write_at(a, b"f", BLOCK_SIZE + 5000, change)
+        content[BLOCK_SIZE + 5000 : BLOCK_SIZE + 5000 + 4096] = change
+        after = a.store.stats()
+        assert after.blocks == before.blocks + 1
+        # A sealed 4 KiB patch is ~8 KiB (its size class); the block was 128 KiB.
+        assert after.block_bytes - before.block_bytes <= 8192 + 100
+        assert read_file(a, b"f") == bytes(content)
+        # Its base is the old block 1, which the file's new version no longer names.
+        bases = a.store.patch_bases()
+        assert len(bases) == 1
+        ((patch, base),) = bases.items()
+        assert patch in current_blocks(a, b"f")
+        assert base not in current_blocks(a, b"f")
+    finally:
+        a.close()
+    # A restarted node (nothing cached) reads the same bytes.
+    a = make_node(tmp_path, "a", keys)
+    try:
+        assert read_file(a, b"f") == bytes(content)
+    finally:
+        a.close()
+
+
+def test_patches_stay_one_deep_and_every_write_reads_back(tmp_path: Path, keys: VolumeKeys) -> None:
+    a = make_node(tmp_path, "a", keys, keep_history_s=3600)
+    try:
+        content = bytearray(os.urandom(SIZE))
+        write_file(a, b"f", bytes(content))
+        rng = random.Random(7)
+        for i in range(40):
+            offset = rng.randrange(SIZE - 3000)
+            data = os.urandom(rng.choice([1, 700, 3000]))
+            write_at(a, b"f", offset, data)
+            content[offset : offset + len(data)] = data
+            if i % 10 == 9:
+                a.close()  # forgets which blocks are patches: learnt again when read
+                a = make_node(tmp_path, "a", keys, keep_history_s=3600)
+            assert read_file(a, b"f") == bytes(content)
+        # Every patch stands on a whole block, never on another patch, and the
+        # changed bytes of each stay under the bound (else the block is whole).
+        bases = a.store.patch_bases()
+        assert bases
+        assert not set(bases.values()) & set(bases)
+        for bid in bases:
+            sealed = a.store.get_block(bid)
+            assert sealed is not None
+            patch = open_sealed(keys, bid, sealed)
+            assert isinstance(patch, Patch)
+            assert patch.depth == 1
+            assert patch.changed() <= MAX_PATCH_BYTES
+    finally:
+        a.close()
+
+
+def test_a_patch_keeps_its_base_until_a_whole_rewrite_frees_both(
+    tmp_path: Path, keys: VolumeKeys
+) -> None:
+    a = make_node(tmp_path, "a", keys)  # no history kept: only what the file reads
+    try:
+        write_file(a, b"f", os.urandom(SIZE))
+        write_at(a, b"f", 10, b"small")
+        result = a.collector.collect()
+        assert result.blocks_freed == 0  # the old block 0 is the patch's base
+        assert a.store.stats().blocks == 5
+        latest = os.urandom(SIZE)
+        rewrite(a, b"f", latest)
+        result = a.collector.collect()
+        assert result.blocks_freed == 5  # four old blocks and the patch
+        assert a.store.patch_bases() == {}
+        assert read_file(a, b"f") == latest
+    finally:
+        a.close()
+
+
+@pytest.mark.asyncio
+async def test_a_fresh_peer_fetches_a_patch_and_the_block_under_it(
+    tmp_path: Path, keys: VolumeKeys
+) -> None:
+    a = make_node(tmp_path, "a", keys)
+    async with contextlib.AsyncExitStack() as stack:
+        sa = await stack.enter_async_context(serving(a))
+        content = bytearray(os.urandom(SIZE))
+        write_file(a, b"f", bytes(content))
+        write_at(a, b"f", 2 * BLOCK_SIZE + 1, b"patched")
+        content[2 * BLOCK_SIZE + 1 : 2 * BLOCK_SIZE + 8] = b"patched"
+        a.collector.collect()
+        ((patch, base),) = a.store.patch_bases().items()
+
+        d = make_node(tmp_path, "d", keys)
+        sd = await stack.enter_async_context(serving(d))
+        link(sd, sa)
+        await wait_until(lambda: a.journal.vv == d.journal.vv, "D to hold every op")
+        await wait_until(lambda: len(d.store.has_blocks([patch, base])) == 2, "D to hold both")
+        assert d.store.patch_bases() == {patch: base}
+        assert read_file(d, b"f") == bytes(content)
+
+
+def _store_raw(node: Node, pairs: list[tuple[bytes, bytes]]) -> None:
+    with node.store.transaction():
+        node.store.put_blocks(pairs)
+
+
+def test_forged_patches_do_not_open(
+    tmp_path: Path, keys: VolumeKeys, expect_logs: Callable[..., None]
+) -> None:
+    """A member with the keys can seal anything: a chain that loops, a patch
+    deeper than its base allows, a range outside the block, or a header that
+    names another base than the patch does. Each is a corrupt block (and is
+    removed), never a hang or wrong bytes."""
+    expect_logs(r"corrupt block id=\w+: removed from the store", level=logging.ERROR)
+    a = make_node(tmp_path, "a", keys)
+    try:
+        blocks = Blocks(a.store, keys)
+        whole_id, whole = seal_block(keys, os.urandom(1000))
+        x, y = os.urandom(32), os.urandom(32)
+        # A loop: x over y, y over x (ids chosen, as a forger could store them).
+        _, px = seal_patch(keys, Patch(y, 1, 10, ((0, b"a"),)))
+        _, py = seal_patch(keys, Patch(x, 1, 10, ((0, b"b"),)))
+        _store_raw(a, [(whole_id, whole), (x, px), (y, py)])
+        with pytest.raises(CorruptBlock):
+            blocks.get(x)
+        # Depth 2 over a whole block (depth 0).
+        deep_id, deep = seal_patch(keys, Patch(whole_id, 2, 1000, ((0, b"c"),)))
+        _store_raw(a, [(deep_id, deep)])
+        with pytest.raises(CorruptBlock, match="its base is at depth 0"):
+            blocks.get(deep_id)
+        assert not a.store.has_blocks([deep_id]), "the forged patch stays in the store"
+        # A range past the block's length.
+        out_id, out = seal_patch(keys, Patch(whole_id, 1, 10, ((8, b"xyz"),)))
+        with pytest.raises(CorruptBlock, match="outside the block"):
+            open_sealed(keys, out_id, out)
+        # The header names another base than the sealed patch does.
+        good_id, good = seal_patch(keys, Patch(whole_id, 1, 1000, ((0, b"d"),)))
+        swapped = good[:1] + os.urandom(32) + good[33:]
+        with pytest.raises(CorruptBlock, match="another base"):
+            open_sealed(keys, good_id, swapped)
+        # A patch's id is not a block's id of the same bytes: neither passes for the other.
+        with pytest.raises(CorruptBlock):
+            open_sealed(keys, whole_id, good)
+        assert open_sealed(keys, good_id, good) == Patch(whole_id, 1, 1000, ((0, b"d"),))
+    finally:
+        a.close()
