@@ -114,6 +114,13 @@ _WANTED_SCHEMA = """CREATE TABLE IF NOT EXISTS wanted_blocks (
 ) WITHOUT ROWID"""
 
 
+# The patches held and their bases (`patch_bases`), read without the blocks:
+# `base` comes after the sealed bytes in a row, so reading it from the table
+# would walk every block's overflow pages, the whole store, at each collection.
+_PATCHES_INDEX = """CREATE INDEX IF NOT EXISTS blocks_patches ON blocks (base, id)
+    WHERE base IS NOT NULL"""
+
+
 @dataclass(frozen=True, slots=True)
 class StoreStats:
     """A snapshot of the store's size, for `status`."""
@@ -239,7 +246,7 @@ class Store:
             if "meta" not in tables:
                 if tables - {"sqlite_sequence"}:
                     raise CorruptStore(path=self.path, detail="it is not a dfs-peer store")
-                for statement in (*_SCHEMA, _WANTED_SCHEMA):
+                for statement in (*_SCHEMA, _WANTED_SCHEMA, _PATCHES_INDEX):
                     self._conn.execute(statement)
                 self.set_meta("schema_version", str(SCHEMA_VERSION).encode())
                 self._conn.execute(
@@ -268,6 +275,7 @@ class Store:
             columns = {row[1] for row in self._conn.execute("PRAGMA table_info(blocks)")}
             if "base" not in columns:
                 self._conn.execute("ALTER TABLE blocks ADD COLUMN base BLOB")
+            self._conn.execute(_PATCHES_INDEX)
         if version < 2:
             self._migrate_to_incremental_vacuum()
         if version < 3:

@@ -324,3 +324,33 @@ def test_a_store_made_with_large_pages_keeps_them_and_its_wal_stays_4_mib(tmp_pa
         assert pragma("PRAGMA page_size").fetchone() == (4096,)
         assert pragma("PRAGMA wal_autocheckpoint").fetchone() == (1024,)
         assert pragma("PRAGMA journal_size_limit").fetchone() == (4 << 20,)
+
+
+def test_patch_bases_are_read_from_an_index_not_from_the_blocks(store: Store) -> None:
+    whole, patch = b"w" * 32, b"p" * 32
+    with store.transaction():
+        store.put_blocks([(whole, b"\x02" + bytes(5000)), (patch, b"\x05" + whole + bytes(900))])
+    assert store.patch_bases() == {patch: whole}
+    # `base` comes after the sealed bytes in a row: a scan of the table would
+    # walk every block's overflow pages at each collection.
+    plan = store._conn.execute(
+        "EXPLAIN QUERY PLAN SELECT id, base FROM blocks WHERE base IS NOT NULL"
+    ).fetchall()
+    assert "COVERING INDEX blocks_patches" in plan[0][3]
+
+
+def test_a_store_made_before_patches_gets_their_column_at_its_next_open(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with Store.open(path) as store, store.transaction():
+        store.put_blocks([(b"w" * 32, b"\x02" + bytes(100))])
+    # What a store made before patches looked like: no `base`, no index.
+    conn = sqlite3.connect(path)
+    conn.execute("DROP INDEX blocks_patches")
+    conn.execute("ALTER TABLE blocks DROP COLUMN base")
+    conn.commit()
+    conn.close()
+    with Store.open(path) as store:
+        assert store.get_block(b"w" * 32) == b"\x02" + bytes(100)
+        with store.transaction():
+            store.put_blocks([(b"p" * 32, b"\x05" + b"w" * 32 + bytes(50))])
+        assert store.patch_bases() == {b"p" * 32: b"w" * 32}
