@@ -27,8 +27,14 @@ log = logging.getLogger("peer.blocks")
 CACHE_BYTES = 64 * 1024 * 1024
 
 
-# Blocks whose shape is remembered (`Blocks.shape`), ~200 bytes each.
-_SHAPES_KEPT = 1 << 16
+# Blocks whose shape is remembered (`Blocks.shape`), ~100 bytes each for a
+# whole block, a few hundred for a patch: a few MiB at most.
+_SHAPES_KEPT = 1 << 15
+# What `Blocks` knows of a block: None for a whole one, (depth, base, spans
+# written) for a patch.
+_Shape = tuple[int, bytes, tuple[tuple[int, int], ...]] | None
+_UNKNOWN: _Shape = (-1, b"", ())
+
 # From this many blocks on, `Blocks.seal` uses the thread pool.
 _PARALLEL_MIN = 4
 _pool: ThreadPoolExecutor | None = None
@@ -104,8 +110,8 @@ class Blocks:
         self._store = store
         self._keys = keys
         self.cache = cache if cache is not None else BlockCache()
-        # bid -> (depth, base or itself, spans written over it): see `shape`.
-        self._shapes: dict[bytes, tuple[int, bytes, tuple[tuple[int, int], ...]]] = {}
+        # bid -> its `_Shape`: see `shape`.
+        self._shapes: dict[bytes, _Shape] = {}
 
     def seal(self, plaintexts: Iterable[bytes]) -> list[tuple[bytes, bytes]]:
         """(id, sealed) for each plaintext; the plaintexts enter the cache.
@@ -135,8 +141,10 @@ class Blocks:
         patch over one; None if it stands on more, or is not known here (not
         sealed or read since the node started). A new patch is made over the
         whole block with the ranges of both, so chains do not grow."""
-        shape = self._shapes.get(bid)
-        if shape is None or shape[0] > 1:
+        shape = self._shapes.get(bid, _UNKNOWN)
+        if shape is None:
+            return bid, ()
+        if shape is _UNKNOWN or shape[0] > 1:
             return None
         return shape[1], shape[2]
 
@@ -144,7 +152,7 @@ class Blocks:
         if len(self._shapes) >= _SHAPES_KEPT:
             self._shapes.clear()  # forgotten ones are learnt again when read
         if patch is None:
-            self._shapes[bid] = (0, bid, ())
+            self._shapes[bid] = None
         else:
             spans = tuple((o, o + len(d)) for o, d in patch.ranges)
             self._shapes[bid] = (patch.depth, patch.base, spans)
@@ -186,11 +194,11 @@ class Blocks:
         opened the same way); a patch must stand below `below` patches, so a
         chain, even a forged circular one, ends within `MAX_PATCH_DEPTH` steps.
         `cache=False` (on a worker thread): the cache, the loop's, is not touched."""
-        shape = self._shapes.get(bid)
-        if shape is not None and cache:
+        shape = self._shapes.get(bid, _UNKNOWN)
+        if shape is not _UNKNOWN and cache:
             cached = self.cache.get(bid)
             if cached is not None:
-                return cached, shape[0]
+                return cached, 0 if shape is None else shape[0]
         sealed = self._store.get_block(bid)
         if sealed is None:
             raise MissingBlock(bid)
