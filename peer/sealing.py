@@ -229,6 +229,20 @@ def seal_patch(keys: VolumeKeys, patch: Patch) -> tuple[bytes, bytes]:
     return pid, bytes([PATCH_VERSION]) + patch.base + _seal_padded(keys, pid, plaintext)
 
 
+def whole_block_length(sealed_length: int, version: int) -> int | None:
+    """BLOCK_SIZE if a block sealed in `version` that long holds a full block
+    (a full block is padded by its marker byte only), else None (shorter
+    blocks hide their length in their size class; a patch is not a block)."""
+    overhead = {
+        SEAL_VERSION: OVERHEAD,
+        PADDED_VERSION: OVERHEAD + 1,
+        EPOCH_BLOCK_VERSION: OVERHEAD + EPOCH_ID_BYTES + 1,
+    }.get(version)
+    if overhead is not None and sealed_length - overhead == BLOCK_SIZE:
+        return BLOCK_SIZE
+    return None
+
+
 def patch_base(sealed: bytes) -> bytes | None:
     """The base a sealed patch names in front (unchecked), or None for a block."""
     if sealed[:1] == bytes([PATCH_VERSION]) and len(sealed) > 1 + BLOCK_ID_BYTES:

@@ -29,7 +29,7 @@ from fuse.errors import (
 from fuse.protocol import Attrs, Caller
 from peer.errors import CorruptBlock
 from peer.sealing import MAX_PATCH_BYTES, Patch
-from peer.storage.blocks import Blocks, MissingBlock
+from peer.storage.blocks import Blocks, MissingBlock, Shape
 from peer.storage.journal import Journal
 from peer.storage.store import Store
 
@@ -66,9 +66,27 @@ class _Dirty:
     # (the whole block under it, the [start, end) ranges that differ from that
     # one)}, flushed as a patch (`_patch_of`) when few bytes differ.
     patchable: dict[int, tuple[bytes, list[tuple[int, int]]]] = field(default_factory=dict)
+    # Blocks written into but not read (`_Sparse`): a write inside a stored
+    # block does not open it, unless a read, a truncate or a flush as a whole
+    # block needs its bytes (`Files._materialize`).
+    sparse: dict[int, _Sparse] = field(default_factory=dict)
 
     def bytes(self) -> int:
-        return sum(len(b) for b in self.blocks.values())
+        return sum(len(b) for b in self.blocks.values()) + sum(
+            sparse.written for sparse in self.sparse.values()
+        )
+
+
+@dataclass(slots=True)
+class _Sparse:
+    """Writes inside block `bid` (a whole block or a patch over `shape.root`)
+    of `length` bytes as read, kept without opening it."""
+
+    bid: bytes
+    shape: Shape
+    length: int
+    writes: list[tuple[int, bytes]] = field(default_factory=list)
+    written: int = 0
 
 
 @dataclass(slots=True)
@@ -222,7 +240,9 @@ class Files:
             index, skip = divmod(pos, BLOCK_SIZE)
             take = min(BLOCK_SIZE - skip, end - pos)
             data: bytes | bytearray
-            if dirty is not None and index in dirty.blocks:
+            if dirty is not None and index in dirty.sparse:
+                data = self._materialize(dirty, index)
+            elif dirty is not None and index in dirty.blocks:
                 data = dirty.blocks[index]
             elif dirty is not None and (
                 index in dirty.holes or (dirty.truncated and index >= blocks_for(dirty.size))
@@ -247,6 +267,8 @@ class Files:
         return dirty
 
     def _load_block(self, dirty: _Dirty, index: int) -> bytearray:
+        if index in dirty.sparse:
+            return self._materialize(dirty, index)
         block = dirty.blocks.get(index)
         if block is None:
             if index in dirty.holes or (dirty.truncated and index >= blocks_for(dirty.size)):
@@ -257,11 +279,47 @@ class Files:
                 bid = self.replica.block_map(dirty.base).get(index) if dirty.base else None
                 shape = self.blocks.shape(bid) if bid is not None else None
                 if shape is not None:
-                    dirty.patchable[index] = (shape[0], list(shape[1]))
+                    dirty.patchable[index] = (shape.root, list(shape.spans))
             # bytes past the file's end inside the last block read as zeros
             limit = max(0, dirty.size - index * BLOCK_SIZE)
             del block[limit:]
             dirty.blocks[index] = block
+        return block
+
+    def _sparse_for(self, dirty: _Dirty, index: int, skip: int, take: int) -> _Sparse | None:
+        """Where a write of [skip, skip + take) into block `index` can go
+        without opening the block: a block not read or written yet, stored and
+        known here (`Blocks.shape`), that the write stays inside; else None."""
+        sparse = dirty.sparse.get(index)
+        if sparse is None:
+            if index in dirty.blocks or dirty.base is None or index in dirty.holes:
+                return None
+            if dirty.truncated and index >= blocks_for(dirty.size):
+                return None
+            bid = self.replica.block_map(dirty.base).get(index)
+            shape = self.blocks.shape(bid) if bid is not None else None
+            if bid is None or shape is None:
+                return None
+            length = min(shape.length, max(0, dirty.size - index * BLOCK_SIZE))
+            if skip + take > length:
+                return None
+            sparse = dirty.sparse[index] = _Sparse(bid, shape, length)
+        elif skip + take > sparse.length:
+            return None
+        return sparse
+
+    def _materialize(self, dirty: _Dirty, index: int) -> bytearray:
+        """Block `index` read and its sparse writes applied: a whole dirty block
+        from now on (still flushed as a patch if few bytes differ)."""
+        sparse = dirty.sparse[index]
+        block = bytearray(self._stored_block(dirty.base, index))
+        del block[sparse.length :]
+        for offset, data in sparse.writes:
+            block[offset : offset + len(data)] = data
+        del dirty.sparse[index]
+        spans = list(sparse.shape.spans) + [(o, o + len(d)) for o, d in sparse.writes]
+        dirty.patchable[index] = (sparse.shape.root, spans)
+        dirty.blocks[index] = block
         return block
 
     def write(self, fh: int, offset: int, data: bytes) -> int:
@@ -282,6 +340,13 @@ class Files:
         while pos < len(data):
             index, skip = divmod(offset + pos, BLOCK_SIZE)
             take = min(BLOCK_SIZE - skip, len(data) - pos)
+            sparse = self._sparse_for(dirty, index, skip, take)
+            if sparse is not None:
+                sparse.writes.append((skip, bytes(data[pos : pos + take])))
+                sparse.written += take
+                dirty.changed.add(index)
+                pos += take
+                continue
             block = self._load_block(dirty, index)
             if len(block) < skip:
                 block.extend(bytes(skip - len(block)))
@@ -302,6 +367,9 @@ class Files:
         dirty = self._dirty_for(entry)
         if size < dirty.size:
             keep = blocks_for(size)
+            for index in [i for i in dirty.sparse if i >= keep]:
+                del dirty.sparse[index]
+                dirty.changed.discard(index)
             for index in [i for i in dirty.blocks if i >= keep]:
                 del dirty.blocks[index]
                 dirty.changed.discard(index)
@@ -358,6 +426,7 @@ class Files:
                 continue
             if lo == first and hi == min(first + BLOCK_SIZE, dirty.size):
                 dirty.blocks.pop(index, None)
+                dirty.sparse.pop(index, None)
                 dirty.holes.add(index)
             else:
                 block = self._load_block(dirty, index)
@@ -380,6 +449,12 @@ class Files:
         whole: list[int] = []
         patches: list[tuple[int, Patch]] = []
         for i in sorted(dirty.changed - dirty.holes):
+            if i in dirty.sparse:
+                patch = self._sparse_patch(dirty.sparse[i])
+                if patch is not None:
+                    patches.append((i, patch))
+                    continue
+                self._materialize(dirty, i)
             patch = self._patch_of(dirty, i)
             if patch is None:
                 whole.append(i)
@@ -390,7 +465,10 @@ class Files:
             (i, bid) for i, (bid, _) in zip(whole, sealed, strict=True)
         ]
         for i, patch in patches:
-            pid, sealed_patch = self.blocks.seal_patch(patch, bytes(dirty.blocks[i]))
+            block = dirty.blocks.get(i)
+            pid, sealed_patch = self.blocks.seal_patch(
+                patch, bytes(block) if block is not None else None
+            )
             pairs.append((i, pid))
             sealed.append((pid, sealed_patch))
         pairs = sorted(pairs + [(i, None) for i in dirty.holes])
@@ -427,18 +505,37 @@ class Files:
         if patchable is None:
             return None
         base, written = patchable
-        merged: list[list[int]] = []
-        for start, end in sorted(written):
-            if merged and start <= merged[-1][1]:
-                merged[-1][1] = max(merged[-1][1], end)
-            else:
-                merged.append([start, end])
+        merged = _merge(written)
         block = dirty.blocks[index]
         changed = sum(end - start for start, end in merged)
         if changed > MAX_PATCH_BYTES or 2 * changed > len(block):
             return None  # the block itself is as small: it frees its base
         ranges = tuple((start, bytes(block[start:end])) for start, end in merged)
         return Patch(base, 1, len(block), ranges)
+
+    def _sparse_patch(self, sparse: _Sparse) -> Patch | None:
+        """`_patch_of` for a block written without being read: the earlier
+        patch's bytes (if it was one) and the writes over them, taken from the
+        small patch itself, not from its 128 KiB base; None if too much
+        differs, or the earlier patch does not open (then the block is read)."""
+        buf = bytearray(sparse.length)
+        spans = [(o, o + len(d)) for o, d in sparse.writes]
+        if sparse.shape.spans:
+            old = self.blocks.patch(sparse.bid)
+            if old is None:
+                return None
+            for offset, data in old.ranges:
+                piece = data[: max(0, sparse.length - offset)]
+                buf[offset : offset + len(piece)] = piece
+                spans.append((offset, offset + len(piece)))
+        for offset, data in sparse.writes:
+            buf[offset : offset + len(data)] = data
+        merged = _merge(spans)
+        changed = sum(end - start for start, end in merged)
+        if changed > MAX_PATCH_BYTES or 2 * changed > sparse.length:
+            return None
+        ranges = tuple((start, bytes(buf[start:end])) for start, end in merged if end > start)
+        return Patch(sparse.shape.root, 1, sparse.length, ranges)
 
     def _size_of_base(self, dirty: _Dirty) -> int:
         return self.replica.version_size(dirty.base) if dirty.base is not None else 0
@@ -485,3 +582,14 @@ class Files:
                 lost += 1
                 lost_bytes += size
         return lost, lost_bytes
+
+
+def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """[start, end) spans sorted, overlapping or touching ones joined."""
+    merged: list[list[int]] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(start, end) for start, end in merged]

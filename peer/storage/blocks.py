@@ -17,7 +17,15 @@ from functools import partial
 
 from peer.errors import CorruptBlock
 from peer.keys import VolumeKeys
-from peer.sealing import MAX_PATCH_DEPTH, Patch, open_sealed, seal_block, seal_patch
+from peer.sealing import (
+    MAX_PATCH_DEPTH,
+    PATCH_VERSION,
+    Patch,
+    open_sealed,
+    seal_block,
+    seal_patch,
+    whole_block_length,
+)
 from peer.storage.store import Store
 
 log = logging.getLogger("peer.blocks")
@@ -30,10 +38,20 @@ CACHE_BYTES = 64 * 1024 * 1024
 # Blocks whose shape is remembered (`Blocks.shape`), ~100 bytes each for a
 # whole block, a few hundred for a patch: a few MiB at most.
 _SHAPES_KEPT = 1 << 15
-# What `Blocks` knows of a block: None for a whole one, (depth, base, spans
-# written) for a patch.
-_Shape = tuple[int, bytes, tuple[tuple[int, int], ...]] | None
-_UNKNOWN: _Shape = (-1, b"", ())
+# What `Blocks` remembers of a block: its length for a whole one, (depth,
+# base, length, spans written) for a patch.
+_Known = int | tuple[int, bytes, int, tuple[tuple[int, int], ...]]
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """A block as a whole block (`root`) with `spans` ([start, end) ranges)
+    written over it (none: it is that whole block), `length` bytes long."""
+
+    root: bytes
+    length: int
+    spans: tuple[tuple[int, int], ...]
+
 
 # From this many blocks on, `Blocks.seal` uses the thread pool.
 _PARALLEL_MIN = 4
@@ -111,7 +129,7 @@ class Blocks:
         self._keys = keys
         self.cache = cache if cache is not None else BlockCache()
         # bid -> its `_Shape`: see `shape`.
-        self._shapes: dict[bytes, _Shape] = {}
+        self._shapes: dict[bytes, _Known] = {}
 
     def seal(self, plaintexts: Iterable[bytes]) -> list[tuple[bytes, bytes]]:
         """(id, sealed) for each plaintext; the plaintexts enter the cache.
@@ -125,37 +143,72 @@ class Blocks:
             out = list(_sealers().map(partial(seal_block, self._keys), data))
         for d, (bid, _) in zip(data, out, strict=True):
             self.cache.put(bid, d)
-            self._note(bid, None)
+            self._note(bid, None, len(d))
         return out
 
-    def seal_patch(self, patch: Patch, plaintext: bytes) -> tuple[bytes, bytes]:
-        """(id, sealed) of `patch`, whose block reads `plaintext` (cached)."""
+    def seal_patch(self, patch: Patch, plaintext: bytes | None) -> tuple[bytes, bytes]:
+        """(id, sealed) of `patch`, whose block reads `plaintext` (cached, if given)."""
         pid, sealed = seal_patch(self._keys, patch)
-        self.cache.put(pid, plaintext)
-        self._note(pid, patch)
+        if plaintext is not None:
+            self.cache.put(pid, plaintext)
+        self._note(pid, patch, patch.length)
         return pid, sealed
 
-    def shape(self, bid: bytes) -> tuple[bytes, tuple[tuple[int, int], ...]] | None:
-        """(whole block, [start, end) ranges written over it) for `bid`: itself
-        and none if it is a whole block, its base and its ranges if it is a
-        patch over one; None if it stands on more, or is not known here (not
-        sealed or read since the node started). A new patch is made over the
-        whole block with the ranges of both, so chains do not grow."""
-        shape = self._shapes.get(bid, _UNKNOWN)
+    def shape(self, bid: bytes) -> Shape | None:
+        """What `bid` is, if known here (sealed or read since the node started)
+        and a whole block or a patch over one; None otherwise (deeper, or not
+        known). A new patch is made over that whole block with the ranges of
+        both, so chains do not grow."""
+        shape = self._shapes.get(bid)
         if shape is None:
-            return bid, ()
-        if shape is _UNKNOWN or shape[0] > 1:
-            return None
-        return shape[1], shape[2]
+            shape = self._learn_shape(bid)
+            if shape is None:
+                return None
+        if isinstance(shape, int):
+            return Shape(bid, shape, ())
+        depth, base, length, spans = shape
+        return Shape(base, length, spans) if depth == 1 else None
 
-    def _note(self, bid: bytes, patch: Patch | None) -> None:
+    def _learn_shape(self, bid: bytes) -> _Known | None:
+        """What `bid` is, without opening a whole block: a full one shows in
+        its sealed length (a database's pages, a disk image's blocks after a
+        restart); a patch is opened (a few KiB). None if neither."""
+        header = self._store.block_header(bid)
+        if header is None:
+            return None
+        length, version = header
+        if version == PATCH_VERSION:
+            patch = self.patch(bid)
+            if patch is None:
+                return None
+            self._note(bid, patch, patch.length)
+        else:
+            full = whole_block_length(length, version)
+            if full is None:
+                return None
+            self._note(bid, None, full)
+        return self._shapes.get(bid)
+
+    def patch(self, bid: bytes) -> Patch | None:
+        """The patch `bid` is, opened (not applied); None if it is not one or
+        does not open (a read of its block then says what is wrong)."""
+        sealed = self._store.get_block(bid)
+        if sealed is None:
+            return None
+        try:
+            opened = open_sealed(self._keys, bid, sealed, check_id=False)
+        except CorruptBlock:
+            return None
+        return opened if isinstance(opened, Patch) else None
+
+    def _note(self, bid: bytes, patch: Patch | None, length: int) -> None:
         if len(self._shapes) >= _SHAPES_KEPT:
             self._shapes.clear()  # forgotten ones are learnt again when read
         if patch is None:
-            self._shapes[bid] = None
+            self._shapes[bid] = length
         else:
             spans = tuple((o, o + len(d)) for o, d in patch.ranges)
-            self._shapes[bid] = (patch.depth, patch.base, spans)
+            self._shapes[bid] = (patch.depth, patch.base, patch.length, spans)
 
     def cached(self, bid: bytes) -> bool:
         """Whether `bid`'s plaintext is in the cache (no hit or miss counted)."""
@@ -194,11 +247,11 @@ class Blocks:
         opened the same way); a patch must stand below `below` patches, so a
         chain, even a forged circular one, ends within `MAX_PATCH_DEPTH` steps.
         `cache=False` (on a worker thread): the cache, the loop's, is not touched."""
-        shape = self._shapes.get(bid, _UNKNOWN)
-        if shape is not _UNKNOWN and cache:
+        shape = self._shapes.get(bid)
+        if shape is not None and cache:
             cached = self.cache.get(bid)
             if cached is not None:
-                return cached, 0 if shape is None else shape[0]
+                return cached, 0 if isinstance(shape, int) else shape[0]
         sealed = self._store.get_block(bid)
         if sealed is None:
             raise MissingBlock(bid)
@@ -210,7 +263,7 @@ class Blocks:
         except CorruptBlock as exc:
             raise CorruptBlock(str(exc), bid) from exc
         if isinstance(opened, bytes):
-            self._note(bid, None)
+            self._note(bid, None, len(opened))
             return opened, 0
         if opened.depth >= below:
             raise CorruptBlock(f"patch {bid.hex()}: depth {opened.depth} in a chain", bid)
@@ -218,7 +271,7 @@ class Blocks:
         if base_depth != opened.depth - 1:
             raise CorruptBlock(f"patch {bid.hex()}: its base is at depth {base_depth}", bid)
         data = opened.apply(base)
-        self._note(bid, opened)
+        self._note(bid, opened, opened.length)
         if cache:
             self.cache.put(bid, data)
         return data, opened.depth

@@ -522,6 +522,18 @@ class Store:
         )
         return self._conn.total_changes - before
 
+    def block_header(self, block_id: bytes) -> tuple[int, int] | None:
+        """(sealed length, format version byte) of a block, read without its
+        bytes (SQLite knows a blob's length from the row's header)."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT length(sealed), substr(sealed, 1, 1) FROM blocks WHERE id = ?",
+                (block_id,),
+            ).fetchone()
+        if row is None or not row[1]:
+            return None
+        return int(row[0]), bytes(row[1])[0]
+
     def patch_bases(self) -> dict[bytes, bytes]:
         """{patch id: the id of the block it is written over} for every patch held."""
         with self._lock:

@@ -19,7 +19,14 @@ from crdt.ops import BLOCK_SIZE
 from peer.errors import CorruptBlock
 from peer.keys import VolumeKeys
 from peer.node import Node
-from peer.sealing import MAX_PATCH_BYTES, Patch, open_sealed, seal_block, seal_patch
+from peer.sealing import (
+    MAX_PATCH_BYTES,
+    Patch,
+    open_sealed,
+    seal_block,
+    seal_patch,
+    whole_block_length,
+)
 from peer.storage.blocks import Blocks
 from tests.peer.test_gc import current_blocks, make_node, rewrite, serving
 from tests.peer.test_sync import CALLER, link, read_file, wait_until, write_file
@@ -186,3 +193,86 @@ def test_forged_patches_do_not_open(
         assert open_sealed(keys, good_id, good) == Patch(whole_id, 1, 1000, ((0, b"d"),))
     finally:
         a.close()
+
+
+def test_writes_truncates_and_reads_in_any_order_match_a_plain_buffer(
+    tmp_path: Path, keys: VolumeKeys
+) -> None:
+    """Small writes (kept as patches, or unread as sparse writes until a read,
+    a truncate or a flush needs the block), large ones, truncates both ways,
+    reads, flushes and restarts, against a bytearray doing the same."""
+    rng = random.Random(11)
+    a = make_node(tmp_path, "a", keys, keep_history_s=3600)
+    ref = bytearray(os.urandom(SIZE))
+    write_file(a, b"f", bytes(ref))
+    vol = a.volume
+    fh = vol.open(vol.lookup(1, b"f").inode, os.O_RDWR, CALLER)
+    try:
+        for step in range(600):
+            roll = rng.random()
+            if roll < 0.55:
+                offset = rng.randrange(len(ref) + 2000)
+                data = os.urandom(rng.choice([1, 17, 512, 4096, 9000, BLOCK_SIZE + 3]))
+                vol.write(fh, offset, data)
+                if offset > len(ref):
+                    ref.extend(bytes(offset - len(ref)))
+                ref[offset : offset + len(data)] = data
+            elif roll < 0.75:
+                offset = rng.randrange(len(ref) + 10)
+                size = rng.choice([1, 100, 5000, BLOCK_SIZE * 2])
+                assert vol.read(fh, offset, size) == bytes(ref[offset : offset + size]), step
+            elif roll < 0.82:
+                size = rng.randrange(max(1, len(ref) * 2))
+                attrs = vol.lookup(1, b"f")
+                vol.setattr(attrs.inode, size=size, fh=fh, caller=CALLER)
+                ref = ref[:size] + bytes(max(0, size - len(ref)))
+            elif roll < 0.95:
+                vol.flush(fh)
+            else:
+                vol.release(fh)
+                a.close()  # forgets every block's shape: learnt again when read
+                a = make_node(tmp_path, "a", keys, keep_history_s=3600)
+                vol = a.volume
+                fh = vol.open(vol.lookup(1, b"f").inode, os.O_RDWR, CALLER)
+        vol.release(fh)
+        assert read_file(a, b"f") == bytes(ref)
+        assert a.store.patch_bases(), "no write became a patch"
+    finally:
+        a.close()
+    a = make_node(tmp_path, "a", keys)
+    try:
+        assert read_file(a, b"f") == bytes(ref)
+    finally:
+        a.close()
+
+
+def test_after_a_restart_a_small_write_into_a_full_block_does_not_open_it(
+    tmp_path: Path, keys: VolumeKeys
+) -> None:
+    a = make_node(tmp_path, "a", keys)
+    content = bytearray(os.urandom(SIZE))
+    write_file(a, b"f", bytes(content))
+    a.close()
+    a = make_node(tmp_path, "a", keys)  # nothing cached, no block's shape known
+    try:
+        old = current_blocks(a, b"f")
+        write_at(a, b"f", BLOCK_SIZE + 10, b"new bytes")
+        content[BLOCK_SIZE + 10 : BLOCK_SIZE + 19] = b"new bytes"
+        # A full block shows in its sealed length: the write became a patch
+        # over it without decrypting its 128 KiB.
+        assert not any(a.blocks.cached(bid) for bid in old)
+        ((patch, base),) = a.store.patch_bases().items()
+        assert base in old
+        assert patch in current_blocks(a, b"f")
+        assert read_file(a, b"f") == bytes(content)
+    finally:
+        a.close()
+
+
+def test_only_a_full_block_tells_its_length_by_its_sealed_size(keys: VolumeKeys) -> None:
+    full = seal_block(keys, os.urandom(BLOCK_SIZE))[1]
+    short = seal_block(keys, os.urandom(BLOCK_SIZE - 1))[1]
+    patch = seal_patch(keys, Patch(b"w" * 32, 1, BLOCK_SIZE, ((0, b"x"),)))[1]
+    assert whole_block_length(len(full), full[0]) == BLOCK_SIZE
+    assert whole_block_length(len(short), short[0]) is None
+    assert whole_block_length(len(patch), patch[0]) is None
