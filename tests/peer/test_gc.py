@@ -67,12 +67,13 @@ def current_blocks(node: Node, name: bytes) -> set[bytes]:
     return set(node.replica.block_map(view.version).values())
 
 
-def rewrite(node: Node, name: bytes, data: bytes) -> None:
-    """Overwrite an existing file in place with as many bytes (a new version)."""
+def rewrite(node: Node, name: bytes, data: bytes, offset: int = 0) -> None:
+    """Write `data` over an existing file at `offset`, in place, and close it
+    (a new version)."""
     vol = node.volume
     attrs = vol.lookup(ROOT_INODE, name)
     fh = vol.open(attrs.inode, os.O_RDWR, CALLER)
-    vol.write(fh, 0, data)
+    vol.write(fh, offset, data)
     vol.release(fh)
 
 

@@ -35,11 +35,16 @@ SIZE = 3 * BLOCK_SIZE + 1000
 
 
 def write_at(node: Node, name: bytes, offset: int, data: bytes) -> None:
-    """Write `data` at `offset` of an existing file and close it (a new version)."""
-    vol = node.volume
-    fh = vol.open(vol.lookup(1, name).inode, os.O_RDWR, CALLER)
-    vol.write(fh, offset, data)
-    vol.release(fh)
+    rewrite(node, name, data, offset)
+
+
+def reads_after_a_restart(tmp_path: Path, keys: VolumeKeys, content: bytes) -> None:
+    """A restarted node (nothing cached, no block's shape known) reads `content`."""
+    a = make_node(tmp_path, "a", keys)
+    try:
+        assert read_file(a, b"f") == content
+    finally:
+        a.close()
 
 
 def test_a_small_write_into_a_large_file_stores_a_patch_not_the_block(
@@ -66,12 +71,7 @@ def test_a_small_write_into_a_large_file_stores_a_patch_not_the_block(
         assert base not in current_blocks(a, b"f")
     finally:
         a.close()
-    # A restarted node (nothing cached) reads the same bytes.
-    a = make_node(tmp_path, "a", keys)
-    try:
-        assert read_file(a, b"f") == bytes(content)
-    finally:
-        a.close()
+    reads_after_a_restart(tmp_path, keys, bytes(content))
 
 
 def test_patches_stay_one_deep_and_every_write_reads_back(tmp_path: Path, keys: VolumeKeys) -> None:
@@ -239,11 +239,7 @@ def test_writes_truncates_and_reads_in_any_order_match_a_plain_buffer(
         assert a.store.patch_bases(), "no write became a patch"
     finally:
         a.close()
-    a = make_node(tmp_path, "a", keys)
-    try:
-        assert read_file(a, b"f") == bytes(ref)
-    finally:
-        a.close()
+    reads_after_a_restart(tmp_path, keys, bytes(ref))
 
 
 def test_after_a_restart_a_small_write_into_a_full_block_does_not_open_it(
