@@ -254,9 +254,11 @@ def _patch_of(plaintext: bytes, hint: bytes) -> Patch:
     """The patch `plaintext` encodes; `SealError` if it is not a well-formed one."""
     try:
         base, depth, length, ranges = cbor2.loads(plaintext)
-        parsed = tuple((int(o), bytes(d)) for o, d in ranges)
+        parsed = tuple((o, d) for o, d in ranges)
     except (cbor2.CBORDecodeError, ValueError, TypeError) as exc:
         raise SealError(f"malformed patch ({exc})") from exc
+    if not all(type(o) is int and isinstance(d, bytes) for o, d in parsed):
+        raise SealError("a patch range is not an offset and bytes")
     if not (isinstance(base, bytes) and base == hint):
         raise SealError("the patch names another base than its header")
     if not (isinstance(depth, int) and 1 <= depth <= MAX_PATCH_DEPTH):

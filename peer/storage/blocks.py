@@ -128,7 +128,7 @@ class Blocks:
         self._store = store
         self._keys = keys
         self.cache = cache if cache is not None else BlockCache()
-        # bid -> its `_Shape`: see `shape`.
+        # bid -> what is known of it (`_Known`): see `shape`.
         self._shapes: dict[bytes, _Known] = {}
 
     def seal(self, plaintexts: Iterable[bytes]) -> list[tuple[bytes, bytes]]:

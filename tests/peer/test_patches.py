@@ -13,6 +13,7 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
+import cbor2
 import pytest
 
 from crdt.ops import BLOCK_SIZE
@@ -21,8 +22,11 @@ from peer.keys import VolumeKeys
 from peer.node import Node
 from peer.sealing import (
     MAX_PATCH_BYTES,
+    PATCH_VERSION,
     Patch,
+    _seal_padded,
     open_sealed,
+    patch_id,
     seal_block,
     seal_patch,
     whole_block_length,
@@ -182,6 +186,13 @@ def test_forged_patches_do_not_open(
         out_id, out = seal_patch(keys, Patch(whole_id, 1, 10, ((8, b"xyz"),)))
         with pytest.raises(CorruptBlock, match="outside the block"):
             open_sealed(keys, out_id, out)
+        # A range whose bytes are a number (bytes(n) would make n zero bytes).
+        for ranges in ([[0, 10**9]], [[0.5, b"x"]], "no ranges"):
+            plaintext = cbor2.dumps([whole_id, 1, 1000, ranges])
+            pid = patch_id(keys.current, plaintext)
+            forged = bytes([PATCH_VERSION]) + whole_id + _seal_padded(keys, pid, plaintext)
+            with pytest.raises(CorruptBlock, match=r"patch range|malformed patch"):
+                open_sealed(keys, pid, forged)
         # The header names another base than the sealed patch does.
         good_id, good = seal_patch(keys, Patch(whole_id, 1, 1000, ((0, b"d"),)))
         swapped = good[:1] + os.urandom(32) + good[33:]
