@@ -312,8 +312,12 @@ class Files:
         """Block `index` read and its sparse writes applied: a whole dirty block
         from now on (still flushed as a patch if few bytes differ)."""
         sparse = dirty.sparse[index]
-        block = bytearray(self._stored_block(dirty.base, index))
-        del block[sparse.length :]
+        written = _merge([(o, o + len(d)) for o, d in sparse.writes])
+        if written == [(0, sparse.length)]:
+            block = bytearray(sparse.length)  # all of it written over: nothing to read
+        else:
+            block = bytearray(self._stored_block(dirty.base, index))
+            del block[sparse.length :]
         for offset, data in sparse.writes:
             block[offset : offset + len(data)] = data
         del dirty.sparse[index]
@@ -518,8 +522,10 @@ class Files:
         patch's bytes (if it was one) and the writes over them, taken from the
         small patch itself, not from its 128 KiB base; None if too much
         differs, or the earlier patch does not open (then the block is read)."""
-        buf = bytearray(sparse.length)
         spans = [(o, o + len(d)) for o, d in sparse.writes]
+        if _merge(spans) == [(0, sparse.length)]:
+            return None  # written over whole: sealed whole, nothing read
+        buf = bytearray(sparse.length)
         if sparse.shape.spans:
             old = self.blocks.patch(sparse.bid)
             if old is None:

@@ -276,6 +276,28 @@ def test_after_a_restart_a_small_write_into_a_full_block_does_not_open_it(
         a.close()
 
 
+def test_a_block_written_over_whole_in_place_is_not_read(tmp_path: Path, keys: VolumeKeys) -> None:
+    a = make_node(tmp_path, "a", keys)
+    content = bytearray(os.urandom(SIZE))
+    write_file(a, b"f", bytes(content))
+    a.close()
+    a = make_node(tmp_path, "a", keys)
+    try:
+        read: list[bytes] = []
+        get_block = a.store.get_block
+        a.store.get_block = lambda bid: read.append(bid) or get_block(bid)  # type: ignore[method-assign]
+        new = os.urandom(BLOCK_SIZE)
+        write_at(a, b"f", BLOCK_SIZE, new[:1000])  # a patch over block 1, not read
+        write_at(a, b"f", BLOCK_SIZE, new)  # block 1 written over whole: nothing to read
+        content[BLOCK_SIZE : 2 * BLOCK_SIZE] = new
+        ((patch, _),) = a.store.patch_bases().items()
+        assert patch not in current_blocks(a, b"f")  # block 1 is a whole block again
+        assert read == [], "a block written over whole was read"
+        assert read_file(a, b"f") == bytes(content)
+    finally:
+        a.close()
+
+
 def test_only_a_full_block_tells_its_length_by_its_sealed_size(keys: VolumeKeys) -> None:
     full = seal_block(keys, os.urandom(BLOCK_SIZE))[1]
     short = seal_block(keys, os.urandom(BLOCK_SIZE - 1))[1]
