@@ -187,9 +187,10 @@ class Files:
         except (MissingBlock, CorruptBlock) as exc:
             refetch = self.refetch
             if refetch is not None:
-                bad = exc.bid or bid  # a patch's base, perhaps
+                # (For a patch whose base is the one lost, fetching the patch
+                # fetches the base too: `Fetching._fetch`.)
                 log.warning("block %d unreadable here (%s): asking peers for it", index, exc)
-                raise Retry(lambda: refetch(bad)) from exc
+                raise Retry(lambda: refetch(bid)) from exc
             log.error("cannot read block %d: %s", index, exc)
             raise IOFailure() from exc
 
@@ -509,13 +510,8 @@ class Files:
         if patchable is None:
             return None
         base, written = patchable
-        merged = _merge(written)
         block = dirty.blocks[index]
-        changed = sum(end - start for start, end in merged)
-        if changed > MAX_PATCH_BYTES or 2 * changed > len(block):
-            return None  # the block itself is as small: it frees its base
-        ranges = tuple((start, bytes(block[start:end])) for start, end in merged)
-        return Patch(base, 1, len(block), ranges)
+        return _patch_over(base, block, written, len(block))
 
     def _sparse_patch(self, sparse: _Sparse) -> Patch | None:
         """`_patch_of` for a block written without being read: the earlier
@@ -536,12 +532,7 @@ class Files:
                 spans.append((offset, offset + len(piece)))
         for offset, data in sparse.writes:
             buf[offset : offset + len(data)] = data
-        merged = _merge(spans)
-        changed = sum(end - start for start, end in merged)
-        if changed > MAX_PATCH_BYTES or 2 * changed > sparse.length:
-            return None
-        ranges = tuple((start, bytes(buf[start:end])) for start, end in merged if end > start)
-        return Patch(sparse.shape.root, 1, sparse.length, ranges)
+        return _patch_over(sparse.shape.root, buf, spans, sparse.length)
 
     def _size_of_base(self, dirty: _Dirty) -> int:
         return self.replica.version_size(dirty.base) if dirty.base is not None else 0
@@ -588,6 +579,22 @@ class Files:
                 lost += 1
                 lost_bytes += size
         return lost, lost_bytes
+
+
+def _patch_over(
+    root: bytes, content: bytes | bytearray, spans: list[tuple[int, int]], length: int
+) -> Patch | None:
+    """A patch over whole block `root` carrying `content`'s bytes at `spans`
+    for a block of `length` bytes; None if they are more than `MAX_PATCH_BYTES`
+    or half the block (then the block itself is as small, and sealed whole it
+    lets its base go)."""
+    merged = [(start, end) for start, end in _merge(spans) if end > start]
+    changed = sum(end - start for start, end in merged)
+    if changed > MAX_PATCH_BYTES or 2 * changed > length:
+        return None
+    return Patch(
+        root, 1, length, tuple((start, bytes(content[start:end])) for start, end in merged)
+    )
 
 
 def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -69,13 +69,7 @@ def _sealers() -> ThreadPoolExecutor:
 
 
 class MissingBlock(Exception):
-    """A block the merged state references is not in the local store (yet).
-
-    `bid`: the block missing (for a patch, perhaps its base)."""
-
-    def __init__(self, bid: bytes) -> None:
-        super().__init__(bid.hex())
-        self.bid = bid
+    """A block the merged state references is not in the local store (yet)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,7 +248,7 @@ class Blocks:
                 return cached, 0 if isinstance(shape, int) else shape[0]
         sealed = self._store.get_block(bid)
         if sealed is None:
-            raise MissingBlock(bid)
+            raise MissingBlock(bid.hex())
         try:
             # The id is not hashed again: every block and patch was checked when
             # it entered the store (sealed here from its plaintext, or opened in

@@ -17,6 +17,7 @@ import cbor2
 import pytest
 
 from crdt.ops import BLOCK_SIZE
+from fuse.errors import Retry
 from peer.errors import CorruptBlock
 from peer.keys import VolumeKeys
 from peer.node import Node
@@ -31,8 +32,9 @@ from peer.sealing import (
     seal_patch,
     whole_block_length,
 )
-from peer.storage.blocks import Blocks
+from peer.storage.blocks import BlockCache, Blocks
 from tests.peer.test_gc import current_blocks, make_node, rewrite, serving
+from tests.peer.test_lost_blocks import read_range
 from tests.peer.test_sync import CALLER, link, read_file, wait_until, write_file
 
 SIZE = 3 * BLOCK_SIZE + 1000
@@ -130,8 +132,8 @@ def test_a_patch_keeps_its_base_until_a_whole_rewrite_frees_both(
 
 
 @pytest.mark.asyncio
-async def test_a_fresh_peer_fetches_a_patch_and_the_block_under_it(
-    tmp_path: Path, keys: VolumeKeys
+async def test_a_fresh_peer_fetches_a_patch_and_the_block_under_it_and_again_if_it_goes_bad(
+    tmp_path: Path, keys: VolumeKeys, expect_logs: Callable[..., None]
 ) -> None:
     a = make_node(tmp_path, "a", keys)
     async with contextlib.AsyncExitStack() as stack:
@@ -149,6 +151,24 @@ async def test_a_fresh_peer_fetches_a_patch_and_the_block_under_it(
         await wait_until(lambda: a.journal.vv == d.journal.vv, "D to hold every op")
         await wait_until(lambda: len(d.store.has_blocks([patch, base])) == 2, "D to hold both")
         assert d.store.patch_bases() == {patch: base}
+        assert read_file(d, b"f") == bytes(content)
+
+        # The block under D's patch goes bad on disk: a read finds it through
+        # the patch, removes it (not the patch) and asks A for it again.
+        expect_logs(r"corrupt block id=\w+: removed from the store", level=logging.ERROR)
+        expect_logs("unreadable here", logger="peer.volume")
+        sealed = d.store.get_block(base)
+        assert sealed is not None
+        with d.store.transaction():
+            d.store._conn.execute(
+                "UPDATE blocks SET sealed = ? WHERE id = ?",
+                (sealed[:-1] + bytes([sealed[-1] ^ 1]), base),
+            )
+        d.blocks.cache = BlockCache()
+        with pytest.raises(Retry) as caught:
+            read_range(d, b"f", 2 * BLOCK_SIZE, 100)
+        assert await caught.value.wait()
+        assert d.store.get_block(base) == sealed
         assert read_file(d, b"f") == bytes(content)
 
 
