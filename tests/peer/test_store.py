@@ -13,7 +13,7 @@ import pytest
 from crdt.ops import ROOT
 from peer.errors import CorruptStore
 from peer.sealing import LogEntry
-from peer.storage.store import ROOT_INODE, SCHEMA_VERSION, Store
+from peer.storage.store import ROOT_INODE, SCHEMA_VERSION, ReadOnlyStore, Store
 
 NODE_A = b"\xaa" * 32
 NODE_B = b"\xbb" * 32
@@ -349,6 +349,10 @@ def test_a_store_made_before_patches_gets_their_column_at_its_next_open(tmp_path
     conn.execute("ALTER TABLE blocks DROP COLUMN base")
     conn.commit()
     conn.close()
+    # A read-only open (`--at`) changes nothing: the store holds no patches.
+    with ReadOnlyStore.open(path) as store:
+        assert store.patch_bases() == {}
+        assert store.get_block(b"w" * 32) == b"\x02" + bytes(100)
     with Store.open(path) as store:
         assert store.get_block(b"w" * 32) == b"\x02" + bytes(100)
         with store.transaction():
