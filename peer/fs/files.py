@@ -4,6 +4,7 @@ operation on flush, fsync, release, or past `DIRTY_LIMIT`."""
 from __future__ import annotations
 
 import asyncio
+import bisect
 import errno
 import logging
 import os
@@ -28,8 +29,8 @@ from fuse.errors import (
 )
 from fuse.protocol import Attrs, Caller
 from peer.errors import CorruptBlock
-from peer.sealing import MAX_PATCH_BYTES, Patch
-from peer.storage.blocks import Blocks, MissingBlock, Shape
+from peer.sealing import MAX_PATCH_BYTES, MAX_PATCH_DEPTH, Patch
+from peer.storage.blocks import Blocks, MissingBlock, Shape, clip_spans, merge_spans
 from peer.storage.journal import Journal
 from peer.storage.store import Store
 
@@ -313,7 +314,7 @@ class Files:
         """Block `index` read and its sparse writes applied: a whole dirty block
         from now on (still flushed as a patch if few bytes differ)."""
         sparse = dirty.sparse[index]
-        written = _merge([(o, o + len(d)) for o, d in sparse.writes])
+        written = merge_spans([(o, o + len(d)) for o, d in sparse.writes])
         if written == [(0, sparse.length)]:
             block = bytearray(sparse.length)  # all of it written over: nothing to read
         else:
@@ -502,10 +503,10 @@ class Files:
     def _patch_of(self, dirty: _Dirty, index: int) -> Patch | None:
         """A patch for block `index` if it was only written into since it was
         read from a stored block, and differs in few bytes (at most
-        `MAX_PATCH_BYTES`, and less than half) from the whole block under that one; else None (the
-        whole block is sealed). The patch is over that whole block, with the
-        earlier patch's ranges too, so a read opens two things at most. A 4 KiB
-        write into a large file then stores and sends ~8 KiB, not 128 KiB."""
+        `MAX_PATCH_BYTES`, and less than half) from the whole block under it;
+        else None (the whole block is sealed). The block was read whole, so the
+        patch is over that whole block with the changes of every patch it stood
+        on too: one patch instead of a chain."""
         patchable = dirty.patchable.get(index)
         if patchable is None:
             return None
@@ -514,25 +515,31 @@ class Files:
         return _patch_over(base, block, written, len(block))
 
     def _sparse_patch(self, sparse: _Sparse) -> Patch | None:
-        """`_patch_of` for a block written without being read: the earlier
-        patch's bytes (if it was one) and the writes over them, taken from the
-        small patch itself, not from its 128 KiB base; None if too much
-        differs, or the earlier patch does not open (then the block is read)."""
-        spans = [(o, o + len(d)) for o, d in sparse.writes]
-        if _merge(spans) == [(0, sparse.length)]:
+        """`_patch_of` for a block written without being read, made without
+        reading it: a patch of just these writes over the block as it was
+        (whole, or a patch itself), so a 4 KiB write seals ~8 KiB and reads
+        nothing. Once `MAX_PATCH_DEPTH` patches stand on the whole block, one
+        patch over it takes every change of the chain (its patches are read, a
+        few KiB each, not the whole block). None if too much of the block
+        differs from its whole block, or the chain does not open: then the
+        block is read and sealed as it is."""
+        shape = sparse.shape
+        written = [(o, o + len(d)) for o, d in sparse.writes]
+        if merge_spans(written) == [(0, sparse.length)]:
             return None  # written over whole: sealed whole, nothing read
+        changed = merge_spans(clip_spans(shape.spans, sparse.length) + written)
+        if not _small(changed, sparse.length):
+            return None
+        if shape.depth < MAX_PATCH_DEPTH:
+            return Patch(sparse.bid, shape.depth + 1, sparse.length, _ranges(sparse.writes))
+        chain = self.blocks.chain(sparse.bid)
+        if chain is None:
+            return None
         buf = bytearray(sparse.length)
-        if sparse.shape.spans:
-            old = self.blocks.patch(sparse.bid)
-            if old is None:
-                return None
-            for offset, data in old.ranges:
-                piece = data[: max(0, sparse.length - offset)]
-                buf[offset : offset + len(piece)] = piece
-                spans.append((offset, offset + len(piece)))
-        for offset, data in sparse.writes:
-            buf[offset : offset + len(data)] = data
-        return _patch_over(sparse.shape.root, buf, spans, sparse.length)
+        for offset, data in [r for p in chain for r in p.ranges] + sparse.writes:
+            piece = data[: max(0, sparse.length - offset)]
+            buf[offset : offset + len(piece)] = piece
+        return _patch_over(shape.root, buf, changed, sparse.length)
 
     def _size_of_base(self, dirty: _Dirty) -> int:
         return self.replica.version_size(dirty.base) if dirty.base is not None else 0
@@ -581,28 +588,36 @@ class Files:
         return lost, lost_bytes
 
 
+def _small(spans: list[tuple[int, int]], length: int) -> bool:
+    """Whether changes at `spans` (merged) to a block of `length` bytes are
+    few enough for a patch: at most `MAX_PATCH_BYTES` and under half the
+    block (else the block itself is as small, and sealed whole it lets what
+    it stood on go)."""
+    changed = sum(end - start for start, end in spans)
+    return changed <= MAX_PATCH_BYTES and 2 * changed <= length
+
+
 def _patch_over(
     root: bytes, content: bytes | bytearray, spans: list[tuple[int, int]], length: int
 ) -> Patch | None:
     """A patch over whole block `root` carrying `content`'s bytes at `spans`
-    for a block of `length` bytes; None if they are more than `MAX_PATCH_BYTES`
-    or half the block (then the block itself is as small, and sealed whole it
-    lets its base go)."""
-    merged = [(start, end) for start, end in _merge(spans) if end > start]
-    changed = sum(end - start for start, end in merged)
-    if changed > MAX_PATCH_BYTES or 2 * changed > length:
+    for a block of `length` bytes; None if they are not `_small`."""
+    merged = merge_spans(spans)
+    if not _small(merged, length):
         return None
     return Patch(
         root, 1, length, tuple((start, bytes(content[start:end])) for start, end in merged)
     )
 
 
-def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """[start, end) spans sorted, overlapping or touching ones joined."""
-    merged: list[list[int]] = []
-    for start, end in sorted(spans):
-        if merged and start <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], end)
-        else:
-            merged.append([start, end])
-    return [(start, end) for start, end in merged]
+def _ranges(writes: list[tuple[int, bytes]]) -> tuple[tuple[int, bytes], ...]:
+    """The ranges a patch carries for `writes` ((offset, bytes), later ones
+    over earlier ones): one per run of touching writes, in order."""
+    merged = merge_spans((o, o + len(d)) for o, d in writes)
+    starts = [start for start, _ in merged]
+    runs = [bytearray(end - start) for start, end in merged]
+    for offset, data in writes:
+        k = bisect.bisect_right(starts, offset) - 1
+        at = offset - starts[k]
+        runs[k][at : at + len(data)] = data
+    return tuple((start, bytes(run)) for start, run in zip(starts, runs, strict=True))

@@ -38,19 +38,41 @@ CACHE_BYTES = 64 * 1024 * 1024
 # Blocks whose shape is remembered (`Blocks.shape`), ~100 bytes each for a
 # whole block, a few hundred for a patch: a few MiB at most.
 _SHAPES_KEPT = 1 << 15
+# Bytes of patch ranges `Blocks.patch` keeps opened (a patch is ~4-32 KiB).
+_PATCHES_KEPT = 4 * 1024 * 1024
 # What `Blocks` remembers of a block: its length for a whole one, (depth,
-# base, length, spans written) for a patch.
-_Known = int | tuple[int, bytes, int, tuple[tuple[int, int], ...]]
+# base, root, length, spans written over the root) for a patch.
+_Known = int | tuple[int, bytes, bytes, int, tuple[tuple[int, int], ...]]
 
 
 @dataclass(frozen=True, slots=True)
 class Shape:
-    """A block as a whole block (`root`) with `spans` ([start, end) ranges)
-    written over it (none: it is that whole block), `length` bytes long."""
+    """A block as a whole block (`root`) with `spans` ([start, end) ranges,
+    sorted and apart) written over it by the `depth` patches it stands on
+    (none: it is that whole block), `length` bytes long."""
 
     root: bytes
     length: int
     spans: tuple[tuple[int, int], ...]
+    depth: int = 0
+
+
+def merge_spans(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """[start, end) spans sorted, overlapping or touching ones joined, empty ones dropped."""
+    merged: list[list[int]] = []
+    for start, end in sorted(spans):
+        if end <= start:
+            continue
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(start, end) for start, end in merged]
+
+
+def clip_spans(spans: Iterable[tuple[int, int]], length: int) -> list[tuple[int, int]]:
+    """`spans` cut at `length` (a shorter block keeps only what is inside it)."""
+    return [(start, min(end, length)) for start, end in spans if start < length]
 
 
 # From this many blocks on, `Blocks.seal` uses the thread pool.
@@ -124,6 +146,11 @@ class Blocks:
         self.cache = cache if cache is not None else BlockCache()
         # bid -> what is known of it (`_Known`): see `shape`.
         self._shapes: dict[bytes, _Known] = {}
+        # Patches opened or sealed here lately, by id (`patch`), within
+        # `_PATCHES_KEPT` bytes of ranges: the next small writes into their
+        # blocks stack on them and, at the end of a chain, take their ranges.
+        self._patches: OrderedDict[bytes, Patch] = OrderedDict()
+        self._patch_bytes = 0
 
     def seal(self, plaintexts: Iterable[bytes]) -> list[tuple[bytes, bytes]]:
         """(id, sealed) for each plaintext; the plaintexts enter the cache.
@@ -146,35 +173,44 @@ class Blocks:
         if plaintext is not None:
             self.cache.put(pid, plaintext)
         self._note(pid, patch, patch.length)
+        self._keep_patch(pid, patch)
         return pid, sealed
 
     def shape(self, bid: bytes) -> Shape | None:
-        """What `bid` is, if known here (sealed or read since the node started)
-        and a whole block or a patch over one; None otherwise (deeper, or not
-        known). A new patch is made over that whole block with the ranges of
-        both, so chains do not grow."""
+        """What `bid` is, if known here (sealed or read since the node started,
+        or learnt from the store): a whole block, or a patch standing on one
+        through at most `MAX_PATCH_DEPTH` patches; None if not known or not
+        sound (then the block is read in full, which says what is wrong)."""
         shape = self._shapes.get(bid)
         if shape is None:
-            shape = self._learn_shape(bid)
+            shape = self._learn_shape(bid, MAX_PATCH_DEPTH + 1)
             if shape is None:
                 return None
         if isinstance(shape, int):
             return Shape(bid, shape, ())
-        depth, base, length, spans = shape
-        return Shape(base, length, spans) if depth == 1 else None
+        depth, _base, root, length, spans = shape
+        return Shape(root, length, spans, depth)
 
-    def _learn_shape(self, bid: bytes) -> _Known | None:
+    def _learn_shape(self, bid: bytes, below: int) -> _Known | None:
         """What `bid` is, without opening a whole block: a full one shows in
         its sealed length (a database's pages, a disk image's blocks after a
-        restart); a patch is opened (a few KiB). None if neither."""
+        restart); a patch is opened (a few KiB), and so is each patch under it,
+        each one less deep than the one above (`below`), as a read checks. None
+        if neither, or if the chain is not sound."""
         header = self._store.block_header(bid)
         if header is None:
             return None
         length, version = header
         if version == PATCH_VERSION:
             patch = self.patch(bid)
-            if patch is None:
+            if patch is None or patch.depth >= below:
                 return None
+            if patch.depth > 1:
+                base = self._shapes.get(patch.base)
+                if base is None:
+                    base = self._learn_shape(patch.base, patch.depth)
+                if not isinstance(base, tuple) or base[0] != patch.depth - 1:
+                    return None
             self._note(bid, patch, patch.length)
         else:
             full = whole_block_length(length, version)
@@ -183,9 +219,33 @@ class Blocks:
             self._note(bid, None, full)
         return self._shapes.get(bid)
 
+    def chain(self, bid: bytes) -> list[Patch] | None:
+        """The patches `bid` stands on, from the one over the whole block up
+        to `bid` itself, opened (each a few KiB; the whole block is not read);
+        None unless `bid` is a patch whose chain is sound: each one deeper by
+        one than its base and no longer than it."""
+        out: list[Patch] = []
+        cur = bid
+        for _ in range(MAX_PATCH_DEPTH):
+            patch = self.patch(cur)
+            if patch is None:
+                return None
+            if out and (patch.depth != out[-1].depth - 1 or patch.length < out[-1].length):
+                return None
+            out.append(patch)
+            if patch.depth == 1:
+                return out[::-1]
+            cur = patch.base
+        return None
+
     def patch(self, bid: bytes) -> Patch | None:
         """The patch `bid` is, opened (not applied); None if it is not one or
-        does not open (a read of its block then says what is wrong)."""
+        does not open (a read of its block then says what is wrong). Ids are
+        content hashes, so one kept from earlier is never stale."""
+        kept = self._patches.get(bid)
+        if kept is not None:
+            self._patches.move_to_end(bid)
+            return kept
         sealed = self._store.get_block(bid)
         if sealed is None:
             return None
@@ -193,16 +253,34 @@ class Blocks:
             opened = open_sealed(self._keys, bid, sealed, check_id=False)
         except CorruptBlock:
             return None
-        return opened if isinstance(opened, Patch) else None
+        if not isinstance(opened, Patch):
+            return None
+        self._keep_patch(bid, opened)
+        return opened
+
+    def _keep_patch(self, bid: bytes, patch: Patch) -> None:
+        if bid in self._patches:
+            return
+        self._patches[bid] = patch
+        self._patch_bytes += patch.changed()
+        while self._patch_bytes > _PATCHES_KEPT:
+            _, old = self._patches.popitem(last=False)
+            self._patch_bytes -= old.changed()
 
     def _note(self, bid: bytes, patch: Patch | None, length: int) -> None:
         if len(self._shapes) >= _SHAPES_KEPT:
             self._shapes.clear()  # forgotten ones are learnt again when read
         if patch is None:
             self._shapes[bid] = length
-        else:
-            spans = tuple((o, o + len(d)) for o, d in patch.ranges)
-            self._shapes[bid] = (patch.depth, patch.base, patch.length, spans)
+            return
+        root, under = patch.base, []
+        if patch.depth > 1:
+            base = self._shapes.get(patch.base)
+            if not isinstance(base, tuple) or base[0] != patch.depth - 1:
+                return  # its base is not known here: `shape` learns both when asked
+            root, under = base[2], clip_spans(base[4], length)
+        spans = merge_spans(under + [(o, o + len(d)) for o, d in patch.ranges])
+        self._shapes[bid] = (patch.depth, patch.base, root, length, tuple(spans))
 
     def cached(self, bid: bytes) -> bool:
         """Whether `bid`'s plaintext is in the cache (no hit or miss counted)."""

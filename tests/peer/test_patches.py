@@ -23,6 +23,7 @@ from peer.keys import VolumeKeys
 from peer.node import Node
 from peer.sealing import (
     MAX_PATCH_BYTES,
+    MAX_PATCH_DEPTH,
     PATCH_VERSION,
     Patch,
     _seal_padded,
@@ -80,7 +81,9 @@ def test_a_small_write_into_a_large_file_stores_a_patch_not_the_block(
     reads_after_a_restart(tmp_path, keys, bytes(content))
 
 
-def test_patches_stay_one_deep_and_every_write_reads_back(tmp_path: Path, keys: VolumeKeys) -> None:
+def test_patches_stack_at_most_four_deep_and_every_write_reads_back(
+    tmp_path: Path, keys: VolumeKeys
+) -> None:
     a = make_node(tmp_path, "a", keys, keep_history_s=3600)
     try:
         content = bytearray(os.urandom(SIZE))
@@ -95,18 +98,26 @@ def test_patches_stay_one_deep_and_every_write_reads_back(tmp_path: Path, keys: 
                 a.close()  # forgets which blocks are patches: learnt again when read
                 a = make_node(tmp_path, "a", keys, keep_history_s=3600)
             assert read_file(a, b"f") == bytes(content)
-        # Every patch stands on a whole block, never on another patch, and the
-        # changed bytes of each stay under the bound (else the block is whole).
+        # A small write stands on the block as it was, patch or not, without
+        # reading it; a chain ends at MAX_PATCH_DEPTH, where one patch over the
+        # whole block takes every change of it. Each patch's changes, and the
+        # changes of a whole chain, stay under the bound (else the block is whole).
         bases = a.store.patch_bases()
-        assert bases
-        assert not set(bases.values()) & set(bases)
+        depths = {}
         for bid in bases:
             sealed = a.store.get_block(bid)
             assert sealed is not None
             patch = open_sealed(keys, bid, sealed)
             assert isinstance(patch, Patch)
-            assert patch.depth == 1
+            assert 1 <= patch.depth <= MAX_PATCH_DEPTH
             assert patch.changed() <= MAX_PATCH_BYTES
+            depths[bid] = patch.depth
+        for bid, base in bases.items():
+            assert depths.get(base, 0) == depths[bid] - 1
+        assert max(depths.values()) == MAX_PATCH_DEPTH  # chains formed...
+        collapsed = [b for b, d in depths.items() if d == 1 and a.blocks.chain(b) is not None]
+        over_root = {bases[b] for b in collapsed}
+        assert len(collapsed) > len(over_root)  # ...and ended: a root with several depth-1 patches
     finally:
         a.close()
 
@@ -199,6 +210,10 @@ def test_forged_patches_do_not_open(
         # Depth 2 over a whole block (depth 0).
         deep_id, deep = seal_patch(keys, Patch(whole_id, 2, 1000, ((0, b"c"),)))
         _store_raw(a, [(deep_id, deep)])
+        # No write stacks on it either: its shape and chain are not sound.
+        fresh = Blocks(a.store, keys)
+        assert fresh.shape(deep_id) is None
+        assert fresh.chain(deep_id) is None
         with pytest.raises(CorruptBlock, match="its base is at depth 0"):
             blocks.get(deep_id)
         assert not a.store.has_blocks([deep_id]), "the forged patch stays in the store"
@@ -294,6 +309,49 @@ def test_after_a_restart_a_small_write_into_a_full_block_does_not_open_it(
         assert read_file(a, b"f") == bytes(content)
     finally:
         a.close()
+
+
+def test_a_small_write_into_a_patched_block_stacks_on_it_and_reads_nothing(
+    tmp_path: Path, keys: VolumeKeys
+) -> None:
+    a = make_node(tmp_path, "a", keys)
+    content = bytearray(os.urandom(SIZE))
+    write_file(a, b"f", bytes(content))
+    for offset in (BLOCK_SIZE + 4096, BLOCK_SIZE + 3 * 4096):
+        change = os.urandom(4096)
+        write_at(a, b"f", offset, change)
+        content[offset : offset + 4096] = change
+    a.close()
+    a = make_node(tmp_path, "a", keys)  # nothing cached, no block's shape known
+    try:
+        read: list[bytes] = []
+        get_block = a.store.get_block
+        a.store.get_block = lambda bid: read.append(bid) or get_block(bid)  # type: ignore[method-assign]
+        under = a.store.patch_bases()
+        before = a.store.stats()
+        change = os.urandom(4096)
+        write_at(a, b"f", BLOCK_SIZE + 8 * 4096, change)
+        content[BLOCK_SIZE + 8 * 4096 : BLOCK_SIZE + 9 * 4096] = change
+        opened = list(read)
+        # The new patch carries this write alone, over the patch block 1 was:
+        # ~8 KiB stored, where one patch with every change would be ~16 KiB.
+        (new,) = set(a.store.patch_bases()) - set(under)
+        sealed = a.store.get_block(new)
+        assert sealed is not None
+        patch = open_sealed(keys, new, sealed)
+        assert isinstance(patch, Patch)
+        assert patch.depth == 3
+        assert patch.base in under
+        assert patch.changed() == 4096
+        assert a.store.stats().block_bytes - before.block_bytes <= 8192 + 100
+        # Only the patches under it were opened to learn its shape (a few KiB
+        # each), never the 128 KiB block they stand on.
+        assert opened
+        assert set(opened) <= set(under)
+        assert read_file(a, b"f") == bytes(content)
+    finally:
+        a.close()
+    reads_after_a_restart(tmp_path, keys, bytes(content))
 
 
 def test_a_block_written_over_whole_in_place_is_not_read(tmp_path: Path, keys: VolumeKeys) -> None:
