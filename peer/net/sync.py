@@ -74,6 +74,9 @@ MERGE_BLOCK_BYTES = 64 * 1024 * 1024
 BULK_BLOCKS = 256
 # Files whose versions `Sync._needed_async` reads from the replica between yields.
 NEEDED_PIECE = 2000
+# Entries of a pulled batch opened ahead, in a worker thread, while the loop
+# merges the ones before (`Sync._open_and_merge`): ~50 ms of opening each.
+OPEN_PIECE = 512
 # Links to addresses peers asked us to sync back with (`/hello?port=N`): at
 # most this many, one per node id, dropped unless the address answers as that
 # node, or when it has not answered for INBOUND_EXPIRE_S.
@@ -498,14 +501,7 @@ class Sync(Fetching, Serving):
                     if progressed or (not resp.entries and resp.more and not stuck):
                         continue
                     return
-                try:
-                    ops = await asyncio.to_thread(self.journal.open_entries, entries)
-                except EntryOfUnknownEpoch:
-                    # A rotation this node has not taken yet (it was away):
-                    # the peer hands it over, then the entries open.
-                    await client.catch_up()
-                    ops = await asyncio.to_thread(self.journal.open_entries, entries)
-                await self._merge(link, entries, ops)
+                await self._open_and_merge(link, entries)
                 link.last_seen = time.time()
                 for node in {e.node for e in entries}:
                     refused = journal.refused.get(node)
@@ -515,6 +511,38 @@ class Sync(Fetching, Serving):
                         )
                 if not resp.more and _behind(journal.capped(link.vv), journal.vv) == 0:
                     return
+
+    async def _open_and_merge(self, link: Link, entries: list[LogEntry]) -> None:
+        """Verify, open and merge a pulled batch, `OPEN_PIECE` entries at a
+        time: a worker thread opens the next piece (signatures and decryption,
+        ~0.1 ms an entry) while the loop fetches the blocks of this one and
+        merges it, where the whole batch was opened first (~0.45 s for 4,000
+        entries with nothing fetched meanwhile). A piece is merged as a
+        smaller batch would be: in order, each node's entries in seq order."""
+        client = link.client
+        assert client is not None
+        start = 0
+        opening = _opening(self.journal, entries[:OPEN_PIECE])
+        try:
+            while start < len(entries):
+                piece = entries[start : start + OPEN_PIECE]
+                try:
+                    ops = await opening
+                except EntryOfUnknownEpoch:
+                    # A rotation this node has not taken yet (it was away, or
+                    # its entry comes later in the batch): the peer hands it
+                    # over, then the rest opens at once, as one piece.
+                    await client.catch_up()
+                    piece = entries[start:]
+                    ops = await asyncio.to_thread(self.journal.open_entries, piece)
+                end = start + len(piece)
+                if end < len(entries):
+                    opening = _opening(self.journal, entries[end : end + OPEN_PIECE])
+                await self._merge(link, piece, ops)
+                start = end
+        finally:
+            if not opening.done():
+                opening.cancel()  # (its thread ends on its own; nothing waits for it)
 
     async def _adopt(self, link: Link, blob: bytes) -> bool:
         """Verify a peer's checkpoint, fetch the blocks its heads need, merge it;
@@ -734,3 +762,11 @@ def _written(ops: Sequence[Op]) -> tuple[list[bytes], list[Version]]:
             files[op.entry] = None
             fresh.append(Version(op.hlc, op.entry, op.seen, 0, (), tombstone=True))
     return list(files), fresh
+
+
+def _opening(journal: Journal, entries: list[LogEntry]) -> asyncio.Future[list[Op]]:
+    """`journal.open_entries(entries)` under way in a worker thread; whatever
+    it raises is kept for whoever awaits it (and not reported if nobody does)."""
+    future = asyncio.ensure_future(asyncio.to_thread(journal.open_entries, entries))
+    future.add_done_callback(lambda f: f.cancelled() or f.exception())
+    return future
