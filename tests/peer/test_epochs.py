@@ -28,6 +28,7 @@ from peer import epochs, removal, statustext
 from peer.errors import CorruptBlock
 from peer.identity import NodeIdentity, load_or_create
 from peer.keys import VolumeKeys
+from peer.net import sync as sync_module
 from peer.net import wire
 from peer.net.auth import HEADER_EPOCH_REFUSED, HEADER_MAC, sign_request, verify_response, wall_ms
 from peer.net.joining import pair_with
@@ -428,6 +429,17 @@ async def test_remove_shuts_the_node_out_and_an_offline_member_catches_up(
         assert removal.vote_forget_removed(b) == [c_id]
         assert removal.vote_forget_removed(b) == [], "one vote each"
         await wait_until(lambda: c_id in a.replica.forgotten(), "A to count B's vote", 30)
+
+
+@pytest.mark.asyncio
+async def test_a_catch_up_opened_an_entry_at_a_time_takes_the_rotation_on_its_way(
+    tmp_path: Path, expect_logs: Callable[..., None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same story with every pulled entry opened as a piece of its own
+    (`peer.net.sync.OPEN_PIECE`): the entries after the rotation open once
+    the piece before took it, and the rest of the batch as usual."""
+    monkeypatch.setattr(sync_module, "OPEN_PIECE", 1)
+    await test_remove_shuts_the_node_out_and_an_offline_member_catches_up(tmp_path, expect_logs)
 
 
 def make_node_again(tmp: Path, name: str) -> Node:
