@@ -46,6 +46,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from scenarios.harness import NodeProcess, new_secret
 
@@ -106,6 +107,10 @@ class Target:
     def close(self) -> None:
         raise NotImplementedError
 
+    def pid(self) -> int | None:
+        """The process serving the mount now (it changes with a remount)."""
+        raise NotImplementedError
+
 
 class DfsPeer(Target):
     name = "dfs-peer"
@@ -130,6 +135,9 @@ class DfsPeer(Target):
     def rss_mib(self) -> float:
         proc = self.node.proc
         return rss_mib(proc.pid) if proc is not None else 0.0
+
+    def pid(self) -> int | None:
+        return self.node.proc.pid if self.node.proc is not None else None
 
     def close(self) -> None:
         self.node.stop()
@@ -177,6 +185,20 @@ class Gocryptfs(Target):
         subprocess.run(["fusermount3", "-u", str(self.root)], check=True)
         self._mount()
 
+    def pid(self) -> int | None:
+        """The gocryptfs daemon of this mount (it forks away from its starter)."""
+        want = str(self.root).encode()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                args = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if args and args[0].endswith(b"gocryptfs") and want in args:
+                return int(entry.name)
+        return None
+
     def close(self) -> None:
         subprocess.run(["fusermount3", "-u", "-z", str(self.root)], check=False)
 
@@ -208,6 +230,9 @@ class Floor(Target):
 
     def remount(self) -> None:
         pass  # it would lose everything; reads after a reopen reach it all the same
+
+    def pid(self) -> int | None:
+        return self.proc.pid
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -258,6 +283,18 @@ def precompile() -> None:
         compileall.compile_dir(root / package, quiet=1)
 
 
+def cpu_s(pid: int | None) -> float:
+    """The CPU time (user and system, all threads) a process has used, in s."""
+    if pid is None:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mib(pid: int, field: str = "VmRSS") -> float:
     """A process's resident memory (or `VmHWM`, its peak) in MiB."""
     with open(f"/proc/{pid}/status") as f:
@@ -302,6 +339,22 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
+class Clock:
+    """Times workloads on a target, and the CPU its serving process used
+    meanwhile (`cpu[key]`): a figure the machine's drift in speed moves less."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.cpu: dict[str, float] = {}
+
+    def __call__(self, key: str, fn: Callable[[], object]) -> float:
+        pid = self.target.pid()
+        before = cpu_s(pid)
+        took = timed(fn)
+        self.cpu[key] = cpu_s(pid) - before
+        return took
+
+
 def seq_write(path: Path, data: memoryview) -> None:
     with open(path, "wb") as f:
         for i in range(0, len(data), CHUNK):
@@ -335,26 +388,28 @@ def find_stat(d: Path, expected: int) -> None:
         raise RuntimeError(f"find saw {seen} files in {d}, not {expected}")
 
 
-def random_writes(path: Path, n: int, file_mib: int) -> float:
-    """Seconds for `n` 4 KiB writes at random aligned offsets, fsync every 100
-    (the file is written and synced first, outside the clock)."""
-    size = file_mib * CHUNK
+def fill(path: Path, file_mib: int) -> None:
+    """A file of `file_mib` MiB of random bytes, synced (outside the clock)."""
     with open(path, "wb") as f:
         for _ in range(file_mib):
             f.write(os.urandom(CHUNK))
         os.fsync(f.fileno())
+
+
+def random_writes(path: Path, n: int, file_mib: int) -> None:
+    """`n` 4 KiB writes at random aligned offsets of the file `fill` made,
+    fsync every 100."""
+    size = file_mib * CHUNK
     rng = random.Random(4096)
     offsets = [rng.randrange(size // SMALL) * SMALL for _ in range(n)]
     blocks = [os.urandom(SMALL) for _ in range(16)]
     fd = os.open(path, os.O_WRONLY)
     try:
-        t0 = time.perf_counter()
         for i, off in enumerate(offsets, 1):
             os.pwrite(fd, blocks[i % 16], off)
             if i % FSYNC_EVERY == 0:
                 os.fsync(fd)
         os.fsync(fd)
-        return time.perf_counter() - t0
     finally:
         os.close(fd)
 
@@ -374,27 +429,33 @@ def git_commit(tree: Path) -> None:
 def run_suite(
     t: Target, rep: int, sizes: Sizes, data: memoryview, tarball: Path
 ) -> dict[str, float]:
+    """Each workload's rate (or time) under its row's key, and the CPU the
+    target's process used in it under `cpu:` and the key."""
     base = t.root / f"rep{rep}"
     base.mkdir()
     r: dict[str, float] = {}
+    clock = Clock(t)
     mib = len(data) / CHUNK
     big = base / "big.bin"
-    r["write"] = mib * CHUNK / 1e6 / timed(lambda: seq_write(big, data))
+    r["write"] = mib * CHUNK / 1e6 / clock("write", lambda: seq_write(big, data))
     t.remount()
-    r["read"] = mib * CHUNK / 1e6 / timed(lambda: seq_read(big))
+    r["read"] = mib * CHUNK / 1e6 / clock("read", lambda: seq_read(big))
     big.unlink()
     small = base / "small"
-    r["create"] = sizes.files / timed(lambda: create_files(small, sizes.files))
+    r["create"] = sizes.files / clock("create", lambda: create_files(small, sizes.files))
     t.remount()
     if not isinstance(t, Floor):  # its kernel caches still hold every entry
-        r["stat"] = sizes.files / timed(lambda: find_stat(small, sizes.files))
-    r["random"] = sizes.random_writes / random_writes(
-        base / "random.bin", sizes.random_writes, RANDOM_FILE_MIB
+        r["stat"] = sizes.files / clock("stat", lambda: find_stat(small, sizes.files))
+    scratch = base / "random.bin"
+    fill(scratch, RANDOM_FILE_MIB)
+    r["random"] = sizes.random_writes / clock(
+        "random", lambda: random_writes(scratch, sizes.random_writes, RANDOM_FILE_MIB)
     )
-    (base / "random.bin").unlink()
+    scratch.unlink()
     tree = base / "x"
-    r["tar"] = timed(lambda: untar(tarball, tree))
-    r["git"] = timed(lambda: git_commit(tree / "tree"))
+    r["tar"] = clock("tar", lambda: untar(tarball, tree))
+    r["git"] = clock("git", lambda: git_commit(tree / "tree"))
+    r.update({f"cpu:{key}": used for key, used in clock.cpu.items()})
     return r
 
 
@@ -449,6 +510,33 @@ def print_table(
             f"| {row.label.format(**names)} | {span(ours)} {row.unit} | "
             f"{span(theirs)} {row.unit} | {rtext} |{extra} {target} |"
         )
+    print_cpu_table(results, names)
+
+
+def print_cpu_table(results: dict[str, list[dict[str, float]]], names: dict[str, Any]) -> None:
+    """The CPU each file system's process used per workload: what it costs,
+    whatever the machine's speed at the moment (the kernel's work for the
+    program, copying and page cache, is not in it)."""
+    floor = results.get("floor")
+    print("\nCPU of the serving process per workload (s; user + system, all threads)")
+    extra = " FUSE floor | floor / gocryptfs |" if floor else ""
+    print(f"| workload | dfs-peer | gocryptfs | dfs-peer / gocryptfs |{extra}")
+    print("| --- | ---: | ---: | ---: |" + (" ---: | ---: |" if floor else ""))
+    for row in ROWS:
+        key = f"cpu:{row.key}"
+        ours = [r[key] for r in results["dfs-peer"] if key in r]
+        theirs = [r[key] for r in results["gocryptfs"] if key in r]
+        if not ours or not theirs:
+            continue
+        mid = statistics.median(theirs)
+        ratio = f"{statistics.median(ours) / mid:.1f}x" if mid > 0 else "—"
+        extra = ""
+        if floor:
+            best = [r[key] for r in floor if key in r]
+            fr = f"{statistics.median(best) / mid:.1f}x" if best and mid > 0 else ""
+            extra = f" {span(best)} | {fr} |" if best else " not measured | |"
+        label = row.label.format(**names)
+        print(f"| {label} | {span(ours)} | {span(theirs)} | {ratio} |{extra}")
 
 
 def main(argv: list[str] | None = None) -> int:
