@@ -30,7 +30,14 @@ from fuse.errors import (
 from fuse.protocol import Attrs, Caller
 from peer.errors import CorruptBlock
 from peer.sealing import MAX_PATCH_BYTES, MAX_PATCH_DEPTH, Patch
-from peer.storage.blocks import Blocks, MissingBlock, Shape, clip_spans, merge_spans
+from peer.storage.blocks import (
+    Blocks,
+    MissingBlock,
+    Shape,
+    clip_spans,
+    merge_spans,
+    openers,
+)
 from peer.storage.journal import Journal
 from peer.storage.store import Store
 
@@ -219,12 +226,15 @@ class Files:
         return out
 
     async def load_for_read(self, fh: int, offset: int, size: int) -> None:
-        """Decrypt and check the blocks a read needs in a worker thread, so
-        the loop takes the next request meanwhile (the kernel sends reads
-        ahead); `read` then sees the state of then and copies from the cache."""
+        """Decrypt and check the blocks a read needs in the opener thread
+        (`peer.storage.blocks.openers`), so the loop takes the next request
+        meanwhile (the kernel sends reads ahead); `read` then sees the state
+        of then and copies from the cache."""
         opening = self.blocks_to_open(fh, offset, size)
         if opening:
-            for bid, data in (await asyncio.to_thread(self.blocks.open_stored, opening)).items():
+            loop = asyncio.get_running_loop()
+            opened = await loop.run_in_executor(openers(), self.blocks.open_stored, opening)
+            for bid, data in opened.items():
                 self.blocks.cache.put(bid, data)
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
