@@ -45,6 +45,22 @@ def write_at(node: Node, name: bytes, offset: int, data: bytes) -> None:
     rewrite(node, name, data, offset)
 
 
+def stored_file(tmp_path: Path, keys: VolumeKeys, *small_writes: int) -> bytearray:
+    """Node A's file `f` (random bytes, then 4 KiB written at each of
+    `small_writes`), with A stopped: its content."""
+    a = make_node(tmp_path, "a", keys)
+    try:
+        content = bytearray(os.urandom(SIZE))
+        write_file(a, b"f", bytes(content))
+        for offset in small_writes:
+            change = os.urandom(4096)
+            write_at(a, b"f", offset, change)
+            content[offset : offset + 4096] = change
+    finally:
+        a.close()
+    return content
+
+
 def reads_after_a_restart(tmp_path: Path, keys: VolumeKeys, content: bytes) -> None:
     """A restarted node (nothing cached, no block's shape known) reads `content`."""
     a = make_node(tmp_path, "a", keys)
@@ -291,10 +307,7 @@ def test_writes_truncates_and_reads_in_any_order_match_a_plain_buffer(
 def test_after_a_restart_a_small_write_into_a_full_block_does_not_open_it(
     tmp_path: Path, keys: VolumeKeys
 ) -> None:
-    a = make_node(tmp_path, "a", keys)
-    content = bytearray(os.urandom(SIZE))
-    write_file(a, b"f", bytes(content))
-    a.close()
+    content = stored_file(tmp_path, keys)
     a = make_node(tmp_path, "a", keys)  # nothing cached, no block's shape known
     try:
         old = current_blocks(a, b"f")
@@ -314,14 +327,7 @@ def test_after_a_restart_a_small_write_into_a_full_block_does_not_open_it(
 def test_a_small_write_into_a_patched_block_stacks_on_it_and_reads_nothing(
     tmp_path: Path, keys: VolumeKeys
 ) -> None:
-    a = make_node(tmp_path, "a", keys)
-    content = bytearray(os.urandom(SIZE))
-    write_file(a, b"f", bytes(content))
-    for offset in (BLOCK_SIZE + 4096, BLOCK_SIZE + 3 * 4096):
-        change = os.urandom(4096)
-        write_at(a, b"f", offset, change)
-        content[offset : offset + 4096] = change
-    a.close()
+    content = stored_file(tmp_path, keys, BLOCK_SIZE + 4096, BLOCK_SIZE + 3 * 4096)
     a = make_node(tmp_path, "a", keys)  # nothing cached, no block's shape known
     try:
         read: list[bytes] = []
@@ -355,10 +361,7 @@ def test_a_small_write_into_a_patched_block_stacks_on_it_and_reads_nothing(
 
 
 def test_a_block_written_over_whole_in_place_is_not_read(tmp_path: Path, keys: VolumeKeys) -> None:
-    a = make_node(tmp_path, "a", keys)
-    content = bytearray(os.urandom(SIZE))
-    write_file(a, b"f", bytes(content))
-    a.close()
+    content = stored_file(tmp_path, keys)
     a = make_node(tmp_path, "a", keys)
     try:
         read: list[bytes] = []
