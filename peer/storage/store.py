@@ -155,6 +155,8 @@ class Store:
         self._depth = 0
         self._owner: int | None = None
         self._unsynced = False
+        self._wal_fd: int | None = None  # kept open for `sync`: see `_durable_fd`
+        self._db_fd: int | None = None
         self._covers: dict[bytes, int] | None = None
         # A read-only store of an older schema has no `log.prev` (format-1 entries).
         self._prev_column = "prev"
@@ -305,6 +307,10 @@ class Store:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+            for fd in (self._wal_fd, self._db_fd):
+                if fd is not None:
+                    os.close(fd)
+            self._wal_fd = self._db_fd = None
 
     def __enter__(self) -> Self:
         return self
@@ -349,16 +355,30 @@ class Store:
         with self._lock:
             if not self._unsynced:
                 return
-            wal = self.path.with_name(self.path.name + "-wal")
-            try:
-                fd = os.open(wal, os.O_RDONLY)
-            except FileNotFoundError:
-                fd = os.open(self.path, os.O_RDONLY)  # checkpointed: all in the db
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            os.fsync(self._durable_fd())
             self._unsynced = False
+
+    def _durable_fd(self) -> int:
+        """What `sync` fsyncs: the WAL, or the database while there is no WAL
+        (all checkpointed). Each is opened once and kept until `close`: an
+        fsync must not need a free descriptor (a flood of connections can
+        hold every one the process may open while our own entries wait for
+        it), and closing a descriptor of the database would drop SQLite's
+        locks on it (POSIX locks belong to the process, not the descriptor;
+        SQLite keeps none on the WAL itself)."""
+        wal = self.path.with_name(self.path.name + "-wal")
+        try:
+            inode = os.stat(wal).st_ino
+        except FileNotFoundError:
+            if self._db_fd is None:
+                self._db_fd = os.open(self.path, os.O_RDONLY)
+            return self._db_fd
+        if self._wal_fd is not None and os.fstat(self._wal_fd).st_ino != inode:
+            os.close(self._wal_fd)  # a WAL made again (the old one was deleted)
+            self._wal_fd = None
+        if self._wal_fd is None:
+            self._wal_fd = os.open(wal, os.O_RDONLY)
+        return self._wal_fd
 
     def _require_transaction(self) -> None:
         # An explicit raise, not `assert`: a write outside a transaction would

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -358,3 +360,29 @@ def test_a_store_made_before_patches_gets_their_column_at_its_next_open(tmp_path
         with store.transaction():
             store.put_blocks([(b"p" * 32, b"\x05" + b"w" * 32 + bytes(50))])
         assert store.patch_bases() == {b"p" * 32: b"w" * 32}
+
+
+def test_sync_needs_no_free_file_descriptor(store: Store) -> None:
+    """A flood of connections can hold every descriptor the process may open
+    while the node's own entries wait for an fsync (they are served only once
+    durable): the fsync must not need a new one."""
+    with store.transaction():
+        store.put_blocks([(b"a" * 32, b"sealed bytes")])
+    store.sync()
+    with store.transaction():
+        store.put_blocks([(b"b" * 32, b"more sealed bytes")])
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    taken: list[int] = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 4096), hard))
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                taken.append(os.open(os.devnull, os.O_RDONLY))
+        with pytest.raises(OSError, match="Too many open files"):
+            os.open(os.devnull, os.O_RDONLY)  # none left
+        store.sync()
+    finally:
+        for fd in taken:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert store.has_blocks([b"b" * 32]) == {b"b" * 32}
