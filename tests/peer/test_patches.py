@@ -199,6 +199,34 @@ async def test_a_fresh_peer_fetches_a_patch_and_the_block_under_it_and_again_if_
         assert read_file(d, b"f") == bytes(content)
 
 
+@pytest.mark.asyncio
+async def test_a_fresh_peer_fetches_a_whole_chain_of_patches(
+    tmp_path: Path, keys: VolumeKeys
+) -> None:
+    a = make_node(tmp_path, "a", keys)  # no history kept: only what the file reads stays
+    async with contextlib.AsyncExitStack() as stack:
+        sa = await stack.enter_async_context(serving(a))
+        content = bytearray(os.urandom(SIZE))
+        write_file(a, b"f", bytes(content))
+        for k in range(3):
+            offset, change = BLOCK_SIZE + 1000 + k * 5000, b"change %d" % k
+            write_at(a, b"f", offset, change)
+            content[offset : offset + len(change)] = change
+        a.collector.collect()
+        bases = a.store.patch_bases()
+        assert len(bases) == 3  # three patches, each on the one before, on block 1
+        chain = set(bases) | set(bases.values())
+        assert len(chain) == 4
+
+        d = make_node(tmp_path, "d", keys)
+        sd = await stack.enter_async_context(serving(d))
+        link(sd, sa)
+        await wait_until(lambda: a.journal.vv == d.journal.vv, "D to hold every op")
+        await wait_until(lambda: d.store.has_blocks(chain) == chain, "D to hold the chain")
+        assert d.store.patch_bases() == bases
+        assert read_file(d, b"f") == bytes(content)
+
+
 def _store_raw(node: Node, pairs: list[tuple[bytes, bytes]]) -> None:
     with node.store.transaction():
         node.store.put_blocks(pairs)
