@@ -96,6 +96,10 @@ class _Sparse:
     writes: list[tuple[int, bytes]] = field(default_factory=list)
     written: int = 0
 
+    def spans(self) -> list[tuple[int, int]]:
+        """[start, end) of each write, in the order written."""
+        return [(o, o + len(d)) for o, d in self.writes]
+
 
 @dataclass(slots=True)
 class _Handle:
@@ -324,8 +328,7 @@ class Files:
         """Block `index` read and its sparse writes applied: a whole dirty block
         from now on (still flushed as a patch if few bytes differ)."""
         sparse = dirty.sparse[index]
-        written = merge_spans([(o, o + len(d)) for o, d in sparse.writes])
-        if written == [(0, sparse.length)]:
+        if merge_spans(sparse.spans()) == [(0, sparse.length)]:
             block = bytearray(sparse.length)  # all of it written over: nothing to read
         else:
             block = bytearray(self._stored_block(dirty.base, index))
@@ -333,8 +336,7 @@ class Files:
         for offset, data in sparse.writes:
             block[offset : offset + len(data)] = data
         del dirty.sparse[index]
-        spans = list(sparse.shape.spans) + [(o, o + len(d)) for o, d in sparse.writes]
-        dirty.patchable[index] = (sparse.shape.root, spans)
+        dirty.patchable[index] = (sparse.shape.root, list(sparse.shape.spans) + sparse.spans())
         dirty.blocks[index] = block
         return block
 
@@ -534,14 +536,15 @@ class Files:
         differs from its whole block, or the chain does not open: then the
         block is read and sealed as it is."""
         shape = sparse.shape
-        written = [(o, o + len(d)) for o, d in sparse.writes]
-        if merge_spans(written) == [(0, sparse.length)]:
+        written = merge_spans(sparse.spans())
+        if written == [(0, sparse.length)]:
             return None  # written over whole: sealed whole, nothing read
         changed = merge_spans(clip_spans(shape.spans, sparse.length) + written)
         if not _small(changed, sparse.length):
             return None
         if shape.depth < MAX_PATCH_DEPTH:
-            return Patch(sparse.bid, shape.depth + 1, sparse.length, _ranges(sparse.writes))
+            ranges = _ranges(sparse.writes, written)
+            return Patch(sparse.bid, shape.depth + 1, sparse.length, ranges)
         chain = self.blocks.chain(sparse.bid)
         if chain is None:
             return None
@@ -620,10 +623,12 @@ def _patch_over(
     )
 
 
-def _ranges(writes: list[tuple[int, bytes]]) -> tuple[tuple[int, bytes], ...]:
+def _ranges(
+    writes: list[tuple[int, bytes]], merged: list[tuple[int, int]]
+) -> tuple[tuple[int, bytes], ...]:
     """The ranges a patch carries for `writes` ((offset, bytes), later ones
-    over earlier ones): one per run of touching writes, in order."""
-    merged = merge_spans((o, o + len(d)) for o, d in writes)
+    over earlier ones): one per run of touching writes (`merged`, their
+    spans merged), in order."""
     starts = [start for start, _ in merged]
     runs = [bytearray(end - start) for start, end in merged]
     for offset, data in writes:

