@@ -51,6 +51,8 @@ _PAGE_SIZE = 4096
 # The WAL is checkpointed and truncated at this length, in pages of the
 # store's own size (`Store._wal_pages`).
 _WAL_BYTES = 4 << 20
+# The page cache of each reader connection (`Store.read_block`), in KiB.
+_READER_CACHE_KIB = 256
 # Rows per query when streaming the log, and ids per `IN (...)` list (well
 # under SQLite's bound-parameter limit).
 _LOG_CHUNK = 1000
@@ -162,6 +164,12 @@ class Store:
         self._prev_column = "prev"
         self.commits = 0  # transactions committed (what a change costs in fsyncs)
         self._wal_pages = _WAL_BYTES // _PAGE_SIZE  # set from the store's own page size
+        # Connections of the threads that open blocks for reads (`read_block`),
+        # one per thread, each with a lock only `close` contends for.
+        self._readers = threading.local()
+        self._reader_conns: list[tuple[threading.Lock, sqlite3.Connection]] = []
+        self._readers_lock = threading.Lock()  # the list above, and `_closed`
+        self._closed = False
 
     @classmethod
     def open(cls, path: Path) -> Store:
@@ -305,7 +313,12 @@ class Store:
             self.set_meta("schema_version", b"3")
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._readers_lock:
+            self._closed = True
+            for lock, conn in self._reader_conns:
+                with lock:
+                    conn.close()
+            self._reader_conns.clear()
             self._conn.close()
             for fd in (self._wal_fd, self._db_fd):
                 if fd is not None:
@@ -570,6 +583,51 @@ class Store:
                 "SELECT sealed FROM blocks WHERE id = ?", (block_id,)
             ).fetchone()
         return None if row is None else bytes(row[0])
+
+    def read_block(self, block_id: bytes) -> bytes | None:
+        """`get_block` on a connection of the calling thread's own: the
+        threads that open blocks for reads (`peer.storage.blocks.openers`)
+        read side by side, neither waiting for the store's lock nor for each
+        other (SQLite lets go of the GIL while it reads). A reader sees what
+        was committed when its statement began: a block written in a
+        transaction still open is not there yet (None), as after a restart."""
+        reader: tuple[threading.Lock, sqlite3.Connection] | None = getattr(
+            self._readers, "reader", None
+        )
+        if reader is None:
+            reader = self._new_reader()
+            if reader is None:
+                return None
+        lock, conn = reader
+        with lock:
+            if self._closed:
+                return None
+            row = conn.execute("SELECT sealed FROM blocks WHERE id = ?", (block_id,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def _new_reader(self) -> tuple[threading.Lock, sqlite3.Connection] | None:
+        with self._readers_lock:
+            if self._closed:
+                return None
+            database, uri = self._reader_database()
+            conn = sqlite3.connect(
+                database,
+                uri=uri,
+                isolation_level=None,
+                check_same_thread=False,
+                timeout=_BUSY_TIMEOUT_MS / 1000,
+            )
+            conn.execute("PRAGMA query_only = ON")
+            # A block is read once, page by page: a small page cache will do.
+            conn.execute(f"PRAGMA cache_size = -{_READER_CACHE_KIB}")
+            reader = (threading.Lock(), conn)
+            self._reader_conns.append(reader)
+        self._readers.reader = reader
+        return reader
+
+    def _reader_database(self) -> tuple[str, bool]:
+        """(database, uri) a reader connection opens."""
+        return str(self.path), False
 
     def has_blocks(self, ids: Iterable[bytes]) -> set[bytes]:
         """The subset of `ids` held here."""
@@ -842,6 +900,9 @@ class ReadOnlyStore(Store):
         if not path.exists():
             raise CorruptStore(path=path, detail="there is no store there")
         return cls._connect(path, path.absolute().as_uri() + "?mode=ro", uri=True)
+
+    def _reader_database(self) -> tuple[str, bool]:
+        return self.path.absolute().as_uri() + "?mode=ro", True
 
     def _configure(self) -> None:
         self._conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")

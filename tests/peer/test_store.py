@@ -386,3 +386,72 @@ def test_sync_needs_no_free_file_descriptor(store: Store) -> None:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert store.has_blocks([b"b" * 32]) == {b"b" * 32}
+
+
+def _fds_on(path: Path) -> int:
+    """How many of this process's descriptors are open on `path`."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}") == str(path):
+                count += 1
+    return count
+
+
+def test_threads_read_blocks_on_their_own_connections_without_the_store_lock(
+    store: Store,
+) -> None:
+    """Reads of a file open blocks on opener threads (`read_block`): two of them
+    read side by side, and neither waits for the store's lock, which a commit
+    on the loop holds. A block of a transaction still open is not seen yet
+    (the loop's own read finds it), and closing the store closes every
+    reader's connection."""
+    with store.transaction():
+        store.put_blocks([(b"a" * 32, b"committed")])
+    db = store.path.absolute()
+    before = _fds_on(db)
+    results: dict[str, bytes | None] = {}
+    read_at_once = threading.Event()
+
+    def read(name: str, bid: bytes) -> None:
+        results[name] = store.read_block(bid)
+        read_at_once.set()
+
+    with store.transaction():  # holds the store's lock, as a commit on the loop does
+        store.put_blocks([(b"b" * 32, b"not yet committed")])
+        readers = [
+            threading.Thread(target=read, args=("a", b"a" * 32)),
+            threading.Thread(target=read, args=("b", b"b" * 32)),
+        ]
+        for reader in readers:
+            reader.start()
+        for reader in readers:
+            reader.join(timeout=10)
+        waited = [reader for reader in readers if reader.is_alive()]
+        assert not waited, "a reader waited for the store's lock"
+        assert store.get_block(b"b" * 32) == b"not yet committed"
+    assert results == {"a": b"committed", "b": None}
+    assert read_at_once.is_set()
+    assert _fds_on(db) == before + 2  # one connection per reader thread
+    store.close()
+    assert _fds_on(db) == 0
+    assert store.read_block(b"a" * 32) is None  # closed: nothing, and no new connection
+    assert _fds_on(db) == 0
+
+
+def test_a_read_only_store_reads_blocks_on_read_only_connections(tmp_path: Path) -> None:
+    with Store.open(tmp_path / "node.db") as writable:
+        with writable.transaction():
+            writable.put_blocks([(b"a" * 32, b"sealed")])
+        reader = ReadOnlyStore.open(tmp_path / "node.db")
+        try:
+            got: list[bytes | None] = []
+            thread = threading.Thread(target=lambda: got.append(reader.read_block(b"a" * 32)))
+            thread.start()
+            thread.join()
+            assert got == [b"sealed"]
+            ((lock, conn),) = reader._reader_conns
+            with lock, pytest.raises(sqlite3.OperationalError, match="readonly"):
+                conn.execute("DELETE FROM blocks")
+        finally:
+            reader.close()
