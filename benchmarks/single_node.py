@@ -1,9 +1,13 @@
 """Single-node benchmark: work inside the mount, beside gocryptfs, in one run.
 
 Seven workloads run through a dfs-peer mount and through a gocryptfs mount (an
-encrypted FUSE file system people use for the same job on one machine), in
-alternating order over `--reps` repetitions, and each row is printed with the
-range over the repetitions and the ratio of the medians:
+encrypted FUSE file system people use for the same job on one machine). Each
+workload runs on every file system back to back before the next one starts,
+in an order that alternates between the `--reps` repetitions, and each row is
+printed with the range over the repetitions and the median of the
+repetitions' ratios: the two figures of a ratio are seconds apart, not the
+minutes a whole suite takes, since this machine's speed drifts by two to
+three times within minutes.
 
 - sequential write of a 256 MiB file, fsync'd at the end (`dd conv=fsync`);
 - sequential read of it after a remount (the benchmark never writes
@@ -45,6 +49,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -426,37 +431,59 @@ def git_commit(tree: Path) -> None:
         subprocess.run(cmd, cwd=tree, env=env, check=True)
 
 
-def run_suite(
-    t: Target, rep: int, sizes: Sizes, data: memoryview, tarball: Path
-) -> dict[str, float]:
-    """Each workload's rate (or time) under its row's key, and the CPU the
-    target's process used in it under `cpu:` and the key."""
-    base = t.root / f"rep{rep}"
-    base.mkdir()
-    r: dict[str, float] = {}
-    clock = Clock(t)
+def run_rep(
+    targets: list[Target], rep: int, sizes: Sizes, data: memoryview, tarball: Path
+) -> dict[str, dict[str, float]]:
+    """One repetition: each workload runs on every target in turn, in the
+    order given, before the next workload starts, so the figures a ratio
+    compares were taken seconds apart (this machine's speed drifts by two to
+    three times within minutes). Per target, each workload's rate (or time)
+    under its row's key, and the CPU its process used under `cpu:` and the key."""
+    base = {t.name: t.root / f"rep{rep}" for t in targets}
+    clocks = {t.name: Clock(t) for t in targets}
+    r: dict[str, dict[str, float]] = {t.name: {} for t in targets}
     mib = len(data) / CHUNK
-    big = base / "big.bin"
-    r["write"] = mib * CHUNK / 1e6 / clock("write", lambda: seq_write(big, data))
-    t.remount()
-    r["read"] = mib * CHUNK / 1e6 / clock("read", lambda: seq_read(big))
-    big.unlink()
-    small = base / "small"
-    r["create"] = sizes.files / clock("create", lambda: create_files(small, sizes.files))
-    t.remount()
-    if not isinstance(t, Floor):  # its kernel caches still hold every entry
-        r["stat"] = sizes.files / clock("stat", lambda: find_stat(small, sizes.files))
-    scratch = base / "random.bin"
-    fill(scratch, RANDOM_FILE_MIB)
-    r["random"] = sizes.random_writes / clock(
-        "random", lambda: random_writes(scratch, sizes.random_writes, RANDOM_FILE_MIB)
-    )
-    scratch.unlink()
-    tree = base / "x"
-    r["tar"] = clock("tar", lambda: untar(tarball, tree))
-    r["git"] = clock("git", lambda: git_commit(tree / "tree"))
-    r.update({f"cpu:{key}": used for key, used in clock.cpu.items()})
+
+    def each(
+        key: str, work: Callable[[Target, Path], object], value: Callable[[float], float]
+    ) -> None:
+        for t in targets:
+            if key == "stat" and isinstance(t, Floor):
+                continue  # its kernel caches still hold every entry: nothing to measure
+            print(f"rep {rep + 1}: {key} on {t.name}", file=sys.stderr, flush=True)
+            r[t.name][key] = value(clocks[t.name](key, partial(work, t, base[t.name])))
+
+    for t in targets:
+        base[t.name].mkdir()
+    each("write", lambda t, b: seq_write(b / "big.bin", data), lambda s: mib * CHUNK / 1e6 / s)
+    for t in targets:
+        t.remount()
+    each("read", lambda t, b: seq_read(b / "big.bin"), lambda s: mib * CHUNK / 1e6 / s)
+    each("create", lambda t, b: create_files(b / "small", sizes.files), lambda s: sizes.files / s)
+    for t in targets:
+        (base[t.name] / "big.bin").unlink()
+        t.remount()
+    each("stat", lambda t, b: find_stat(b / "small", sizes.files), lambda s: sizes.files / s)
+
+    def randomly(t: Target, b: Path) -> None:
+        random_writes(b / "random.bin", sizes.random_writes, RANDOM_FILE_MIB)
+
+    for t in targets:
+        fill(base[t.name] / "random.bin", RANDOM_FILE_MIB)  # outside the clock
+    each("random", randomly, lambda s: sizes.random_writes / s)
+    for t in targets:
+        (base[t.name] / "random.bin").unlink()
+    each("tar", lambda t, b: untar(tarball, b / "x"), lambda s: s)
+    each("git", lambda t, b: git_commit(b / "x" / "tree"), lambda s: s)
+    for t in targets:
+        r[t.name].update({f"cpu:{key}": used for key, used in clocks[t.name].cpu.items()})
     return r
+
+
+def paired_ratio(ours: list[float], theirs: list[float]) -> float:
+    """The median of each repetition's ratio: the two figures of a ratio were
+    taken back to back, so the machine's drift between repetitions cancels."""
+    return statistics.median(a / b for a, b in zip(ours, theirs, strict=True) if b > 0)
 
 
 def fmt(v: float) -> str:
@@ -491,11 +518,11 @@ def print_table(
     for row in ROWS:
         ours = [r[row.key] for r in results["dfs-peer"]]
         theirs = [r[row.key] for r in results["gocryptfs"]]
-        ratio = statistics.median(ours) / statistics.median(theirs)
+        ratio = paired_ratio(ours, theirs)
         if floor:
             best = [r[row.key] for r in floor if row.key in r]
             if best:
-                fr = statistics.median(best) / statistics.median(theirs)
+                fr = paired_ratio(best, theirs)
                 ftext = f"{fr:.2f}x" if row.higher_is_better else f"{fr:.1f}x the time"
                 extra = f" {span(best)} {row.unit} | {ftext} |"
             else:
@@ -529,11 +556,11 @@ def print_cpu_table(results: dict[str, list[dict[str, float]]], names: dict[str,
         if not ours or not theirs:
             continue
         mid = statistics.median(theirs)
-        ratio = f"{statistics.median(ours) / mid:.1f}x" if mid > 0 else "—"
+        ratio = f"{paired_ratio(ours, theirs):.1f}x" if mid > 0 else "—"
         extra = ""
         if floor:
             best = [r[key] for r in floor if key in r]
-            fr = f"{statistics.median(best) / mid:.1f}x" if best and mid > 0 else ""
+            fr = f"{paired_ratio(best, theirs):.1f}x" if best and mid > 0 else ""
             extra = f" {span(best)} | {fr} |" if best else " not measured | |"
         label = row.label.format(**names)
         print(f"| {label} | {span(ours)} | {span(theirs)} | {ratio} |{extra}")
@@ -582,11 +609,9 @@ def main(argv: list[str] | None = None) -> int:
             targets.append(Floor(work / "floor"))
         for rep in range(reps):
             order = targets if rep % 2 == 0 else targets[::-1]
-            for t in order:
-                print(f"rep {rep + 1}/{reps}: {t.name} ...", file=sys.stderr, flush=True)
-                results[t.name].append(run_suite(t, rep, sizes, data, tarball))
-                if t is dfs:
-                    rss.append(dfs.rss_mib())
+            for name, figures in run_rep(order, rep, sizes, data, tarball).items():
+                results[name].append(figures)
+            rss.append(dfs.rss_mib())
     finally:
         for t in targets:
             t.close()
