@@ -606,6 +606,9 @@ class Store:
         return None if row is None else bytes(row[0])
 
     def _new_reader(self) -> tuple[threading.Lock, sqlite3.Connection] | None:
+        """This thread's reader connection, made and kept till `close` (None
+        once closed); `sqlite3.Error` if it cannot be opened now (the
+        caller's read is then left to the store's own connection)."""
         with self._readers_lock:
             if self._closed:
                 return None
@@ -617,9 +620,13 @@ class Store:
                 check_same_thread=False,
                 timeout=_BUSY_TIMEOUT_MS / 1000,
             )
-            conn.execute("PRAGMA query_only = ON")
-            # A block is read once, page by page: a small page cache will do.
-            conn.execute(f"PRAGMA cache_size = -{_READER_CACHE_KIB}")
+            try:
+                conn.execute("PRAGMA query_only = ON")
+                # A block is read once, page by page: a small page cache will do.
+                conn.execute(f"PRAGMA cache_size = -{_READER_CACHE_KIB}")
+            except BaseException:
+                conn.close()
+                raise
             reader = (threading.Lock(), conn)
             self._reader_conns.append(reader)
         self._readers.reader = reader

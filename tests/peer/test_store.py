@@ -8,13 +8,16 @@ import resource
 import sqlite3
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from crdt.ops import ROOT
 from peer.errors import CorruptStore
+from peer.keys import VolumeKeys
 from peer.sealing import LogEntry
+from peer.storage.blocks import Blocks
 from peer.storage.store import ROOT_INODE, SCHEMA_VERSION, ReadOnlyStore, Store
 
 NODE_A = b"\xaa" * 32
@@ -371,6 +374,14 @@ def test_sync_needs_no_free_file_descriptor(store: Store) -> None:
     store.sync()
     with store.transaction():
         store.put_blocks([(b"b" * 32, b"more sealed bytes")])
+    with _every_descriptor_taken():
+        store.sync()
+    assert store.has_blocks([b"b" * 32]) == {b"b" * 32}
+
+
+@contextlib.contextmanager
+def _every_descriptor_taken() -> Iterator[None]:
+    """Inside, this process can open no file (EMFILE), as under a flood."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     taken: list[int] = []
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 4096), hard))
@@ -380,12 +391,11 @@ def test_sync_needs_no_free_file_descriptor(store: Store) -> None:
                 taken.append(os.open(os.devnull, os.O_RDONLY))
         with pytest.raises(OSError, match="Too many open files"):
             os.open(os.devnull, os.O_RDONLY)  # none left
-        store.sync()
+        yield
     finally:
         for fd in taken:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    assert store.has_blocks([b"b" * 32]) == {b"b" * 32}
 
 
 def _fds_on(path: Path) -> int:
@@ -455,3 +465,22 @@ def test_a_read_only_store_reads_blocks_on_read_only_connections(tmp_path: Path)
                 conn.execute("DELETE FROM blocks")
         finally:
             reader.close()
+
+
+def test_a_reader_that_cannot_open_leaves_the_read_to_the_store_connection(
+    tmp_path: Path, keys: VolumeKeys
+) -> None:
+    """A flood of connections can take every descriptor: an opener thread
+    that cannot open its connection then opens nothing, and the read is
+    served on the store's own connection, open all along."""
+    with Store.open(tmp_path / "node.db") as store:
+        pairs = Blocks(store, keys).seal([b"x" * 1000])
+        with store.transaction():
+            store.put_blocks(pairs)
+        ((bid, _),) = pairs
+        fresh = Blocks(store, keys)  # nothing cached
+        with ThreadPoolExecutor(max_workers=1) as opener:
+            with _every_descriptor_taken():
+                assert opener.submit(fresh.open_stored, [bid]).result() == {}
+                assert fresh.get(bid) == b"x" * 1000
+            assert opener.submit(fresh.open_stored, [bid]).result() == {bid: b"x" * 1000}
