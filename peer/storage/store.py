@@ -123,6 +123,18 @@ _PATCHES_INDEX = """CREATE INDEX IF NOT EXISTS blocks_patches ON blocks (base, i
     WHERE base IS NOT NULL"""
 
 
+def _connection(database: str, uri: bool) -> sqlite3.Connection:
+    """A connection to `database` (a path, or a URI with `uri`) in autocommit
+    mode, usable from any thread, waiting up to the busy timeout for locks."""
+    return sqlite3.connect(
+        database,
+        uri=uri,
+        isolation_level=None,
+        check_same_thread=False,
+        timeout=_BUSY_TIMEOUT_MS / 1000,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class StoreStats:
     """A snapshot of the store's size, for `status`."""
@@ -169,6 +181,7 @@ class Store:
         self._readers = threading.local()
         self._reader_conns: list[tuple[threading.Lock, sqlite3.Connection]] = []
         self._readers_lock = threading.Lock()  # the list above, and `_closed`
+        self._database = (str(path), False)  # what `_connect` opened: (database, uri)
         self._closed = False
 
     @classmethod
@@ -187,16 +200,11 @@ class Store:
         """Connect to `database` (a path, or a URI with `uri`) as the store at
         `path`, then `_configure` and `_migrate`; `CorruptStore` if unusable."""
         try:
-            conn = sqlite3.connect(
-                database,
-                uri=uri,
-                isolation_level=None,
-                check_same_thread=False,
-                timeout=_BUSY_TIMEOUT_MS / 1000,
-            )
+            conn = _connection(database, uri)
         except sqlite3.Error as exc:
             raise CorruptStore(path=path, detail=str(exc)) from exc
         store = cls(path, conn)
+        store._database = (database, uri)
         try:
             store._configure()
             store._migrate()
@@ -612,14 +620,7 @@ class Store:
         with self._readers_lock:
             if self._closed:
                 return None
-            database, uri = self._reader_database()
-            conn = sqlite3.connect(
-                database,
-                uri=uri,
-                isolation_level=None,
-                check_same_thread=False,
-                timeout=_BUSY_TIMEOUT_MS / 1000,
-            )
+            conn = _connection(*self._database)  # as the store's: read-only for a read-only one
             try:
                 conn.execute("PRAGMA query_only = ON")
                 # A block is read once, page by page: a small page cache will do.
@@ -631,10 +632,6 @@ class Store:
             self._reader_conns.append(reader)
         self._readers.reader = reader
         return reader
-
-    def _reader_database(self) -> tuple[str, bool]:
-        """(database, uri) a reader connection opens."""
-        return str(self.path), False
 
     def has_blocks(self, ids: Iterable[bytes]) -> set[bytes]:
         """The subset of `ids` held here."""
@@ -907,9 +904,6 @@ class ReadOnlyStore(Store):
         if not path.exists():
             raise CorruptStore(path=path, detail="there is no store there")
         return cls._connect(path, path.absolute().as_uri() + "?mode=ro", uri=True)
-
-    def _reader_database(self) -> tuple[str, bool]:
-        return self.path.absolute().as_uri() + "?mode=ro", True
 
     def _configure(self) -> None:
         self._conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
