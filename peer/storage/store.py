@@ -135,6 +135,12 @@ def _connection(database: str, uri: bool) -> sqlite3.Connection:
     )
 
 
+def _sealed_block(conn: sqlite3.Connection, block_id: bytes) -> bytes | None:
+    """The sealed bytes of block `block_id` as `conn` sees it, or None."""
+    row = conn.execute("SELECT sealed FROM blocks WHERE id = ?", (block_id,)).fetchone()
+    return None if row is None else bytes(row[0])
+
+
 @dataclass(frozen=True, slots=True)
 class StoreStats:
     """A snapshot of the store's size, for `status`."""
@@ -587,10 +593,7 @@ class Store:
 
     def get_block(self, block_id: bytes) -> bytes | None:
         with self._lock:
-            row = self._conn.execute(
-                "SELECT sealed FROM blocks WHERE id = ?", (block_id,)
-            ).fetchone()
-        return None if row is None else bytes(row[0])
+            return _sealed_block(self._conn, block_id)
 
     def read_block(self, block_id: bytes) -> bytes | None:
         """`get_block` on a connection of the calling thread's own: the
@@ -608,10 +611,7 @@ class Store:
                 return None
         lock, conn = reader
         with lock:
-            if self._closed:
-                return None
-            row = conn.execute("SELECT sealed FROM blocks WHERE id = ?", (block_id,)).fetchone()
-        return None if row is None else bytes(row[0])
+            return None if self._closed else _sealed_block(conn, block_id)
 
     def _new_reader(self) -> tuple[threading.Lock, sqlite3.Connection] | None:
         """This thread's reader connection, made and kept till `close` (None
